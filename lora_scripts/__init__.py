@@ -1,0 +1,3 @@
+"""lora-scripts: train Stable Diffusion LoRAs from one YAML file."""
+
+__version__ = "0.1.0"
