@@ -1,0 +1,76 @@
+"""The model-family seam: what the training loop needs from SD 1.x, SD 2.x and (later) SDXL, FLUX, SD3.
+
+The loop only calls these methods; a new family adds a subclass and a branch in `load_family`, and the
+loop stays untouched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.metadata import FamilyInfo
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Which modules get LoRA: per component, the peft `target_modules` list."""
+
+    unet: list[str]
+    text_encoder: list[str] | None  # None: the text encoder stays frozen and untouched
+
+
+class ModelFamily(ABC):
+    """A loaded base model, seen through the operations training needs.
+
+    Conditioning is a dict of tensors (SD: `encoder_hidden_states` [B, 77, C]; SDXL adds pooled
+    embeddings and time ids), so the loop never looks inside it.
+    """
+
+    info: FamilyInfo
+    noise_scheduler: Any  # diffusers DDPMScheduler with the family's prediction_type
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The network that predicts noise (the UNet for SD)."""
+
+    @property
+    @abstractmethod
+    def text_encoders(self) -> list[nn.Module]:
+        """Text encoders, in kohya order (lora_te, or lora_te1/lora_te2)."""
+
+    @abstractmethod
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every module whose base weights stay frozen (all of them, for LoRA)."""
+
+    @abstractmethod
+    def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
+        """Attach peft LoRA adapters; returns the networks in the order they are saved."""
+
+    @abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] → scaled latents [B, 4, H/8, W/8] (a sample of the VAE posterior)."""
+
+    @abstractmethod
+    def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Captions → conditioning dict for `predict`."""
+
+    @abstractmethod
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The denoiser's output (noise or v, per `info.prediction_type`), same shape as the latents."""
+
+    def training_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What `predict` should output: the noise (epsilon) or the velocity (v-prediction)."""
+        if self.info.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise

@@ -1,0 +1,131 @@
+"""`train()`: the whole run, readable top to bottom.
+
+Order matters for the user: the config and the dataset are checked before any model loads and before
+anything is written, so a mistake costs seconds and leaves no half-made output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data import collect_dataset
+from lora_scripts.export.atomic import write_text_atomic
+from lora_scripts.models.registry import load_family
+from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
+from lora_scripts.training.plan import TrainingPlan
+from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver
+from lora_scripts.training.setup import attach_lora, make_accelerator, make_dataloader, run_metadata
+from lora_scripts.training.step import diffusion_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    global_step: int
+    epochs_run: int
+    final_files: list[Path]
+    step_files: list[Path]
+    last_loss: float
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a LoRA as `config` says and write its files under `config.output_dir`."""
+    items = collect_dataset(config.train_data_dir, config.metadata_path)  # raises UserError, writes nothing
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)
+    family = load_family(
+        config.base_model, config_dir=config.base_model_config, v_parameterization=config.v_parameterization
+    )
+    networks = attach_lora(family, config, accelerator)
+    dataloader = make_dataloader(items, config)
+
+    unet = family.denoiser
+    groups = [(trainable_parameters(unet), config.learning_rate)]
+    groups += [(trainable_parameters(te), config.text_encoder_lr) for te in family.text_encoders]
+    optimizer = build_optimizer(groups, weight_decay=config.adam_weight_decay)
+    plan = TrainingPlan.compute(
+        num_images=len(items),
+        batches_per_epoch=len(dataloader),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        epochs=config.epochs,
+        max_train_steps=config.max_train_steps,
+    )
+    lr_scheduler = build_lr_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        warmup_steps=config.lr_warmup_steps,
+        total_steps=plan.max_train_steps,
+        num_processes=accelerator.num_processes,
+    )
+    trained = [unet] + (family.text_encoders if config.train_text_encoder else [])
+    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, dataloader, lr_scheduler
+    )
+    saver = LoraSaver(
+        config.output_dir,
+        config.output_name,
+        networks,
+        config.lora_alpha,
+        SAVE_DTYPES[config.save_precision],
+        run_metadata(config, family, items, plan),
+    )
+    if accelerator.is_main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            config.output_dir / "config.yaml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False)
+        )
+        accelerator.init_trackers(config.output_name)
+    log.info(
+        "%d images, %d batches/epoch, %d epochs, %d steps", len(items), plan.batches_per_epoch,
+        plan.num_epochs, plan.max_train_steps,
+    )
+
+    global_step, epoch, loss_value = 0, 0, float("nan")
+    step_files: list[Path] = []
+    progress = tqdm(
+        total=plan.max_train_steps, desc="training", unit="step", disable=not accelerator.is_main_process
+    )
+    for module in prepared:
+        module.train()
+    while global_step < plan.max_train_steps:
+        epoch += 1
+        for batch in dataloader:
+            with accelerator.accumulate(*prepared):
+                loss = diffusion_loss(family, batch["pixel_values"], batch["captions"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    params = [p for group in optimizer.param_groups for p in group["params"]]
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            lr = lr_scheduler.get_last_lr()[0]
+            accelerator.log({"loss": loss_value, "lr": lr}, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+            if config.save_steps and global_step % config.save_steps == 0 and accelerator.is_main_process:
+                step_files.append(saver.save_step(global_step, epoch))
+            if global_step >= plan.max_train_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    final_files: list[Path] = []
+    if accelerator.is_main_process:
+        final_files = saver.save_final(global_step, epoch)
+        log.info("Saved %s", ", ".join(str(p) for p in final_files))
+    accelerator.end_training()
+    return TrainResult(global_step, epoch, final_files, step_files, loss_value)
