@@ -1,0 +1,85 @@
+"""`lora-scripts` command line: parse, then call one function per subcommand.
+
+A user mistake (UserError) prints one line per problem to stderr and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lora_scripts.errors import UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lora_scripts.config import load_config
+    from lora_scripts.training.loop import train
+
+    config = load_config(args.config)
+    result = train(config)
+    print(f"Done: {result.global_step} steps. LoRA files:")
+    for path in result.final_files:
+        print(f"  {path}")
+    print(f"TensorBoard: tensorboard --logdir {config.logging_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lora_scripts.demo import run_demo
+
+    result = run_demo(Path(args.dir), steps=args.steps)
+    print("Demo LoRA written:")
+    for path in result.final_files:
+        print(f"  {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-scripts", description="Train Stable Diffusion LoRAs from one YAML file."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages of the libraries")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a LoRA from a YAML config")
+    p.add_argument("--config", required=True, help="path of the YAML config (see docs/config.md)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="build a tiny model and sample dataset, then train a demo LoRA (no download, CPU ok)"
+    )
+    p.add_argument("--dir", default="./demo", help="folder for the demo model, data and output (default ./demo)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    if not verbose:
+        # The libraries' own info/warnings (e.g. torchvision fallbacks) are noise for our users.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UserError as err:
+        for message in err.messages:
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
