@@ -50,6 +50,11 @@ class ModelFamily(ABC):
         """Every module whose base weights stay frozen (all of them, for LoRA)."""
 
     @abstractmethod
+    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
+        """Call these (accelerate-prepared, e.g. DDP-wrapped) modules from now on in `predict` and
+        `encode_prompts`; `text_encoders` is empty when they are not trained."""
+
+    @abstractmethod
     def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
         """Attach peft LoRA adapters; returns the networks in the order they are saved."""
 

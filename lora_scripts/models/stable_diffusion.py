@@ -49,6 +49,11 @@ class StableDiffusionFamily(ModelFamily):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
 
+    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
+        self.unet = denoiser
+        if text_encoders:
+            (self.text_encoder,) = text_encoders
+
     def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
         check_targets(self.unet, targets.unet, key="target_modules", component="UNet")
         if targets.text_encoder is not None:

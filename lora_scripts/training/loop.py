@@ -70,6 +70,8 @@ def train(config: TrainConfig) -> TrainResult:
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *trained, optimizer, dataloader, lr_scheduler
     )
+    # DDP syncs gradients only when the wrapped module is the one called.
+    family.use_wrapped(prepared[0], prepared[1:])
     saver = LoraSaver(
         config.output_dir,
         config.output_name,
@@ -90,6 +92,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
     global_step, epoch, loss_value = 0, 0, float("nan")
+    micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current update
     step_files: list[Path] = []
     progress = tqdm(
         total=plan.max_train_steps, desc="training", unit="step", disable=not accelerator.is_main_process
@@ -102,6 +105,7 @@ def train(config: TrainConfig) -> TrainResult:
             with accelerator.accumulate(*prepared):
                 loss = diffusion_loss(family, batch["pixel_values"], batch["captions"])
                 accelerator.backward(loss)
+                micro_losses.append(loss.detach())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     params = [p for group in optimizer.param_groups for p in group["params"]]
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -111,7 +115,8 @@ def train(config: TrainConfig) -> TrainResult:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            loss_value = accelerator.gather(loss.detach()).mean().item()
+            loss_value = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
+            micro_losses.clear()
             lr = lr_scheduler.get_last_lr()[0]
             accelerator.log({"loss": loss_value, "lr": lr}, step=global_step)
             progress.update(1)
