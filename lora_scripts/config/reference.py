@@ -1,0 +1,168 @@
+"""Markdown reference of every config key, generated from the schema.
+
+`python -m lora_scripts.config.reference > docs/config.md` regenerates the docs; a test keeps them in step.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le, Lt, MinLen, MultipleOf
+from pydantic_core import PydanticUndefined
+
+from lora_scripts.config.loader import KNOWN_ALIASES, MUST_EXIST
+from lora_scripts.config.schema import (
+    SECTIONS,
+    TrainConfig,
+    allowed_values,
+    field_allowed_doc,
+    field_default_doc,
+)
+
+_SECTION_TITLES = {
+    "data": "Data: images and captions",
+    "model": "Model: the base checkpoint",
+    "network": "Network: the LoRA itself",
+    "training": "Training: steps, learning rate, memory",
+    "saving": "Saving: where and how the LoRA is written",
+    "logging": "Logging",
+}
+
+_BASE_TYPE_NAMES: dict[Any, str] = {
+    int: "integer",
+    float: "number",
+    bool: "true / false",
+    str: "string",
+    Path: "path",
+}
+
+_INTRO = """\
+# Training config reference
+
+<!-- Generated from lora_scripts/config/schema.py by `python -m lora_scripts.config.reference`;
+     do not edit by hand. -->
+
+A training config is a YAML file of `key: value` lines; `configs/` holds commented examples. Only the
+keys marked **required** must be given, every other key has the default shown.
+
+- Unknown keys are errors, with a suggestion: `learnig_rate: unknown key (did you mean 'learning_rate'?)`.
+  Every problem in a file is reported at once, as `<file>: <key>: <problem>`.
+- Numbers may be written as `0.0002` or `2e-4`.
+- Relative paths start from the directory you run the command in, not from the config file's folder.
+- `null` (or leaving the key out) means "use the default"; for keys whose default is derived from another
+  key (e.g. `lora_alpha`), training writes the filled-in value to `config.yaml` in `output_dir`.
+"""
+
+
+def render_reference() -> str:
+    """The whole Markdown reference (what docs/config.md holds)."""
+    parts = [_INTRO]
+    for section, names in TrainConfig.fields_by_section().items():
+        if section not in SECTIONS or not names:
+            continue
+        parts.append(f"\n## {_SECTION_TITLES[section]}\n\n")
+        parts.append("| Key | Type | Default | Allowed | Description |\n")
+        parts.append("|---|---|---|---|---|\n")
+        for name in names:
+            cells = [f"`{name}`", type_text(name), default_text(name), allowed_text(name), _description(name)]
+            parts.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n")
+    parts.append("\n## Coming from kohya sd-scripts\n\n")
+    parts.append("These names are not keys here; the loader suggests the key to use instead.\n\n")
+    parts.append("| kohya / diffusers name | key here |\n|---|---|\n")
+    for alias, key in sorted(KNOWN_ALIASES.items()):
+        parts.append(f"| `{alias}` | `{key}` |\n")
+    return "".join(parts)
+
+
+def type_text(name: str) -> str:
+    """The type of field `name` in words, e.g. 'integer', 'list of strings', 'number or null'."""
+    annotation, nullable = _unwrap(TrainConfig.model_fields[name].annotation)
+    if get_origin(annotation) is Literal:
+        text = "choice"
+    elif get_origin(annotation) is tuple:
+        item, _ = _unwrap(get_args(annotation)[0])
+        text = f"list of {_BASE_TYPE_NAMES[item]}s"
+    else:
+        text = _BASE_TYPE_NAMES[annotation]
+    return f"{text} or null" if nullable else text
+
+
+def default_text(name: str) -> str:
+    """The default of field `name` as written in YAML, or how it is derived; 'required' if there is none."""
+    field = TrainConfig.model_fields[name]
+    if field.default is PydanticUndefined:
+        return "**required**"
+    described = field_default_doc(name)
+    if described is not None:
+        return described
+    return f"`{_yaml_text(field.default)}`"
+
+
+def allowed_text(name: str) -> str:
+    """Allowed values or ranges of field `name`, e.g. '≥ 1', 'multiple of 8', or the list of choices."""
+    choices = allowed_values(name)
+    if choices is not None:
+        return ", ".join(f"`{choice}`" for choice in choices)
+    if name in MUST_EXIST:
+        return f"an existing {MUST_EXIST[name]}"
+    described = field_allowed_doc(name)
+    if described is not None:
+        return described
+    annotation, _ = _unwrap(TrainConfig.model_fields[name].annotation)
+    if annotation is bool:
+        return "`true`, `false`"
+    rules: list[str] = []
+    for rule in TrainConfig.model_fields[name].metadata:
+        if isinstance(rule, Ge):
+            rules.append(f"≥ {rule.ge}")
+        elif isinstance(rule, Gt):
+            rules.append(f"> {rule.gt}")
+        elif isinstance(rule, Le):
+            rules.append(f"≤ {rule.le}")
+        elif isinstance(rule, Lt):
+            rules.append(f"< {rule.lt}")
+        elif isinstance(rule, MultipleOf):
+            rules.append(f"multiple of {rule.multiple_of}")
+        elif isinstance(rule, MinLen) and annotation is str:
+            rules.append("not empty")
+        elif isinstance(rule, MinLen):
+            rules.append(f"at least {rule.min_length} item{'s' if rule.min_length != 1 else ''}")
+    return ", ".join(rules) or "any"
+
+
+def _description(name: str) -> str:
+    return TrainConfig.model_fields[name].description or ""
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """Strip Optional[...] and Annotated[...]: (bare type, whether null is allowed)."""
+    nullable = False
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = get_args(annotation)
+        rest = [arg for arg in args if arg is not type(None)]
+        nullable = len(rest) < len(args)
+        annotation = rest[0]
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation, nullable
+
+
+def _yaml_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_yaml_text(item) for item in value) + "]"
+    return str(value)
+
+
+def main() -> None:
+    """Print the reference to stdout."""
+    print(render_reference(), end="")
+
+
+if __name__ == "__main__":
+    main()

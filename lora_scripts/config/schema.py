@@ -1,0 +1,382 @@
+"""The training config: one typed, strict schema that the loader, the docs and the example configs come from.
+
+Every field carries a `description` (help text and docs) and, in `json_schema_extra`, the doc `section` it
+belongs to; required fields also say `what` they are (used in "missing required key" messages) and fields
+whose `None` means "derive it" say so in `default_doc`. Path checks (does the folder exist?) live in the
+loader, not here, so the schema can validate a config written on another machine.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+)
+from pydantic_core import PydanticCustomError, PydanticUndefined
+
+SECTIONS: tuple[str, ...] = ("data", "model", "network", "training", "saving", "logging")
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+SavePrecision = Literal["fp16", "bf16", "fp32"]
+
+# Characters that Windows or POSIX refuse in file names, plus control characters.
+_BAD_NAME_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+
+
+def _not_bool(value: Any) -> Any:
+    """Refuse `true`/`false` where a number is expected (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("lora_bool_not_number", "true or false is not a number", {})
+    return value
+
+
+def _path_input(value: Any) -> Any:
+    """Refuse an empty path (Path('') would silently mean the current folder); expand `~`."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise PydanticCustomError("lora_empty", "is empty", {})
+        return Path(value).expanduser()
+    return value
+
+
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the string 'no'."""
+    return "no" if value is False else value
+
+
+def _file_stem(value: str) -> str:
+    """Check that `value` can be used as a file name without extension."""
+    if value != value.strip() or value in (".", "..") or _BAD_NAME_CHARS.search(value):
+        raise PydanticCustomError(
+            "lora_file_stem",
+            "'{value}' is not a valid file name (no slashes, leading or trailing spaces, "
+            'or any of : * ? " < > |)',
+            {"value": value},
+        )
+    if value.lower().endswith(".safetensors"):
+        raise PydanticCustomError(
+            "lora_file_stem",
+            "'{value}' includes the extension; write the name without '.safetensors'",
+            {"value": value},
+        )
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PathValue = Annotated[Path, BeforeValidator(_path_input)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+FileStem = Annotated[str, Field(min_length=1), AfterValidator(_file_stem)]
+
+
+def _field(
+    section: str,
+    description: str,
+    default: Any = PydanticUndefined,
+    *,
+    what: str | None = None,
+    default_doc: str | None = None,
+    allowed_doc: str | None = None,
+    **constraints: Any,
+) -> Any:
+    """A pydantic Field tagged with its doc section (and, for required keys, what it is)."""
+    extra: dict[str, Any] = {"section": section}
+    if what is not None:
+        extra["what"] = what
+    if default_doc is not None:
+        extra["default_doc"] = default_doc
+    if allowed_doc is not None:
+        extra["allowed_doc"] = allowed_doc
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+class TrainConfig(BaseModel):
+    """Everything one LoRA training run needs; loaded from YAML by `lora_scripts.config.load_config`.
+
+    Paths are kept as written (relative ones start from the current directory). Fields whose default is
+    derived from others (`lora_alpha`, `text_encoder_lr`, `output_name`, `logging_dir`) are None until
+    `resolved()` fills them; `load_config` always returns a resolved config.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=False)
+
+    # --- data ---
+    train_data_dir: PathValue = _field(
+        "data",
+        "Folder that holds the training images.",
+        what="the folder of training images",
+    )
+    metadata_path: PathValue | None = _field(
+        "data",
+        "Metadata file (e.g. metadata.csv) that lists each image with its caption. Leave it out to read "
+        "each caption from a .txt file beside its image (cat_01.png + cat_01.txt).",
+        None,
+        default_doc="none (captions from .txt files beside the images)",
+    )
+    resolution: Int = _field(
+        "data",
+        "Side length in pixels that images are trained at: 512 for SD 1.x, 768 for SD 2.x 768-v models. "
+        "A multiple of 8, because the VAE shrinks images 8 times.",
+        512,
+        ge=64,
+        multiple_of=8,
+    )
+
+    # --- model ---
+    base_model: NonEmptyStr = _field(
+        "model",
+        "The Stable Diffusion 1.x/2.x model to train on: a single checkpoint file (.safetensors or .ckpt), "
+        "a diffusers folder (with model_index.json), or a Hugging Face hub id already in the local cache "
+        "(nothing is downloaded).",
+        what="the Stable Diffusion checkpoint to train on: a .safetensors file or a diffusers folder",
+        allowed_doc="an existing checkpoint file or diffusers folder, or a cached hub id",
+    )
+    base_model_config: PathValue | None = _field(
+        "model",
+        "Only for a single-file checkpoint with a non-standard architecture: a folder of diffusers-layout "
+        "configs (model_index.json, unet/config.json, ...) that describes it. Leave it out otherwise.",
+        None,
+        default_doc="none (architecture detected from the checkpoint)",
+    )
+    v_parameterization: bool | None = _field(
+        "model",
+        "Whether the model predicts velocity (v) instead of noise, as SD 2.x 768-v models do. Leave it out "
+        "to detect it from the checkpoint; set it only when detection gets it wrong.",
+        None,
+        default_doc="none (detected from the checkpoint)",
+    )
+
+    # --- network ---
+    lora_rank: Int = _field(
+        "network",
+        "Rank of each LoRA update (kohya: network_dim). Higher learns finer detail but gives a bigger file "
+        "and overfits sooner; 4-16 suits a style, 16-32 a character.",
+        8,
+        ge=1,
+    )
+    lora_alpha: Float | None = _field(
+        "network",
+        "Scale of the LoRA update (kohya: network_alpha); the update is multiplied by "
+        "lora_alpha / lora_rank. Half the rank trains more gently.",
+        None,
+        default_doc="same as lora_rank",
+        gt=0,
+    )
+    target_modules: tuple[NonEmptyStr, ...] = _field(
+        "network",
+        "UNet layers that get a LoRA, matched against the end of each layer name. The default covers all "
+        "attention projections; ['to_q', 'to_v'] is a lighter choice.",
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        min_length=1,
+    )
+    train_text_encoder: bool = _field(
+        "network",
+        "Also train a LoRA on the text encoder (CLIP). Helps a trigger word or character name take hold, "
+        "at the cost of memory and a higher risk of overfitting.",
+        False,
+    )
+    text_encoder_target_modules: tuple[NonEmptyStr, ...] = _field(
+        "network",
+        "Text-encoder layers that get a LoRA when train_text_encoder is true.",
+        ("q_proj", "k_proj", "v_proj", "out_proj"),
+        min_length=1,
+    )
+    text_encoder_lr: Float | None = _field(
+        "network",
+        "Learning rate of the text-encoder LoRA; about half of learning_rate is usual.",
+        None,
+        default_doc="same as learning_rate",
+        gt=0,
+    )
+
+    # --- training ---
+    batch_size: Int = _field(
+        "training",
+        "Images per training step (kohya: train_batch_size). Larger batches need more GPU memory.",
+        1,
+        ge=1,
+    )
+    epochs: Int = _field(
+        "training",
+        "How many times training goes through all images (kohya: max_train_epochs). Ignored when "
+        "max_train_steps is set.",
+        10,
+        ge=1,
+    )
+    max_train_steps: Int | None = _field(
+        "training",
+        "Stop after this many optimizer steps, whatever epochs says.",
+        None,
+        default_doc="none (train for epochs)",
+        ge=1,
+    )
+    learning_rate: Float = _field(
+        "training",
+        "Learning rate of the UNet LoRA. 1e-4 is a safe start; 2e-4 learns faster. Write it as 2e-4 or "
+        "0.0002.",
+        1e-4,
+        gt=0,
+    )
+    lr_scheduler: LrScheduler = _field(
+        "training",
+        "How the learning rate changes during training.",
+        "constant",
+    )
+    lr_warmup_steps: Int = _field(
+        "training",
+        "Steps over which the learning rate rises from 0 at the start; needs a scheduler other than "
+        "'constant'.",
+        0,
+        ge=0,
+    )
+    gradient_accumulation_steps: Int = _field(
+        "training",
+        "Add up the gradients of this many batches before each optimizer step: the effective batch is "
+        "batch_size times this, without the memory of a bigger batch.",
+        1,
+        ge=1,
+    )
+    gradient_checkpointing: bool = _field(
+        "training",
+        "Recompute activations in the backward pass instead of storing them: much less GPU memory, "
+        "roughly 20-30% slower.",
+        False,
+    )
+    max_grad_norm: Float = _field(
+        "training",
+        "Clip the gradient norm to this value to keep training stable; 0 turns clipping off.",
+        1.0,
+        ge=0,
+    )
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(_yaml_no)] = _field(
+        "training",
+        "Compute in half precision to save memory and time: 'fp16' (most GPUs), 'bf16' (RTX 30xx, A100 "
+        "and newer) or 'no' (full fp32; use it on CPU).",
+        "no",
+    )
+    seed: Int = _field(
+        "training",
+        "Random seed; the same seed, images and config make a run repeatable.",
+        42,
+    )
+    adam_weight_decay: Float = _field(
+        "training",
+        "Weight decay of the AdamW optimizer: pulls weights gently toward zero.",
+        0.01,
+        ge=0,
+    )
+    dataloader_num_workers: Int = _field(
+        "training",
+        "Background processes that load images; 0 loads them in the main process (safest on Windows).",
+        0,
+        ge=0,
+    )
+
+    # --- saving ---
+    output_dir: PathValue = _field(
+        "saving",
+        "Folder where the LoRA files and the resolved config.yaml are written; created if missing.",
+        what="the folder where the LoRA files are written",
+    )
+    output_name: FileStem | None = _field(
+        "saving",
+        "File name of the saved LoRA without extension: 'ink_painting' gives ink_painting.safetensors.",
+        None,
+        default_doc="last folder name of output_dir",
+        allowed_doc="a file name without extension (no slashes)",
+    )
+    save_steps: Int | None = _field(
+        "saving",
+        "Also save the LoRA every this many steps (kohya: save_every_n_steps), to compare stages of "
+        "training.",
+        None,
+        default_doc="none (save only at the end)",
+        ge=1,
+    )
+    save_precision: SavePrecision = _field(
+        "saving",
+        "Number format of the saved weights: fp16 (half the size; what WebUI and ComfyUI expect), bf16 or "
+        "fp32.",
+        "fp16",
+    )
+
+    # --- logging ---
+    logging_dir: PathValue | None = _field(
+        "logging",
+        "Folder for TensorBoard logs (loss, learning rate).",
+        None,
+        default_doc="output_dir/logs",
+    )
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every derived default filled in (what training uses and dumps as config.yaml)."""
+        output_name = self.output_name
+        if output_name is None:
+            name = self.output_dir.name
+            # "." or ".." have no useful name of their own: use the folder they point to.
+            output_name = name if name not in ("", ".", "..") else self.output_dir.resolve().name or "lora"
+        text_encoder_lr = self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+        return self.model_copy(
+            update={
+                "lora_alpha": float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha,
+                "text_encoder_lr": text_encoder_lr,
+                "output_name": output_name,
+                "logging_dir": self.output_dir / "logs" if self.logging_dir is None else self.logging_dir,
+            }
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-friendly types (paths as str, lists), in schema order."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def fields_by_section(cls) -> dict[str, list[str]]:
+        """Field names grouped by doc section, in schema order."""
+        groups: dict[str, list[str]] = {section: [] for section in SECTIONS}
+        for name in cls.model_fields:
+            groups[field_section(name)].append(name)
+        return groups
+
+
+def field_section(name: str) -> str:
+    """The doc section ("data", "model", ...) of field `name`."""
+    return _extra(name)["section"]
+
+
+def field_what(name: str) -> str | None:
+    """For a required field, a short phrase saying what it is (used in "missing required key" messages)."""
+    return _extra(name).get("what")
+
+
+def field_default_doc(name: str) -> str | None:
+    """How a derived or optional default is described in the docs, e.g. 'same as lora_rank'."""
+    return _extra(name).get("default_doc")
+
+
+def field_allowed_doc(name: str) -> str | None:
+    """For fields whose allowed values are not a type or range, how the docs describe them."""
+    return _extra(name).get("allowed_doc")
+
+
+def allowed_values(name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a choice field (e.g. lr_scheduler), or None for free-form fields."""
+    annotation = TrainConfig.model_fields[name].annotation
+    if getattr(annotation, "__origin__", None) is Literal:
+        return get_args(annotation)
+    return None
+
+
+def _extra(name: str) -> dict[str, Any]:
+    extra = TrainConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict), name
+    return extra

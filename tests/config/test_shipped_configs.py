@@ -1,0 +1,57 @@
+"""Every YAML file in configs/ loads through the full loader, once the paths it names exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_scripts.config import load_config
+
+from .conftest import REPO
+from .test_loader import SEED_INK, SEED_STYLE
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def create_referenced_paths(config_file: Path, root: Path) -> None:
+    """Create, under `root`, the folders and files that `config_file` expects to exist."""
+    data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    for key in ("train_data_dir", "base_model_config"):
+        if key in data:
+            (root / data[key]).mkdir(parents=True, exist_ok=True)
+    for key in ("metadata_path", "base_model"):
+        if key in data:
+            (root / data[key]).parent.mkdir(parents=True, exist_ok=True)
+            (root / data[key]).touch()
+
+
+def test_the_shipped_configs_are_there() -> None:
+    names = {path.name for path in SHIPPED}
+    assert {"style_lora.yaml", "character_lora.yaml", "my_lora_config.yaml", "ink_painting.yaml"} <= names
+
+
+@pytest.mark.parametrize("config_file", SHIPPED, ids=[path.name for path in SHIPPED])
+def test_shipped_config_loads(config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    create_referenced_paths(config_file, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_file)
+    assert config.output_name and config.lora_alpha and config.logging_dir  # resolved
+
+
+def test_seed_configs_are_verbatim() -> None:
+    assert (REPO / "configs" / "my_lora_config.yaml").read_text(encoding="utf-8") == SEED_STYLE
+    assert (REPO / "configs" / "ink_painting.yaml").read_text(encoding="utf-8") == SEED_INK
+
+
+def test_character_config_trains_the_text_encoder_gently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = REPO / "configs" / "character_lora.yaml"
+    create_referenced_paths(path, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.train_text_encoder and config.text_encoder_lr is not None
+    assert config.text_encoder_lr < config.learning_rate
+    assert config.metadata_path is None  # captions from .txt files, with the trigger word
