@@ -1,0 +1,25 @@
+"""Reading the training data: images and captions, checked up front, served as tensors."""
+
+from lora_scripts.data.captions import (
+    IMAGE_EXTENSIONS,
+    CaptionedImage,
+    collect_dataset,
+    find_images,
+    tag_frequency,
+)
+from lora_scripts.data.dataset import CaptionDataset, collate
+from lora_scripts.data.images import load_rgb, resize_and_crop, to_rgb, to_tensor
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CaptionDataset",
+    "CaptionedImage",
+    "collate",
+    "collect_dataset",
+    "find_images",
+    "load_rgb",
+    "resize_and_crop",
+    "tag_frequency",
+    "to_rgb",
+    "to_tensor",
+]
