@@ -246,8 +246,8 @@ def _read_metadata_rows(metadata_path: Path, problems: _Problems) -> list[tuple[
     if not metadata_path.is_file():
         problems.add(
             "metadata",
-            f"{metadata_path}: metadata file not found; create it with columns file_name,text or fix its "
-            "path in the config.",
+            f"{metadata_path}: metadata file not found; create it with columns file_name,text or fix "
+            "metadata_path in the config.",
         )
         return None
     try:
