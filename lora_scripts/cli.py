@@ -20,6 +20,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = train(config)
+    if not result.is_main_process:
+        return 0
     print(f"Done: {result.global_step} steps. LoRA files:")
     for path in result.final_files:
         print(f"  {path}")

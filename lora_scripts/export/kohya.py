@@ -41,7 +41,9 @@ def kohya_state_dict(
     """The LoRA weights of every network as a kohya state dict on CPU in `dtype` (alpha too, as sd-scripts)."""
     out: dict[str, torch.Tensor] = {}
     for net in networks:
-        peft_sd = get_peft_model_state_dict(net.module, adapter_name=net.adapter_name)
+        peft_sd = get_peft_model_state_dict(
+            net.module, adapter_name=net.adapter_name, save_embedding_layers=False
+        )
         for key, tensor in peft_sd.items():
             module_path, sep, kind = key.rpartition(".lora_")
             if not sep or kind not in ("A.weight", "B.weight"):

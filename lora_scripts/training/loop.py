@@ -7,6 +7,7 @@ anything is written, so a mistake costs seconds and leaves no half-made output f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class TrainResult:
     final_files: list[Path]
     step_files: list[Path]
     last_loss: float
+    is_main_process: bool
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -54,7 +56,8 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = build_optimizer(groups, weight_decay=config.adam_weight_decay)
     plan = TrainingPlan.compute(
         num_images=len(items),
-        batches_per_epoch=len(dataloader),
+        # accelerate shards batches over processes (padding the last round so all get the same count)
+        batches_per_epoch=math.ceil(len(dataloader) / accelerator.num_processes),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         epochs=config.epochs,
         max_train_steps=config.max_train_steps,
@@ -133,4 +136,6 @@ def train(config: TrainConfig) -> TrainResult:
         final_files = saver.save_final(global_step, epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
     accelerator.end_training()
-    return TrainResult(global_step, epoch, final_files, step_files, loss_value)
+    return TrainResult(
+        global_step, epoch, final_files, step_files, loss_value, accelerator.is_main_process
+    )

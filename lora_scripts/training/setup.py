@@ -27,7 +27,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         log.warning("mixed_precision: fp16 needs a CUDA GPU; training in fp32 on this machine.")
         precision = "no"
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -35,6 +35,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             project_dir=str(config.output_dir), logging_dir=str(config.logging_dir)
         ),
     )
+    if not accelerator.is_main_process:  # one copy of each message under `accelerate launch`
+        logging.getLogger("lora_scripts").setLevel(logging.WARNING)
+    return accelerator
 
 
 def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerator) -> list[LoraNetwork]:
