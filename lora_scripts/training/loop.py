@@ -112,6 +112,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     params = [p for group in optimizer.param_groups for p in group["params"]]
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                lrs = lr_scheduler.get_last_lr()  # the rates this update uses: UNet, then text encoder
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -120,10 +121,12 @@ def train(config: TrainConfig) -> TrainResult:
             global_step += 1
             loss_value = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
             micro_losses.clear()
-            lr = lr_scheduler.get_last_lr()[0]
-            accelerator.log({"loss": loss_value, "lr": lr}, step=global_step)
+            scalars = {"loss": loss_value, "lr": lrs[0]}
+            if len(lrs) > 1:
+                scalars["lr_text_encoder"] = lrs[1]
+            accelerator.log(scalars, step=global_step)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
             if config.save_steps and global_step % config.save_steps == 0 and accelerator.is_main_process:
                 step_files.append(saver.save_step(global_step, epoch))
             if global_step >= plan.max_train_steps:
