@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a LoRA: `python train.py --config configs/my_lora_config.yaml` (same code as `lora-scripts train`)."""
+"""Train a LoRA: `python train.py --config configs/my_lora_config.yaml` (same as `lora-scripts train`)."""
 
 import sys
 from pathlib import Path

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="build a tiny model and sample dataset, then train a demo LoRA (no download, CPU ok)"
     )
-    p.add_argument("--dir", default="./demo", help="folder for the demo model, data and output (default ./demo)")
+    p.add_argument("--dir", default="./demo", help="folder for the demo model, data and output")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.set_defaults(func=_cmd_demo)
     return parser

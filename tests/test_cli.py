@@ -1,4 +1,4 @@
-"""The CLI entry points: user mistakes end in one line per problem, exit code 2, no traceback, nothing written."""
+"""CLI entry points: a user mistake gives one line per problem, exit code 2, no traceback, no files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _run_train_py(cwd: Path, config: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", config],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -91,7 +94,10 @@ def test_demo_through_the_installed_command(tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "lora_scripts"]
     proc = subprocess.run(
         [*cmd, "demo", "--dir", str(tmp_path / "demo"), "--steps", "6"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "demo" / "output" / "ink_painting_demo"

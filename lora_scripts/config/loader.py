@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from lora_scripts.config.schema import TrainConfig, allowed_values, field_what
 from lora_scripts.errors import UserError
+from lora_scripts.export.atomic import write_text_atomic
 from lora_scripts.models.locate import base_model_problem
 
 # Names users bring from kohya sd-scripts or the diffusers examples for keys spelt differently here.
@@ -108,7 +109,7 @@ def _validate(
 def dump_config(config: TrainConfig, path: str | Path) -> None:
     """Write `config` (normally resolved) as YAML, in schema order, so that `load_config` reads it back."""
     text = yaml.safe_dump(config.to_yaml_dict(), sort_keys=False, allow_unicode=True)
-    Path(path).write_text(text, encoding="utf-8")
+    write_text_atomic(Path(path), text)
 
 
 # --- reading YAML ---

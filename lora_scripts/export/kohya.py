@@ -38,7 +38,7 @@ class LoraNetwork:
 def kohya_state_dict(
     networks: list[LoraNetwork], alpha: float, dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
-    """The LoRA weights of every network as a kohya state dict on CPU in `dtype` (alpha too, as sd-scripts)."""
+    """Every network's LoRA weights as a kohya state dict on CPU in `dtype` (alpha too, as sd-scripts)."""
     out: dict[str, torch.Tensor] = {}
     for net in networks:
         peft_sd = get_peft_model_state_dict(

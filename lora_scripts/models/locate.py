@@ -16,7 +16,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 @dataclass(frozen=True)
 class BaseModelLocation:
-    """Where a base model lives. `path` is the file, or the diffusers folder (for hub ids, the cached snapshot)."""
+    """Where a base model lives: `path` is the file or the diffusers folder (for hub ids, the snapshot)."""
 
     kind: Literal["single_file", "diffusers_folder", "hub_cache"]
     path: Path

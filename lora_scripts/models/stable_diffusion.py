@@ -68,7 +68,9 @@ class StableDiffusionFamily(ModelFamily):
         if targets.text_encoder is not None:
             add_lora_adapter(self.text_encoder, targets.text_encoder, rank, alpha)
             has_text_model = hasattr(self.text_encoder, "text_model")
-            networks.append(LoraNetwork("lora_te", self.text_encoder, "" if has_text_model else "text_model."))
+            networks.append(
+                LoraNetwork("lora_te", self.text_encoder, "" if has_text_model else "text_model.")
+            )
             self.trains_text_encoder = True
         return networks
 

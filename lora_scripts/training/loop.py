@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from lora_scripts.config import TrainConfig
+from lora_scripts.config import TrainConfig, dump_config
 from lora_scripts.data import collect_dataset
-from lora_scripts.export.atomic import write_text_atomic
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from lora_scripts.training.plan import TrainingPlan
@@ -85,13 +83,14 @@ def train(config: TrainConfig) -> TrainResult:
     )
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            config.output_dir / "config.yaml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False)
-        )
+        dump_config(config, config.output_dir / "config.yaml")
         accelerator.init_trackers(config.output_name)
     log.info(
-        "%d images, %d batches/epoch, %d epochs, %d steps", len(items), plan.batches_per_epoch,
-        plan.num_epochs, plan.max_train_steps,
+        "%d images, %d batches/epoch, %d epochs, %d steps",
+        len(items),
+        plan.batches_per_epoch,
+        plan.num_epochs,
+        plan.max_train_steps,
     )
 
     global_step, epoch, loss_value = 0, 0, float("nan")
@@ -139,6 +138,4 @@ def train(config: TrainConfig) -> TrainResult:
         final_files = saver.save_final(global_step, epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
     accelerator.end_training()
-    return TrainResult(
-        global_step, epoch, final_files, step_files, loss_value, accelerator.is_main_process
-    )
+    return TrainResult(global_step, epoch, final_files, step_files, loss_value, accelerator.is_main_process)

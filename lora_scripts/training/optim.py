@@ -22,7 +22,7 @@ def build_optimizer(
 def build_lr_scheduler(
     name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, num_processes: int
 ):
-    # accelerate steps a prepared scheduler once per process per update, hence the scaling (as diffusers does).
+    # accelerate steps a prepared scheduler once per process per update: scale as diffusers does.
     return get_scheduler(
         name,
         optimizer=optimizer,

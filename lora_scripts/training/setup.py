@@ -57,7 +57,8 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
             if param.requires_grad:
                 param.data = param.data.float()
     counts = {
-        net.kohya_prefix: sum(p.numel() for p in net.module.parameters() if p.requires_grad) for net in networks
+        net.kohya_prefix: sum(p.numel() for p in net.module.parameters() if p.requires_grad)
+        for net in networks
     }
     log.info(
         "Trainable LoRA parameters: %s (%s)",
@@ -72,9 +73,7 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     return networks
 
 
-def make_dataloader(
-    items: list[CaptionedImage], config: TrainConfig
-) -> torch.utils.data.DataLoader:
+def make_dataloader(items: list[CaptionedImage], config: TrainConfig) -> torch.utils.data.DataLoader:
     """Shuffled (seeded) batches; the last partial batch is kept."""
     generator = torch.Generator().manual_seed(config.seed)
     return torch.utils.data.DataLoader(

@@ -10,11 +10,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic
 from lora_scripts.export.hashes import addnet_hash_legacy, file_model_hash, precalculate_hashes
 from lora_scripts.export.kohya import LoraNetwork, count_modules, kohya_state_dict
 from lora_scripts.models.lora import add_lora_adapter, check_targets
-from lora_scripts.errors import UserError
 
 
 class _Block(nn.Module):
@@ -77,7 +77,7 @@ def test_precalculated_hash_matches_file(tmp_path):
     assert model_hash == hashlib.sha256(raw[8 + n :]).hexdigest()
     # legacy hash: 64 KiB at 1 MiB of the serialization with only ss_* metadata (file is > 1 MiB)
     ss_only = safetensors.torch.save(tensors, {"ss_output_name": "x"})
-    assert legacy == hashlib.sha256(ss_only[0x100000 : 0x110000]).hexdigest()[:8]
+    assert legacy == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
     assert legacy == addnet_hash_legacy(io.BytesIO(ss_only))
 
 
@@ -109,9 +109,14 @@ def test_add_lora_adapter_counts_trainable_params():
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, cross_attention_dim=8,
-        attention_head_dim=4, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     n = add_lora_adapter(unet, ["to_q"], rank=2, alpha=2)
     q_layers = [m for name, m in unet.named_modules() if name.endswith("to_q")]

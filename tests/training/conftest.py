@@ -24,7 +24,7 @@ def make_dataset(folder: Path, n: int = 6) -> Path:
         writer.writerow(["file_name", "text"])
         for i in range(n):
             draw_ink_image(i, seed=i, size=72).save(folder / f"img_{i}.png")
-            writer.writerow([f"img_{i}.png", f"ink wash painting, subject {i}, \"quoted\", monochrome"])
+            writer.writerow([f"img_{i}.png", f'ink wash painting, subject {i}, "quoted", monochrome'])
     return folder / "metadata.csv"
 
 

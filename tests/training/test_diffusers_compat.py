@@ -96,8 +96,10 @@ def test_diffusers_applies_every_module_and_fuses_exactly(te_lora_file, tiny_mod
         return checked
 
     unet_names = {n.replace(".", "_"): n for n in _module_names(pipe.unet)}
-    te_names = {("text_model." + n if not n.startswith("text_model.") else n).replace(".", "_"): n
-                for n in _module_names(pipe.text_encoder)}
+    te_names = {
+        ("text_model." + n if not n.startswith("text_model.") else n).replace(".", "_"): n
+        for n in _module_names(pipe.text_encoder)
+    }
     assert check(pipe.unet, base["unet"], "lora_unet_", unet_names.__getitem__) == n_unet
     assert check(pipe.text_encoder, base["te"], "lora_te_", te_names.__getitem__) == n_te
 

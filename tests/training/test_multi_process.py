@@ -32,10 +32,21 @@ def test_two_processes_share_the_steps_and_save_once(tmp_path, tiny_model_dir):
         output_dir=str(out),
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+    ]
     proc = subprocess.run(
         [*torchrun, str(REPO / "train.py"), "--config", str(cfg)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 8 images / batch 2 = 4 batches, sharded over 2 processes → 2 steps per epoch, 2 epochs → 4 steps

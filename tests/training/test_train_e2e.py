@@ -102,7 +102,10 @@ def test_kohya_keys_only(trained_run):
     assert all({f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha"} <= sd.keys() for n in names)
     assert len(sd) == 3 * len(names)
     assert {n.rsplit("_", 1)[-1] for n in names} == {"q", "v"}  # ..._to_q / ..._to_v only
-    assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 8
+    assert (
+        sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0]
+        == 8
+    )
     assert all(v.dtype.is_floating_point and v.element_size() == 2 for v in sd.values())  # fp16 default
 
 

@@ -32,7 +32,10 @@ def _scalars(logging_dir, tag):
 )
 def test_plan(batches, accum, epochs, max_steps, expected):
     plan = TrainingPlan.compute(
-        num_images=10, batches_per_epoch=batches, gradient_accumulation_steps=accum, epochs=epochs,
+        num_images=10,
+        batches_per_epoch=batches,
+        gradient_accumulation_steps=accum,
+        epochs=epochs,
         max_train_steps=max_steps,
     )
     assert (plan.steps_per_epoch, plan.num_epochs, plan.max_train_steps) == expected
@@ -71,7 +74,9 @@ def test_v_prediction_sd2_with_accumulation_checkpointing_and_warmup(tmp_path, d
     lrs = _scalars(config.logging_dir, "lr")
     assert [s for s, _ in lrs] == [1, 2, 3, 4]
     assert [v for _, v in lrs] == pytest.approx([0.0, 1e-4, 2e-4, 1e-4])
-    assert [v for _, v in _scalars(config.logging_dir, "lr_text_encoder")] == pytest.approx([0, 5e-5, 1e-4, 5e-5])
+    assert [v for _, v in _scalars(config.logging_dir, "lr_text_encoder")] == pytest.approx(
+        [0, 5e-5, 1e-4, 5e-5]
+    )
 
 
 def test_v_target_is_the_velocity():
