@@ -98,3 +98,28 @@ def test_v_target_is_the_velocity():
     )
     family.info = FamilyInfo("sd_v1", False, "epsilon", "stable-diffusion-v1")
     assert torch.equal(family.training_target(x0, noise, t), noise)
+
+
+def test_bf16_mixed_precision_and_save_precision(tmp_path, tiny_model_dir, dataset_dir):
+    import safetensors.torch
+
+    out = tmp_path / "bf16_run"
+    cfg = write_config(
+        tmp_path / "bf16.yaml",
+        train_data_dir=str(dataset_dir),
+        metadata_path=str(dataset_dir / "metadata.csv"),
+        base_model=str(tiny_model_dir),
+        resolution=64,
+        batch_size=3,
+        max_train_steps=2,
+        learning_rate=1e-3,
+        mixed_precision="bf16",
+        save_precision="bf16",
+        output_dir=str(out),
+    )
+    result = train(load_config(cfg))
+    assert result.global_step == 2 and 0 < result.last_loss < 10
+    tensors = safetensors.torch.load_file(out / "pytorch_lora_weights.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(t.abs().max() > 0 for t in ups)  # the fp32 LoRA weights trained under bf16 autocast
