@@ -123,3 +123,35 @@ def test_bf16_mixed_precision_and_save_precision(tmp_path, tiny_model_dir, datas
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert all(t.abs().max() > 0 for t in ups)  # the fp32 LoRA weights trained under bf16 autocast
+
+
+def test_training_from_a_single_file_checkpoint_matches_the_folder(tmp_path, tiny_model_dir, dataset_dir):
+    """The same model as a CompVis single file trains to the same LoRA as its diffusers folder."""
+    import safetensors.torch
+
+    from lora_scripts.models.tiny import build_tiny_sd_components
+    from tests.helpers.compvis import write_compvis_checkpoint
+
+    tiny = build_tiny_sd_components()  # the same seed as the `tiny_model_dir` folder
+    single = write_compvis_checkpoint(tmp_path / "tiny.safetensors", tiny.unet, tiny.vae, tiny.text_encoder)
+    common = dict(
+        train_data_dir=str(dataset_dir),
+        metadata_path=str(dataset_dir / "metadata.csv"),
+        resolution=64,
+        batch_size=3,
+        max_train_steps=2,
+        learning_rate=1e-3,
+        save_precision="fp32",
+    )
+    runs = {
+        "file": dict(base_model=str(single), base_model_config=str(tiny_model_dir)),
+        "folder": dict(base_model=str(tiny_model_dir)),
+    }
+    loras = {}
+    for name, source in runs.items():
+        cfg = write_config(tmp_path / f"{name}.yaml", **common, **source, output_dir=str(tmp_path / name))
+        train(load_config(cfg))
+        loras[name] = safetensors.torch.load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+    assert loras["file"].keys() == loras["folder"].keys()
+    for key in loras["file"]:
+        torch.testing.assert_close(loras["file"][key], loras["folder"][key], atol=1e-6, rtol=0)
