@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -10,6 +12,23 @@ from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.lora import add_lora_adapter, check_targets
 from lora_scripts.models.sd_loading import SDComponents
+
+log = logging.getLogger(__name__)
+
+
+_OPEN_CLIP_ATTENTION = {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+def _warn_partial_fused_attention(targets: list[str]) -> None:
+    """SD 2.x's OpenCLIP fuses q/k/v into one attention layer; A1111 applies a text-encoder LoRA there only
+    when a layer has all four of q/k/v/out_proj, and silently ignores the rest."""
+    chosen = {t.rsplit(".", 1)[-1] for t in targets} & _OPEN_CLIP_ATTENTION
+    if chosen and chosen != _OPEN_CLIP_ATTENTION:
+        log.warning(
+            "text_encoder_target_modules: on SD 2.x, AUTOMATIC1111 ignores text-encoder attention LoRA "
+            "unless all of q_proj, k_proj, v_proj and out_proj are trained; add %s.",
+            ", ".join(sorted(_OPEN_CLIP_ATTENTION - chosen)),
+        )
 
 
 def _modelspec_architecture(version: str, prediction_type: str) -> str:
@@ -63,6 +82,8 @@ class StableDiffusionFamily(ModelFamily):
                 key="text_encoder_target_modules",
                 component="text encoder",
             )
+            if self.info.v2:
+                _warn_partial_fused_attention(targets.text_encoder)
         add_lora_adapter(self.unet, targets.unet, rank, alpha)
         networks = [LoraNetwork("lora_unet", self.unet)]
         if targets.text_encoder is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from lora_scripts.config import TrainConfig
@@ -27,6 +28,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         log.warning("mixed_precision: fp16 needs a CUDA GPU; training in fp32 on this machine.")
         precision = "no"
+    # accelerate keeps its settings in process-wide singletons; a second run in one process (tests, a UI)
+    # with another precision would be refused. Keep the distributed part, reset the rest.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
