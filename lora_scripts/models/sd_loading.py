@@ -126,7 +126,8 @@ def _load_single_file(
     for sub in ("unet", "vae", "text_encoder"):
         if not (cfg_dir / sub / "config.json").is_file():
             raise UserError(
-                f"config_dir: '{cfg_dir}' has no {sub}/config.json; give a diffusers-layout folder."
+                f"base_model_config: '{cfg_dir}' has no {sub}/config.json; "
+                "give a folder of diffusers-layout configs."
             )
 
     prediction_type: PredictionType | None = None  # None: SD 2.x without a marker, decided by the UNet
