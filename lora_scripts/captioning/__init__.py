@@ -1,0 +1,1 @@
+"""Automatic captions: BLIP sentences, WD14 booru tags."""
