@@ -65,7 +65,7 @@ def locate_base_model(spec: str) -> BaseModelLocation:
             return BaseModelLocation("hub_cache", snapshot, spec)
         raise UserError(
             f"base_model: '{spec}' is neither a local path nor a hub id in the local cache; download it "
-            f"first (e.g. `huggingface-cli download {spec}`) or give the path of a .safetensors file."
+            f"first (e.g. `hf download {spec}`) or give the path of a .safetensors file."
         )
     raise UserError(
         f"base_model: '{spec}' does not exist; check the path (relative paths start from the current "
