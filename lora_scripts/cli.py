@@ -29,6 +29,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from lora_scripts.checks import check_config_file, render_text, report_to_json
+
+    report = check_config_file(args.config)
+    if args.json:
+        print(json.dumps(report_to_json(report), indent=2, ensure_ascii=False))
+        return 0 if report.ok else 2
+    print(render_text(report), end="", flush=True)  # before the errors, which go to stderr
+    if not report.ok:
+        raise UserError(report.errors)  # printed as `train` prints them: one `error:` line each, exit 2
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lora_scripts.demo import run_demo
 
@@ -49,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LoRA from a YAML config")
     p.add_argument("--config", required=True, help="path of the YAML config (see docs/config.md)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("check", help="check the data and config and show the plan, without training")
+    p.add_argument("--config", required=True, help="path of the YAML config (see docs/config.md)")
+    p.add_argument("--json", action="store_true", help="print the facts as one JSON object (docs/check.md)")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
         "demo", help="build a tiny model and sample dataset, then train a demo LoRA (no download, CPU ok)"

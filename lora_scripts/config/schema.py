@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
 )
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
@@ -130,6 +131,14 @@ class TrainConfig(BaseModel):
         512,
         ge=64,
         multiple_of=8,
+    )
+    trigger_word: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = _field(
+        "data",
+        "The word your captions use for the subject (e.g. 'sks dog' or 'ohwx'); `lora-scripts check` counts "
+        "the captions without it.",
+        None,
+        default_doc="none (not checked)",
+        allowed_doc="a word or phrase",
     )
 
     # --- model ---

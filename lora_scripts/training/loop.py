@@ -15,8 +15,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from lora_scripts.checks import check_before_training
 from lora_scripts.config import TrainConfig, dump_config
-from lora_scripts.data import collect_dataset
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from lora_scripts.training.plan import TrainingPlan
@@ -39,7 +39,7 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA as `config` says and write its files under `config.output_dir`."""
-    items = collect_dataset(config.train_data_dir, config.metadata_path)  # raises UserError, writes nothing
+    items = check_before_training(config)  # raises check's UserError, logs its warnings, writes nothing
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     family = load_family(

@@ -28,7 +28,7 @@ def test_fields_are_grouped_in_the_documented_sections() -> None:
     groups = TrainConfig.fields_by_section()
     assert list(groups) == list(SECTIONS)
     assert sorted(n for names in groups.values() for n in names) == sorted(TrainConfig.model_fields)
-    assert groups["data"] == ["train_data_dir", "metadata_path", "resolution"]
+    assert groups["data"] == ["train_data_dir", "metadata_path", "resolution", "trigger_word"]
 
 
 def test_cells_for_some_keys() -> None:

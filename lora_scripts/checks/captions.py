@@ -1,0 +1,116 @@
+"""Facts about the captions: what CLIP will not read, how consistent the wording is, the trigger word.
+
+SD 1.x/2.x's text encoder reads 77 positions: a start token, 75 caption tokens and an end token. Training
+cuts every caption there (as every SD trainer does), so words past the 75th token teach nothing; a trigger
+word past it is never seen at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from lora_scripts.data import CaptionedImage, tag_frequency
+from lora_scripts.models.sd_loading import load_clip_tokenizer
+
+CLIP_CAPTION_TOKENS = 75  # 77 positions minus the start and end tokens
+TOP_COUNT = 15  # how many of the most frequent tags and words are reported
+# Words too common to say anything about a dataset's consistency.
+_STOPWORDS = frozenset(
+    "a an the and or of in on at to with for from by is are as its it this that his her their".split()
+)
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+@dataclass(frozen=True)
+class LongCaption:
+    """A caption longer than CLIP reads: its token count and the text after the cut (as CLIP spells it)."""
+
+    file_name: str
+    tokens: int
+    cut_off: str
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    """What `analyze_captions` found. Lists of file names are sorted; `too_long` is longest first."""
+
+    count: int
+    longest_tokens: int  # tokens of the longest caption (without the start and end tokens)
+    too_long: list[LongCaption]
+    top_tags: list[tuple[str, int]]  # comma-separated tags, as kohya's ss_tag_frequency counts them
+    top_words: list[
+        tuple[str, int]
+    ]  # lower-cased words, how many captions use them (ties: a-z); no stopwords
+    trigger_word: str | None
+    without_trigger: list[str]  # captions that never mention trigger_word
+    trigger_cut_off: list[str]  # captions that mention it only after the 75th token
+
+
+def analyze_captions(
+    items: Sequence[CaptionedImage],
+    trigger_word: str | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> CaptionReport:
+    """Token counts, tag and word frequencies and trigger-word presence of `items`' captions.
+
+    `tokenizer` defaults to the shipped CLIP tokenizer (SD 1.x and 2.x share its vocabulary), so nothing
+    but a few small files is loaded.
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer("sd_v1")
+    captions = [item.caption for item in items]
+    # verbose=False: transformers would warn about every caption longer than 77 tokens, which is the point.
+    token_ids = tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"] if captions else []
+    too_long = [
+        LongCaption(item.file_name, len(ids), tokenizer.decode(ids[CLIP_CAPTION_TOKENS:]).strip())
+        for item, ids in zip(items, token_ids, strict=True)
+        if len(ids) > CLIP_CAPTION_TOKENS
+    ]
+    too_long.sort(key=lambda caption: (-caption.tokens, caption.file_name))
+
+    without_trigger: list[str] = []
+    trigger_cut_off: list[str] = []
+    if trigger_word is not None:
+        pattern = trigger_pattern(trigger_word)
+        long_names = {caption.file_name for caption in too_long}
+        for item in items:
+            found = pattern.search(item.caption)
+            if found is None:
+                without_trigger.append(item.file_name)
+            elif item.file_name in long_names and _tokens_before(tokenizer, item.caption, found.start()) >= (
+                CLIP_CAPTION_TOKENS
+            ):
+                trigger_cut_off.append(item.file_name)
+
+    words: Counter[str] = Counter()
+    for caption in captions:
+        # Each caption counts once per word: the question is how consistently captions use it.
+        words.update({w for w in _WORD.findall(caption.lower()) if w not in _STOPWORDS})
+    return CaptionReport(
+        count=len(items),
+        longest_tokens=max((len(ids) for ids in token_ids), default=0),
+        too_long=too_long,
+        top_tags=list(tag_frequency(items).items())[:TOP_COUNT],
+        top_words=sorted(words.items(), key=lambda item: (-item[1], item[0]))[:TOP_COUNT],
+        trigger_word=trigger_word,
+        without_trigger=sorted(without_trigger),
+        trigger_cut_off=sorted(trigger_cut_off),
+    )
+
+
+def trigger_pattern(trigger_word: str) -> re.Pattern[str]:
+    """Matches `trigger_word` as a whole word (or phrase), ignoring case as CLIP's tokenizer does.
+
+    "sks" matches "a photo of sks, smiling" but not "sksdog"; whitespace inside a phrase may vary.
+    """
+    words = [re.escape(word) for word in trigger_word.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _tokens_before(tokenizer: PreTrainedTokenizerBase, caption: str, position: int) -> int:
+    """CLIP tokens of `caption[:position]`: where a word starting at `position` lands."""
+    return len(tokenizer(caption[:position], add_special_tokens=False, verbose=False)["input_ids"])

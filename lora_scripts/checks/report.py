@@ -1,0 +1,307 @@
+"""The facts of one check, and their two renderings: a screen of text and one JSON object (docs/check.md).
+
+A section is None when it could not be worked out (an invalid config, a dataset with blocking problems,
+a base model that cannot be used); the reasons are in `errors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_scripts.checks.captions import CLIP_CAPTION_TOKENS, CaptionReport
+from lora_scripts.checks.findings import named
+from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
+from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts
+
+JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may appear at any time)
+_SHOWN = 4  # items listed per line of the text view (the JSON lists all)
+_TOP_SHOWN = 8  # most frequent tags and words shown
+_SD_VERSION_NAMES = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x"}
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """The dataset as found on disk. `images_captioned` is None when it has blocking problems."""
+
+    train_data_dir: Path
+    metadata_path: Path | None  # None: captions from .txt files beside the images
+    images_found: int
+    images_captioned: int | None
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Everything `lora-scripts check` says about a config. Training can start when `errors` is empty."""
+
+    config_path: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    resolution: int | None = None
+    dataset: DatasetFacts | None = None
+    images: ImageReport | None = None
+    captions: CaptionReport | None = None
+    plan: PlanFacts | None = None
+    network: NetworkFacts | None = None
+    outputs: OutputFacts | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# --- JSON ---------------------------------------------------------------------------------------------------
+
+
+def report_to_json(report: CheckReport) -> dict[str, Any]:
+    """The report as plain JSON types, with the keys documented in docs/check.md."""
+    return {
+        "format_version": JSON_FORMAT_VERSION,
+        "config": report.config_path,
+        "ok": report.ok,
+        "errors": list(report.errors),
+        "warnings": list(report.warnings),
+        "dataset": _dataset_json(report.dataset),
+        "images": _images_json(report.images, report.resolution),
+        "captions": _captions_json(report.captions),
+        "plan": _plan_json(report.plan),
+        "network": _network_json(report.network),
+        "outputs": _outputs_json(report.outputs),
+    }
+
+
+def _dataset_json(dataset: DatasetFacts | None) -> dict[str, Any] | None:
+    if dataset is None:
+        return None
+    return {
+        "train_data_dir": str(dataset.train_data_dir),
+        "metadata_path": None if dataset.metadata_path is None else str(dataset.metadata_path),
+        "images_found": dataset.images_found,
+        "images_captioned": dataset.images_captioned,
+    }
+
+
+def _images_json(images: ImageReport | None, resolution: int | None) -> dict[str, Any] | None:
+    if images is None:
+        return None
+    return {
+        "scanned": images.scanned,
+        "unreadable": images.unreadable,
+        "exact_duplicates": images.exact_duplicates,
+        "near_duplicates": [
+            {"files": [p.first, p.second], "distance": p.distance} for p in images.near_duplicates
+        ],
+        "resolution": resolution,
+        "smaller_than_resolution": [_size(f) for f in images.too_small],
+        "extreme_aspect_ratio": [
+            {**_size(f), "ratio": round(aspect_ratio(f), 2)} for f in images.extreme_aspect
+        ],
+    }
+
+
+def _size(facts: ImageFacts) -> dict[str, Any]:
+    return {"file_name": facts.file_name, "width": facts.width, "height": facts.height}
+
+
+def _captions_json(captions: CaptionReport | None) -> dict[str, Any] | None:
+    if captions is None:
+        return None
+    return {
+        "count": captions.count,
+        "clip_token_limit": CLIP_CAPTION_TOKENS,
+        "longest_tokens": captions.longest_tokens,
+        "too_long": [
+            {"file_name": c.file_name, "tokens": c.tokens, "cut_off": c.cut_off} for c in captions.too_long
+        ],
+        "top_tags": [{"tag": tag, "count": count} for tag, count in captions.top_tags],
+        "top_words": [{"word": word, "count": count} for word, count in captions.top_words],
+        "trigger_word": captions.trigger_word,
+        "without_trigger": captions.without_trigger,
+        "trigger_cut_off": captions.trigger_cut_off,
+    }
+
+
+def _plan_json(plan: PlanFacts | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    return {
+        "num_images": plan.num_images,
+        "repeats": plan.repeats,
+        "num_processes": plan.num_processes,
+        "batch_size": plan.batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "effective_batch_size": plan.effective_batch_size,
+        "batches_per_epoch": plan.batches_per_epoch,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "epochs": plan.epochs,
+        "total_steps": plan.total_steps,
+        "limited_by": plan.limited_by,
+    }
+
+
+def _network_json(network: NetworkFacts | None) -> dict[str, Any] | None:
+    if network is None:
+        return None
+    return {
+        "base_model_kind": network.base_model_kind,
+        "sd_version": network.sd_version,
+        "architecture_from": str(network.architecture_from),
+        "rank": network.rank,
+        "alpha": network.alpha,
+        "trainable_parameters": {
+            "unet": network.unet_parameters,
+            "text_encoder": network.text_encoder_parameters,
+            "total": network.total_parameters,
+        },
+    }
+
+
+def _outputs_json(outputs: OutputFacts | None) -> dict[str, Any] | None:
+    if outputs is None:
+        return None
+    return {
+        "output_dir": str(outputs.output_dir),
+        "output_name": outputs.output_name,
+        "step_files": outputs.step_files,
+        "final_files": outputs.final_files,
+        "config_file": outputs.config_file,
+        "logging_dir": str(outputs.logging_dir),
+        "existing_files": outputs.existing_files,
+    }
+
+
+# --- text ---------------------------------------------------------------------------------------------------
+
+
+def render_text(report: CheckReport) -> str:
+    """The report as one screen of text (warnings included; errors are printed apart, on stderr)."""
+    lines = [f"Check of {report.config_path}"]
+    if report.dataset is not None:
+        lines += _dataset_lines(report.dataset, report.images, report.resolution)
+    if report.captions is not None:
+        lines += _caption_lines(report.captions)
+    elif report.dataset is not None:
+        lines += ["", "Captions and plan: checked once the dataset problems below are fixed"]
+    if report.plan is not None:
+        lines += _plan_lines(report.plan)
+    if report.network is not None:
+        lines += _network_lines(report.network)
+    if report.outputs is not None:
+        lines += _output_lines(report.outputs)
+    if report.warnings:
+        lines += ["", *(f"warning: {message}" for message in report.warnings)]
+    lines.append("")
+    if report.ok:
+        lines.append(f"Ready to train ({_count(len(report.warnings), 'warning')}).")
+    else:
+        lines.append(f"Cannot train: {_count(len(report.errors), 'problem')} (listed below).")
+    return "\n".join(lines) + "\n"
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {plural or word + 's'}"
+
+
+def _row(label: str, text: str) -> str:
+    return f"  {label:<16} {text}"
+
+
+def _listed(summary: str, items: list[str]) -> str:
+    """'3 pairs: a, b, c' (the first _SHOWN items), or just the summary when there are none."""
+    return f"{summary}: {named(items, _SHOWN)}" if items else summary
+
+
+def _dataset_lines(dataset: DatasetFacts, images: ImageReport | None, resolution: int | None) -> list[str]:
+    source = f"captions from {dataset.metadata_path}" if dataset.metadata_path else "captions from .txt files"
+    captioned = "?" if dataset.images_captioned is None else str(dataset.images_captioned)
+    lines = ["", f"Data: {dataset.train_data_dir} ({source})"]
+    lines.append(_row("images", f"{dataset.images_found} found, {captioned} captioned"))
+    if images is None:
+        return lines
+    if images.unreadable:
+        lines.append(_row("unreadable", _listed(str(len(images.unreadable)), images.unreadable)))
+    extra = sum(len(group) - 1 for group in images.exact_duplicates)
+    groups = [" = ".join(group) for group in images.exact_duplicates]
+    pairs = [f"{p.first} ~ {p.second} ({p.distance})" for p in images.near_duplicates]
+    small = [f"{f.file_name} {f.width}x{f.height}" for f in images.too_small]
+    wide = [f"{f.file_name} {aspect_ratio(f):.1f}:1" for f in images.extreme_aspect]
+    lines += [
+        _row("duplicates", _listed(_count(extra, "identical copy", "identical copies"), groups)),
+        _row("near-duplicates", _listed(_count(len(pairs), "pair"), pairs)),
+        _row(f"< {resolution} px", _listed(f"{len(small)} upscaled", small)),
+        _row("aspect > 2.5:1", _listed(f"{len(wide)} cropped hard", wide)),
+    ]
+    return lines
+
+
+def _caption_lines(captions: CaptionReport) -> list[str]:
+    lines = ["", f"Captions: {captions.count}, longest {captions.longest_tokens} CLIP tokens"]
+    lines.append(_row(f"> {CLIP_CAPTION_TOKENS} tokens", f"{len(captions.too_long)} cut"))
+    for caption in captions.too_long[:5]:
+        lines.append(f'    {caption.file_name}: {caption.tokens} tokens, cut: "{_clip(caption.cut_off)}"')
+    if captions.trigger_word is not None:
+        missing = captions.without_trigger
+        text = f"'{captions.trigger_word}' missing from {len(missing)} of {captions.count} captions"
+        lines.append(_row("trigger word", _listed(text, missing)))
+    else:
+        lines.append(_row("trigger word", "not set (trigger_word in the config)"))
+    lines.append(
+        _row("top tags", ", ".join(f"{_clip(tag, 30)} ({n})" for tag, n in captions.top_tags[:_TOP_SHOWN]))
+    )
+    lines.append(_row("top words", ", ".join(f"{word} ({n})" for word, n in captions.top_words[:_TOP_SHOWN])))
+    return lines
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _plan_lines(plan: PlanFacts) -> list[str]:
+    samples = f"{plan.num_images} images" + (f" x {plan.repeats} repeats" if plan.repeats != 1 else "")
+    per_epoch = f"{samples} / batch {plan.batch_size} = {plan.batches_per_epoch} batches per epoch"
+    if plan.num_processes > 1:
+        per_epoch += f" per process ({plan.num_processes} processes)"
+    if plan.limited_by == "epochs":
+        total = f"{plan.epochs} epochs x {plan.steps_per_epoch} = {plan.total_steps} steps"
+    else:
+        total = f"max_train_steps {plan.total_steps} = {plan.epochs} epochs (epochs is ignored)"
+    return [
+        "",
+        f"Plan: {plan.total_steps} steps",
+        _row("per epoch", per_epoch),
+        _row(
+            "steps",
+            f"{plan.batches_per_epoch} batches / accumulation {plan.gradient_accumulation_steps} = "
+            f"{_count(plan.steps_per_epoch, 'step')} per epoch (effective batch {plan.effective_batch_size})",
+        ),
+        _row("total", total),
+    ]
+
+
+def _network_lines(network: NetworkFacts) -> list[str]:
+    kind = network.base_model_kind.replace("_", " ")
+    lines = [
+        "",
+        f"LoRA: rank {network.rank}, alpha {network.alpha:g}, "
+        f"{_SD_VERSION_NAMES.get(network.sd_version, network.sd_version)} ({kind})",
+        _row("UNet", f"{network.unet_parameters:,} trainable parameters"),
+    ]
+    if network.text_encoder_parameters:
+        lines.append(_row("text encoder", f"{network.text_encoder_parameters:,} trainable parameters"))
+    lines.append(_row("total", f"{network.total_parameters:,}"))
+    return lines
+
+
+def _output_lines(outputs: OutputFacts) -> list[str]:
+    lines = ["", f"Output: {outputs.output_dir}"]
+    if outputs.step_files is not None:
+        steps = outputs.step_files
+        shown = steps if len(steps) <= 3 else [steps[0], steps[1], "...", steps[-1]]
+        lines.append(_row("every save_steps", _listed(f"{len(steps)} files", shown)))
+    lines.append(_row("final", ", ".join(outputs.final_files)))
+    lines.append(_row("config", outputs.config_file))
+    lines.append(_row("logs", str(outputs.logging_dir)))
+    if outputs.existing_files:
+        lines.append(_row("already there", named(outputs.existing_files, _SHOWN) + " (will be overwritten)"))
+    return lines
