@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lora_scripts.errors import UserError
+from lora_scripts.generation import cli_args as generate_args
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -54,6 +55,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from lora_scripts.generation.generate import run_generate
+
+    result = run_generate(generate_args.options_from_args(args))
+    print(f"Seed: {result.seed}{' (random)' if result.random_seed else ''}")
+    for path in result.files:
+        print(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-scripts", description="Train Stable Diffusion LoRAs from one YAML file."
@@ -76,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="./demo", help="folder for the demo model, data and output")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help=generate_args.HELP)
+    generate_args.add_generate_arguments(p)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

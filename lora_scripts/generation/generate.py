@@ -1,0 +1,242 @@
+"""`lora-scripts generate`: render images from a base model and the LoRAs named in the prompt.
+
+Every mistake that can be found without loading the model (a malformed tag, an unknown LoRA name, a bad
+size, an unknown sampler, a device this machine lacks, ...) is reported at once, before anything loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from PIL import Image
+
+from lora_scripts.errors import UserError
+from lora_scripts.generation.grid import make_grid
+from lora_scripts.generation.infotext import build_infotext, checkpoint_short_hash, format_number
+from lora_scripts.generation.lora_apply import LoadedLora, load_lora, set_lora_weights
+from lora_scripts.generation.lora_library import LoraFile, LoraLibrary, looks_like_path
+from lora_scripts.generation.options import MAX_SEED, GenerateOptions
+from lora_scripts.generation.outputs import OutputTarget, image_paths, resolve_output, save_png
+from lora_scripts.generation.pipeline import (
+    LoadedPipeline,
+    SamplingSettings,
+    enable_memory_savers,
+    load_pipeline,
+    render_image,
+    resolve_device,
+    resolve_dtype,
+)
+from lora_scripts.generation.prompt_tags import ParsedPrompt, has_lora_tags, parse_prompt
+from lora_scripts.generation.samplers import resolve_sampler
+from lora_scripts.models.locate import BaseModelLocation, locate_base_model
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class GenerateResult:
+    """What was written: the PNG files, the seed of the first image and whether it was drawn at random."""
+
+    files: list[Path]
+    seed: int
+    random_seed: bool
+    infotexts: list[str]
+
+
+@dataclass
+class _Plan:
+    """Options checked and resolved, before the model loads."""
+
+    prompt: ParsedPrompt
+    lora_files: list[LoraFile]
+    settings: SamplingSettings
+    target: OutputTarget
+    location: BaseModelLocation
+
+
+def run_generate(options: GenerateOptions) -> GenerateResult:
+    """Render `options.num_images` images (or one weight grid) and write them as PNGs with infotext."""
+    plan = _plan(options)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.precision, device)
+    logger.info("Loading %s on %s (%s)", options.base_model, device, str(dtype).removeprefix("torch."))
+    loaded = load_pipeline(
+        options.base_model,
+        plan.settings.sampler,
+        device=device,
+        dtype=dtype,
+        config_dir=options.base_model_config,
+    )
+    enable_memory_savers(
+        loaded.pipe,
+        attention_slicing=options.attention_slicing,
+        vae_slicing=options.vae_slicing,
+        vae_tiling=options.vae_tiling,
+    )
+    loras = [
+        load_lora(loaded.pipe, file.path, adapter=f"lora_{i}", label=tag.name)
+        for i, (tag, file) in enumerate(zip(plan.prompt.loras, plan.lora_files, strict=True))
+    ]
+    random_seed = options.seed == -1
+    seed = secrets.randbelow(MAX_SEED) if random_seed else options.seed
+    seeds = [seed + i for i in range(options.num_images)]
+    infotext_fields = _model_fields(loaded, plan)
+    if options.lora_weights is not None:
+        files, texts = _render_grid(options, plan, loaded, loras, seeds, infotext_fields)
+    else:
+        weights = [(tag.te_weight, tag.unet_weight) for tag in plan.prompt.loras]
+        set_lora_weights(loaded.pipe, loras, weights)
+        files, texts = _render_images(options, plan, loaded, seeds, infotext_fields)
+    return GenerateResult(files=files, seed=seed, random_seed=random_seed, infotexts=texts)
+
+
+def _plan(options: GenerateOptions) -> _Plan:
+    """Check every option and resolve the LoRA names; all problems are raised together."""
+    problems: list[str] = []
+
+    def attempt(action: Callable[[], T]) -> T | None:
+        try:
+            return action()
+        except UserError as err:
+            problems.extend(err.messages)
+            return None
+
+    prompt = attempt(lambda: parse_prompt(options.prompt))
+    if has_lora_tags(options.negative_prompt):
+        problems.append("--negative-prompt: LoRA tags are applied from --prompt only; move the tag there.")
+    sampler = attempt(lambda: resolve_sampler(options.sampler))
+    target = attempt(lambda: resolve_output(Path(options.output)))
+    location = attempt(lambda: locate_base_model(options.base_model))
+    problems.extend(_number_problems(options))
+    attempt(lambda: resolve_dtype(options.precision, resolve_device(options.device)))
+    lora_files: list[LoraFile] = []
+    if prompt is not None:
+        if options.lora_weights is not None and len(prompt.loras) != 1:
+            problems.append(
+                f"--lora-weights needs exactly one <lora:NAME> tag in --prompt (found {len(prompt.loras)})."
+            )
+        if prompt.loras:
+            library = LoraLibrary(folders=[], files=[])
+            if any(not looks_like_path(tag.name) for tag in prompt.loras):
+                library = attempt(lambda: LoraLibrary.scan(options.lora_dirs)) or library
+            for tag in prompt.loras:
+                found = attempt(lambda tag=tag: library.resolve(tag.name))
+                if found is not None:
+                    lora_files.append(found)
+    if problems:
+        raise UserError(problems)
+    settings = SamplingSettings(
+        sampler=sampler,
+        steps=options.steps,
+        cfg_scale=options.cfg_scale,
+        width=options.width,
+        height=options.height,
+        negative_prompt=options.negative_prompt,
+    )
+    return _Plan(prompt=prompt, lora_files=lora_files, settings=settings, target=target, location=location)
+
+
+def _number_problems(options: GenerateOptions) -> list[str]:
+    problems = []
+    if options.steps < 1:
+        problems.append(f"--steps: {options.steps} is out of range (must be ≥ 1).")
+    if options.num_images < 1:
+        problems.append(f"--num-images: {options.num_images} is out of range (must be ≥ 1).")
+    for flag, value in (("--width", options.width), ("--height", options.height)):
+        if value < 8 or value % 8:
+            problems.append(f"{flag}: {value} must be a positive multiple of 8 (e.g. 512).")
+    if not math.isfinite(options.cfg_scale):
+        problems.append(f"--cfg-scale: {options.cfg_scale} is not a finite number.")
+    if options.seed < -1 or options.seed > MAX_SEED:
+        problems.append(f"--seed: {options.seed} is out of range (-1 for random, or 0 to {MAX_SEED}).")
+    if options.lora_weights is not None and not options.lora_weights:
+        problems.append("--lora-weights: give at least one weight (e.g. 0,0.5,1.0).")
+    return problems
+
+
+def _model_fields(loaded: LoadedPipeline, plan: _Plan) -> dict[str, object]:
+    """Model hash / name and Lora hashes for the infotext (the checkpoint hash reads the whole file once)."""
+    location = plan.location
+    model_hash = None
+    if location.kind == "single_file":
+        logger.info("Hashing %s for the infotext", location.path.name)
+        model_hash = checkpoint_short_hash(location.path)
+    name = location.path.stem if location.kind != "hub_cache" else location.spec
+    lora_hashes = {
+        tag.name: f.short_hash() for tag, f in zip(plan.prompt.loras, plan.lora_files, strict=True)
+    }
+    return {"model_hash": model_hash, "model_name": name, "lora_hashes": lora_hashes}
+
+
+def _infotext(
+    options: GenerateOptions,
+    plan: _Plan,
+    seed: int,
+    fields: dict[str, object],
+    extra: dict[str, object] | None = None,
+) -> str:
+    settings = plan.settings
+    return build_infotext(
+        prompt=options.prompt,
+        negative_prompt=options.negative_prompt,
+        steps=settings.steps,
+        sampler=settings.sampler.display_name,
+        cfg_scale=settings.cfg_scale,
+        seed=seed,
+        width=settings.width,
+        height=settings.height,
+        extra=extra,
+        **fields,
+    )
+
+
+def _render_images(
+    options: GenerateOptions, plan: _Plan, loaded: LoadedPipeline, seeds: list[int], fields: dict[str, object]
+) -> tuple[list[Path], list[str]]:
+    files, texts = [], []
+    file_paths = image_paths(plan.target, seeds) if plan.target.is_file else None
+    for i, seed in enumerate(seeds):
+        image = render_image(loaded.pipe, plan.prompt.text, plan.settings, seed, progress=options.progress)
+        text = _infotext(options, plan, seed, fields)
+        # In a folder, number each file when it is written, after whatever is there by then.
+        path = file_paths[i] if file_paths else image_paths(plan.target, [seed])[0]
+        save_png(path, image, text)
+        files.append(path)
+        texts.append(text)
+    return files, texts
+
+
+def _render_grid(
+    options: GenerateOptions,
+    plan: _Plan,
+    loaded: LoadedPipeline,
+    loras: list[LoadedLora],
+    seeds: list[int],
+    fields: dict[str, object],
+) -> tuple[list[Path], list[str]]:
+    """One row per seed, one column per weight (the tag's weight replaced, text encoder and UNet alike)."""
+    weights = options.lora_weights or []
+    rows: list[list[Image.Image]] = []
+    for seed in seeds:
+        row = []
+        for weight in weights:
+            set_lora_weights(loaded.pipe, loras, [(weight, weight)])
+            row.append(
+                render_image(loaded.pipe, plan.prompt.text, plan.settings, seed, progress=options.progress)
+            )
+        rows.append(row)
+    labels = [format_number(w) for w in weights]
+    grid = make_grid(rows, labels)
+    extra = {"Lora weights": ", ".join(labels)}
+    text = _infotext(options, plan, seeds[0], fields, extra=extra)
+    path = image_paths(plan.target, [seeds[0]], suffix="-grid")[0]
+    save_png(path, grid, text)
+    return [path], [text]

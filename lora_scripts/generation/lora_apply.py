@@ -1,0 +1,234 @@
+"""Apply LoRA files to a diffusers StableDiffusionPipeline, each at its own text-encoder and UNet weight.
+
+diffusers does the work (`load_lora_weights` injects peft layers, `set_adapters` sets each adapter's scale),
+but kohya/sd-scripts files (ours, sd-scripts', LoCon) are first converted here, by the pipeline's own module
+names, the way WebUI and ComfyUI match them. diffusers' own kohya conversion (0.42, transformers 5) fails on
+text-encoder LoRAs in two ways this avoids:
+- a text-encoder LoRA without `out_proj` keys (e.g. one trained on q_proj/v_proj only) raises "Could not
+  automatically infer state dict type";
+- per-module alphas in the text encoder (an sd-scripts MLP alpha that differs from the attention alpha)
+  are dropped with a warning, so those layers get the wrong scale.
+The conversion folds each module's `alpha / rank` into `lora_up`, so peft's own scale is exactly 1 and the
+applied update is `w * (alpha / rank) * up @ down`. Diffusers/PEFT-format files go to diffusers unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline
+
+from lora_scripts.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+# Kohya-layout keys of adapter types diffusers cannot apply to SD 1.x/2.x.
+_UNSUPPORTED_SUFFIXES = {
+    ".hada_w1_a": "LyCORIS LoHa",
+    ".lokr_w1": "LyCORIS LoKr",
+    ".lokr_w1_a": "LyCORIS LoKr",
+    ".lora_mid.weight": "LyCORIS LoCon with Tucker decomposition (lora_mid)",
+    ".dora_scale": "DoRA",
+    ".diff": "LyCORIS full-weight difference",
+    ".on_input": "LyCORIS IA3",
+}
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A LoRA loaded into a pipeline under `adapter` (a peft adapter name), touching `components`."""
+
+    adapter: str
+    path: Path
+    components: frozenset[str]  # "unet" and/or "text_encoder"
+
+
+def load_lora(
+    pipe: StableDiffusionPipeline, path: Path, adapter: str, label: str | None = None
+) -> LoadedLora:
+    """Load the LoRA file at `path` into `pipe` as adapter `adapter` (scale 1 until `set_lora_weights`).
+
+    label: how messages name the LoRA (the tag's name); default the file name.
+    Raises UserError when the file is a format or model family that cannot be applied to this pipeline.
+    """
+    label = label or path.name
+    try:
+        state_dict = safetensors.torch.load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - damaged files raise several types
+        raise UserError(f"LoRA '{label}': '{path}' cannot be read as safetensors ({err}).") from err
+    if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in state_dict):
+        peft_dict = kohya_to_peft(state_dict, pipe, label)
+        source: dict[str, torch.Tensor] | str = peft_dict
+        expected = {key.rsplit(".lora_", 1)[0] for key in peft_dict}
+    else:
+        source, expected = str(path), set()  # diffusers reads its own formats (and their metadata) itself
+    try:
+        with warnings.catch_warnings():
+            # peft warns whenever a model gets a second adapter; several LoRAs at once are the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(source, adapter_name=adapter)
+    except (ValueError, KeyError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"LoRA '{label}': diffusers cannot apply '{path}' to this base model ({first_line})."
+        ) from err
+    components = frozenset(part for part, names in pipe.get_list_adapters().items() if adapter in names)
+    if not components:
+        raise UserError(f"LoRA '{label}': '{path}' holds no layer of this base model's UNet or text encoder.")
+    if expected:
+        _check_every_module_applied(pipe, adapter, expected, label)
+    return LoadedLora(adapter=adapter, path=path, components=components)
+
+
+def set_lora_weights(
+    pipe: StableDiffusionPipeline, loras: list[LoadedLora], weights: list[tuple[float, float]]
+) -> None:
+    """Activate `loras` at `(te_weight, unet_weight)` each; other adapters of the pipeline are deactivated.
+
+    A weight of 0 multiplies the LoRA's output by exactly 0, so the image is the base model's, bit for bit.
+    """
+    if not loras:
+        if pipe.get_list_adapters():
+            pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    per_adapter = []
+    for lora, (te_weight, unet_weight) in zip(loras, weights, strict=True):
+        # Name only the components the adapter has: diffusers warns about the others.
+        values = {"text_encoder": te_weight, "unet": unet_weight}
+        per_adapter.append({part: values[part] for part in lora.components})
+    pipe.set_adapters([lora.adapter for lora in loras], adapter_weights=per_adapter)
+
+
+def unload_loras(pipe: StableDiffusionPipeline, loras: list[LoadedLora]) -> None:
+    """Remove these adapters (and only these) from the pipeline's models."""
+    if loras:
+        pipe.delete_adapters([lora.adapter for lora in loras])
+
+
+# --- kohya -> PEFT ------------------------------------------------------------------------------------------
+
+
+def kohya_to_peft(
+    state_dict: dict[str, torch.Tensor], pipe: StableDiffusionPipeline, label: str
+) -> dict[str, torch.Tensor]:
+    """Kohya keys (`lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`) -> diffusers' PEFT keys
+    (`unet.<path>.lora_A.weight`, `.lora_B.weight`) for this pipeline's modules, in fp32.
+
+    `<path>` is the module's dotted name with '.' replaced by '_', which is ambiguous (`to_out_0` vs
+    `to.out.0`), so it is matched against the names the models actually have. Text-encoder names are written
+    with `text_model.` whatever the transformers version (sd-scripts' convention). LoCon conv layers keep
+    their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
+    """
+    for suffix, kind in _UNSUPPORTED_SUFFIXES.items():
+        if any(key.endswith(suffix) for key in state_dict):
+            raise UserError(f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them).")
+    modules = {
+        "unet": _kohya_module_index(pipe.unet, text_model_prefix=False),
+        "text_encoder": _kohya_module_index(pipe.text_encoder, text_model_prefix=True),
+    }
+    peft: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    wrong_shape: list[str] = []
+    for key in sorted(state_dict):
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key.removesuffix(".lora_down.weight")
+        prefix = next((p for p in KOHYA_PREFIXES if stem.startswith(p)), None)
+        component = KOHYA_PREFIXES[prefix] if prefix else None
+        found = modules[component].get(stem.removeprefix(prefix)) if component else None
+        if found is None:
+            missing.append(stem)
+            continue
+        module_name, module = found
+        down = state_dict[key].to(torch.float32)
+        up = state_dict[f"{stem}.lora_up.weight"].to(torch.float32)
+        rank = down.shape[0]
+        alpha = state_dict[f"{stem}.alpha"].item() if f"{stem}.alpha" in state_dict else rank
+        if isinstance(module, torch.nn.Conv2d) and down.dim() == 2:  # a 1x1 conv stored as a matrix
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if not _fits(module, down, up):
+            wrong_shape.append(stem)
+            continue
+        peft[f"{component}.{module_name}.lora_A.weight"] = down
+        peft[f"{component}.{module_name}.lora_B.weight"] = up * (alpha / rank)
+    if missing or wrong_shape:
+        raise UserError(_mismatch_message(label, missing, wrong_shape, len(peft) // 2))
+    return peft
+
+
+def _kohya_module_index(
+    model: torch.nn.Module, *, text_model_prefix: bool
+) -> dict[str, tuple[str, torch.nn.Module]]:
+    """{kohya name without prefix: (module name, module)} for the Linear and Conv2d layers of `model`.
+
+    A layer that already carries a peft adapter (a LoRA loaded before, or the one being trained) is a peft
+    wrapper around `<name>.base_layer`; it is listed under `<name>`, so a further adapter joins the wrapper.
+    """
+    index = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
+            continue
+        name = name.removesuffix(".base_layer")
+        kohya = f"text_model.{name}" if text_model_prefix and not name.startswith("text_model.") else name
+        index[kohya.replace(".", "_")] = (name, module)
+    return index
+
+
+def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether up @ down has the module weight's shape."""
+    weight = module.weight
+    if isinstance(module, torch.nn.Conv2d):
+        return (
+            down.dim() == 4
+            and up.dim() == 4
+            and down.shape[1] == weight.shape[1]
+            and tuple(down.shape[2:]) == tuple(weight.shape[2:])
+            and up.shape[0] == weight.shape[0]
+            and up.shape[1] == down.shape[0]
+        )
+    return (
+        down.dim() == 2
+        and up.dim() == 2
+        and down.shape[1] == weight.shape[1]
+        and up.shape[0] == weight.shape[0]
+    )
+
+
+def _mismatch_message(label: str, missing: list[str], wrong_shape: list[str], matched: int) -> str:
+    total = len(missing) + len(wrong_shape) + matched
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} of its {total} layers do not exist in this base model (e.g. '{missing[0]}')"
+        )
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} have another size (e.g. '{wrong_shape[0]}')")
+    sdxl = any(name.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks")) for name in missing)
+    family = "SDXL" if sdxl else "another model family (SD 1.x vs 2.x?)"
+    return f"LoRA '{label}' does not fit this base model: {'; '.join(parts)}; it was made for {family}."
+
+
+def _check_every_module_applied(
+    pipe: StableDiffusionPipeline, adapter: str, expected: set[str], label: str
+) -> None:
+    """diffusers skips keys it cannot place with a mere warning; a partly applied LoRA must not pass."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    applied = set()
+    for component in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
+                applied.add(f"{component}.{name}")
+    if applied != expected:
+        missing = sorted(expected - applied)
+        raise UserError(
+            f"LoRA '{label}': diffusers applied {len(applied & expected)} of its {len(expected)} layers "
+            f"(not e.g. '{missing[0] if missing else sorted(applied - expected)[0]}')."
+        )

@@ -1,0 +1,140 @@
+"""LoRA files applied through diffusers: every layer gets exactly `W + w * (alpha / rank) * up @ down`."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from lora_scripts.errors import UserError
+from lora_scripts.generation.lora_apply import load_lora, set_lora_weights, unload_loras
+from tests.generation.conftest import make_pipe
+
+TOL = dict(atol=1e-5, rtol=0)
+
+
+def _fused_weights(pipe, loras) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights the pipeline computes with: the active adapters fused in at their set scales."""
+    pipe.fuse_lora(
+        components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=[lora.adapter for lora in loras]
+    )
+    pipe.unload_lora_weights()
+    return {"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict()}
+
+
+def _base_weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", "text_encoder")
+    }
+
+
+def _check(fused, base, expected_deltas):
+    """expected_deltas: {(component, module name): delta}; every other weight must be unchanged."""
+    for component in ("unet", "text_encoder"):
+        for key, value in fused[component].items():
+            delta = expected_deltas.get((component, key.removesuffix(".weight")))
+            if key.endswith(".weight") and delta is not None:
+                torch.testing.assert_close(value, base[component][key] + delta, **TOL)
+            else:
+                assert torch.equal(value, base[component][key]), key
+
+
+@pytest.mark.parametrize(("te_weight", "unet_weight"), [(0.7, 0.7), (0.3, 1.2), (1.0, 0.0), (0.0, -0.5)])
+def test_each_layer_gets_its_delta_on_the_right_component(
+    tiny_dir, lora_dir, lora_modules, te_weight, unet_weight
+):
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    lora = load_lora(pipe, lora_dir / "ink_style.safetensors", adapter="ink")
+    assert lora.components == {"unet", "text_encoder"}
+    set_lora_weights(pipe, [lora], [(te_weight, unet_weight)])
+    weights = {"unet": unet_weight, "text_encoder": te_weight}
+    expected = {(m.component, m.name): weights[m.component] * m.delta() for m in lora_modules["ink"]}
+    _check(_fused_weights(pipe, [lora]), base, expected)
+
+
+def test_locon_conv_layers(tiny_dir, lora_dir, lora_modules):
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    lora = load_lora(pipe, lora_dir / "styles" / "locon.safetensors", adapter="locon")
+    assert lora.components == {"unet"}
+    set_lora_weights(pipe, [lora], [(1.0, 0.8)])
+    conv = [m for m in lora_modules["locon"] if m.down.dim() == 4 and m.down.shape[-1] == 3]
+    assert conv, "the LoCon file must hold 3x3 conv layers"
+    expected = {(m.component, m.name): 0.8 * m.delta() for m in lora_modules["locon"]}
+    _check(_fused_weights(pipe, [lora]), base, expected)
+
+
+def test_two_loras_add_up(tiny_dir, lora_dir, lora_modules):
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    ink = load_lora(pipe, lora_dir / "ink_style.safetensors", adapter="ink")
+    locon = load_lora(pipe, lora_dir / "styles" / "locon.safetensors", adapter="locon")
+    set_lora_weights(pipe, [ink, locon], [(0.5, 0.6), (1.0, -0.4)])
+    expected: dict = {}
+    for modules, weights in ((lora_modules["ink"], (0.5, 0.6)), (lora_modules["locon"], (1.0, -0.4))):
+        for m in modules:
+            w = weights[1] if m.component == "unet" else weights[0]
+            key = (m.component, m.name)
+            expected[key] = expected.get(key, 0) + w * m.delta()
+    assert len(expected) < len(lora_modules["ink"]) + len(lora_modules["locon"])  # some layers carry both
+    _check(_fused_weights(pipe, [ink, locon]), base, expected)
+
+
+def test_unload_leaves_other_adapters(tiny_dir, lora_dir):
+    pipe = make_pipe(tiny_dir)
+    ink = load_lora(pipe, lora_dir / "ink_style.safetensors", adapter="ink")
+    only = load_lora(pipe, lora_dir / "unet-only.v2.safetensors", adapter="only")
+    unload_loras(pipe, [ink])
+    assert pipe.get_list_adapters() == {"unet": ["only"]}
+    set_lora_weights(pipe, [only], [(1.0, 1.0)])
+
+
+def test_diffusers_peft_format_files_load(tiny_dir, tmp_path, lora_modules):
+    """A file in diffusers' own PEFT layout goes to diffusers unchanged (no alpha: scale 1)."""
+    module = lora_modules["unet_only"][0]
+    path = tmp_path / "peft.safetensors"
+    safetensors.torch.save_file(
+        {
+            f"unet.{module.name}.lora_A.weight": module.down.float(),
+            f"unet.{module.name}.lora_B.weight": module.up.float(),
+        },
+        path,
+    )
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    lora = load_lora(pipe, path, adapter="peft")
+    set_lora_weights(pipe, [lora], [(1.0, 0.5)])
+    expected = {("unet", module.name): 0.5 * module.delta() * module.down.shape[0] / module.alpha}
+    _check(_fused_weights(pipe, [lora]), base, expected)
+
+
+def test_files_for_another_model_or_format_are_refused(tiny_dir, tmp_path):
+    pipe = make_pipe(tiny_dir)
+    sdxl = tmp_path / "sdxl.safetensors"
+    safetensors.torch.save_file(
+        {
+            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
+            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4),
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280),
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4),
+        },
+        sdxl,
+    )
+    with pytest.raises(UserError, match="does not fit this base model: 2 of its 2 layers .* made for SDXL"):
+        load_lora(pipe, sdxl, adapter="x", label="sdxl")
+    wide = tmp_path / "sd2.safetensors"
+    safetensors.torch.save_file(
+        {
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1024),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1024, 4),
+        },
+        wide,
+    )
+    with pytest.raises(UserError, match="1 have another size"):
+        load_lora(pipe, wide, adapter="y", label="sd2")
+    loha = tmp_path / "loha.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, loha)
+    with pytest.raises(UserError, match="LyCORIS LoHa files are not supported"):
+        load_lora(pipe, loha, adapter="z", label="loha")
+    assert not pipe.get_list_adapters()
