@@ -65,6 +65,91 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from lora_scripts.captioning.labeler import (
+        CaptionerOptions,
+        LabelOptions,
+        label_images,
+        load_captioner,
+        summary_lines,
+    )
+
+    captioner = CaptionerOptions(
+        name=args.captioner,
+        model=args.model,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        threshold=args.threshold,
+        character_threshold=args.character_threshold,
+        exclude_tags=tuple(t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()),
+    )
+    options = LabelOptions(
+        input_dir=Path(args.input),
+        output=Path(args.output) if args.output else None,
+        format=args.format,
+        recursive=args.recursive,
+        overwrite=args.overwrite,
+        prune=args.prune,
+        prefix=args.prefix,
+        suffix=args.suffix,
+        trigger=args.trigger,
+        batch_size=args.batch_size,
+        captioner=args.captioner,
+    )
+    summary = label_images(options, partial(load_captioner, captioner))
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
+def _cmd_captions_convert(args: argparse.Namespace) -> int:
+    from lora_scripts.captioning.labeler import convert_summary_lines
+    from lora_scripts.captioning.metadata_csv import convert_captions
+
+    folder = Path(args.input)
+    csv_path = Path(args.output) if args.output else folder / "metadata.csv"
+    summary = convert_captions(folder, args.to, csv_path, recursive=args.recursive, overwrite=args.overwrite)
+    print("\n".join(convert_summary_lines(summary)))
+    return 0
+
+
+def _add_caption_commands(sub: argparse._SubParsersAction) -> None:
+    """`label` (auto-captioning, also `python tools/auto_label.py`) and `captions convert`."""
+    p = sub.add_parser("label", help="caption images with BLIP or WD14, keeping every existing caption")
+    p.add_argument("--input", required=True, help="folder of images")
+    p.add_argument("--output", help="metadata CSV to write (default INPUT/metadata.csv)")
+    p.add_argument("--format", choices=["csv", "txt"], default="csv", help="csv (default) or .txt per image")
+    p.add_argument("--captioner", choices=["blip", "wd14"], default="blip", help="sentences or booru tags")
+    p.add_argument("--model", help="model folder or hub id (blip: Salesforce/blip-image-captioning-base)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--num-beams", type=int, default=1, help="BLIP: 1 = greedy (default), more = beam search")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="BLIP: caption length limit (default 40)")
+    p.add_argument("--threshold", type=float, default=0.35, help="WD14: general tag threshold (default 0.35)")
+    p.add_argument("--character-threshold", type=float, default=0.85, help="WD14: character threshold")
+    p.add_argument("--exclude-tags", help="WD14: comma-separated tags never written")
+    p.add_argument("--trigger", default="", help="trigger word put first, joined with ', '")
+    p.add_argument("--prefix", default="", help="text pasted before each caption")
+    p.add_argument("--suffix", default="", help="text pasted after each caption, e.g. ', ink wash painting'")
+    p.add_argument("--recursive", action="store_true", help="caption images in subfolders too")
+    p.add_argument("--overwrite", action="store_true", help="re-caption every image (backs up the old file)")
+    p.add_argument("--prune", action="store_true", help="remove CSV rows of images that no longer exist")
+    p.set_defaults(func=_cmd_label)
+
+    captions = sub.add_parser("captions", help="caption file tools").add_subparsers(
+        dest="captions_command", required=True, metavar="ACTION"
+    )
+    p = captions.add_parser("convert", help="metadata.csv <-> .txt beside each image (never overwrites)")
+    p.add_argument("--input", required=True, help="folder of images")
+    p.add_argument("--to", required=True, choices=["csv", "txt"], help="the form to write")
+    p.add_argument("--output", help="the metadata CSV, written or read (default INPUT/metadata.csv)")
+    p.add_argument("--recursive", action="store_true", help="images in subfolders too")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions (after a backup)")
+    p.set_defaults(func=_cmd_captions_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-scripts", description="Train Stable Diffusion LoRAs from one YAML file."
@@ -91,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help=generate_args.HELP)
     generate_args.add_generate_arguments(p)
     p.set_defaults(func=_cmd_generate)
+
+    _add_caption_commands(sub)
     return parser
 
 
