@@ -23,7 +23,7 @@ from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.lora import add_lora_adapter, check_targets
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
-from lora_scripts.models.sd_loading import _folder_config, _version_from_unet_config, shipped_config_dir
+from lora_scripts.models.sd_loading import folder_config, shipped_config_dir, version_from_unet_config
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, step_file_name
 
@@ -121,8 +121,8 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
         )
     else:
         config_dir = location.path
-        unet_config = _folder_config(UNet2DConditionModel, config_dir, "unet")
-        version = _version_from_unet_config(unet_config, config_dir)
+        unet_config = folder_config(UNet2DConditionModel, config_dir, "unet")
+        version = version_from_unet_config(unet_config, config_dir)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     with init_empty_weights():  # meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory

@@ -292,8 +292,8 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
             f"base_model: '{path}' is not an SD 1.x/2.x model (SDXL, SD3, Flux, ...), which is not supported "
             "yet; use an SD 1.x or 2.x model."
         )
-    unet_config = _folder_config(UNet2DConditionModel, path, "unet")
-    version = _version_from_unet_config(unet_config, path)
+    unet_config = folder_config(UNet2DConditionModel, path, "unet")
+    version = version_from_unet_config(unet_config, path)
 
     unet = _folder_component(UNet2DConditionModel, path, "unet")
     vae = _folder_component(AutoencoderKL, path, "vae")
@@ -325,7 +325,7 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     )
 
 
-def _version_from_unet_config(config: dict[str, Any], path: Path) -> SDVersion:
+def version_from_unet_config(config: dict[str, Any], path: Path) -> SDVersion:
     """SD 1.x vs 2.x from the UNet config: cross-attention width, else SD 2's linear projections."""
     if config.get("addition_embed_type") == "text_time" or config.get("cross_attention_dim") == 2048:
         raise UserError(
@@ -343,7 +343,7 @@ def _version_from_unet_config(config: dict[str, Any], path: Path) -> SDVersion:
     return "sd_v2" if config.get("use_linear_projection") else "sd_v1"
 
 
-def _folder_config(cls: Any, path: Path, subfolder: str) -> dict[str, Any]:
+def folder_config(cls: Any, path: Path, subfolder: str) -> dict[str, Any]:
     if not (path / subfolder / "config.json").is_file():
         raise UserError(
             f"base_model: '{path}' has no {subfolder}/config.json; it is not a complete SD model."
