@@ -79,14 +79,19 @@ def render_reference() -> str:
 def type_text(name: str) -> str:
     """The type of field `name` in words, e.g. 'integer', 'list of strings', 'number or null'."""
     annotation, nullable = _unwrap(TrainConfig.model_fields[name].annotation)
-    if get_origin(annotation) is Literal:
-        text = "choice"
-    elif get_origin(annotation) is tuple:
-        item, _ = _unwrap(get_args(annotation)[0])
-        text = f"list of {_BASE_TYPE_NAMES[item]}s"
-    else:
-        text = _BASE_TYPE_NAMES[annotation]
+    text = _type_words(annotation)
     return f"{text} or null" if nullable else text
+
+
+def _type_words(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "choice"
+    if get_origin(annotation) in (tuple, list):
+        item, _ = _unwrap(get_args(annotation)[0])
+        return f"list of {_BASE_TYPE_NAMES[item]}s"
+    if get_origin(annotation) in (Union, types.UnionType):  # e.g. a list of prompts or a prompt file
+        return " or ".join(_type_words(_unwrap(arg)[0]) for arg in get_args(annotation))
+    return _BASE_TYPE_NAMES[annotation]
 
 
 def default_text(name: str) -> str:

@@ -73,6 +73,37 @@ def _file_stem(value: str) -> str:
     return value
 
 
+def _prompts_input(value: Any) -> Any:
+    """A list of non-empty prompt strings, or a path: one clear message instead of a union's two."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise PydanticCustomError(
+                    "lora_prompt", "entry {index} is not a prompt (a non-empty string)", {"index": i}
+                )
+        return value
+    if isinstance(value, str | Path):
+        return _path_input(value)
+    raise PydanticCustomError("lora_prompts", "is neither a list of prompts nor a prompt file path", {})
+
+
+def _sampler_name(value: str) -> str:
+    """Check that `value` names a sampler of `lora_scripts.generation.samplers`."""
+    # Imported here: the samplers module pulls in diffusers, which the config should not need to load.
+    from lora_scripts.errors import UserError
+    from lora_scripts.generation.samplers import SAMPLERS, resolve_sampler
+
+    try:
+        resolve_sampler(value)
+    except UserError:
+        raise PydanticCustomError(
+            "lora_sampler",
+            "unknown sampler '{value}'; choose one of {choices}",
+            {"value": value, "choices": ", ".join(f"'{key}'" for key in SAMPLERS)},
+        ) from None
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 PathValue = Annotated[Path, BeforeValidator(_path_input)]
@@ -325,6 +356,41 @@ class TrainConfig(BaseModel):
         "Folder for TensorBoard logs (loss, learning rate).",
         None,
         default_doc="output_dir/logs",
+    )
+    sample_prompts: Annotated[list[str] | PathValue, BeforeValidator(_prompts_input)] | None = _field(
+        "logging",
+        "Prompts to render sample images from during training: a list of strings, or a prompt file in "
+        "sd-scripts' syntax (one prompt a line, # comments, options --n negative --w width --h height "
+        "--d seed --l cfg --s steps inside the line; list entries take the same options).",
+        None,
+        default_doc="none (no samples)",
+        allowed_doc="prompts, or a prompt file (read when training starts)",
+    )
+    sample_every_n_steps: Int | None = _field(
+        "logging",
+        "Render the sample prompts every this many steps.",
+        None,
+        default_doc="none",
+        ge=1,
+    )
+    sample_every_n_epochs: Int | None = _field(
+        "logging",
+        "Render the sample prompts at the end of every this many epochs.",
+        None,
+        default_doc="none",
+        ge=1,
+    )
+    sample_at_first: bool = _field(
+        "logging",
+        "Also render the sample prompts before the first step (step 0), to compare against the base model.",
+        False,
+    )
+    sample_sampler: Annotated[str, AfterValidator(_sampler_name)] = _field(
+        "logging",
+        "Sampler for the sample images, in our or AUTOMATIC1111's spelling ('euler_a' = 'Euler a').",
+        "euler_a",
+        allowed_doc="euler, euler_a, heun, dpm++ 2m, dpm++ 2m karras, dpm++ 2m sde, dpm++ 2m sde karras, "
+        "ddim, unipc",
     )
 
     def resolved(self) -> TrainConfig:

@@ -73,6 +73,11 @@ class StableDiffusionFamily(ModelFamily):
         if text_encoders:
             (self.text_encoder,) = text_encoders
 
+    def sampling_modules(self) -> tuple[nn.Module, nn.Module, nn.Module, object]:
+        """(UNet, VAE, text encoder, tokenizer) for a pipeline that renders samples during training; the UNet
+        and text encoder are the ones being trained (possibly wrapped: unwrap them first)."""
+        return self.unet, self.vae, self.text_encoder, self.tokenizer
+
     def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
         check_targets(self.unet, targets.unet, key="target_modules", component="UNet")
         if targets.text_encoder is not None:

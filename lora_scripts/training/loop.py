@@ -20,6 +20,7 @@ from lora_scripts.config import TrainConfig, dump_config
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from lora_scripts.training.plan import TrainingPlan
+from lora_scripts.training.sampling import TrainingSampler
 from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver
 from lora_scripts.training.setup import attach_lora, make_accelerator, make_dataloader, run_metadata
 from lora_scripts.training.step import diffusion_loss
@@ -41,6 +42,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA as `config` says and write its files under `config.output_dir`."""
     items = check_before_training(config)  # raises check's UserError, logs its warnings, writes nothing
     accelerator = make_accelerator(config)
+    sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
     set_seed(config.seed)
     family = load_family(
         config.base_model, config_dir=config.base_model_config, v_parameterization=config.v_parameterization
@@ -85,6 +87,7 @@ def train(config: TrainConfig) -> TrainResult:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, config.output_dir / "config.yaml")
         accelerator.init_trackers(config.output_name)
+    sampler.at_start(family)
     log.info(
         "%d images, %d batches/epoch, %d epochs, %d steps",
         len(items),
@@ -128,8 +131,10 @@ def train(config: TrainConfig) -> TrainResult:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
             if config.save_steps and global_step % config.save_steps == 0 and accelerator.is_main_process:
                 step_files.append(saver.save_step(global_step, epoch))
+            sampler.after_step(family, global_step)
             if global_step >= plan.max_train_steps:
                 break
+        sampler.after_epoch(family, global_step, epoch)
     progress.close()
 
     accelerator.wait_for_everyone()
