@@ -18,6 +18,7 @@ from lora_scripts.checks.report import CheckReport, DatasetFacts
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.data import CaptionedImage, collect_dataset, find_images
 from lora_scripts.errors import UserError
+from lora_scripts.models.stable_diffusion import partial_fused_attention_warning
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     warnings += caption_warnings(captions) if captions else []
     warnings += plan_warnings(config, plan) if plan else []
     warnings += output_warnings(outputs)
+    if network is not None and network.sd_version == "sd_v2" and config.train_text_encoder:
+        fused = partial_fused_attention_warning(list(config.text_encoder_target_modules))
+        warnings += [fused] if fused else []
     return CheckReport(
         config_path=config_path,
         errors=errors,

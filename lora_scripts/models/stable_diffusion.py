@@ -19,16 +19,17 @@ log = logging.getLogger(__name__)
 _OPEN_CLIP_ATTENTION = {"q_proj", "k_proj", "v_proj", "out_proj"}
 
 
-def _warn_partial_fused_attention(targets: list[str]) -> None:
+def partial_fused_attention_warning(targets: list[str]) -> str | None:
     """SD 2.x's OpenCLIP fuses q/k/v into one attention layer; A1111 applies a text-encoder LoRA there only
-    when a layer has all four of q/k/v/out_proj, and silently ignores the rest."""
+    when a layer has all four of q/k/v/out_proj, and silently ignores the rest. The warning, or None."""
     chosen = {t.rsplit(".", 1)[-1] for t in targets} & _OPEN_CLIP_ATTENTION
-    if chosen and chosen != _OPEN_CLIP_ATTENTION:
-        log.warning(
-            "text_encoder_target_modules: on SD 2.x, AUTOMATIC1111 ignores text-encoder attention LoRA "
-            "unless all of q_proj, k_proj, v_proj and out_proj are trained; add %s.",
-            ", ".join(sorted(_OPEN_CLIP_ATTENTION - chosen)),
-        )
+    if not chosen or chosen == _OPEN_CLIP_ATTENTION:
+        return None
+    missing = ", ".join(sorted(_OPEN_CLIP_ATTENTION - chosen))
+    return (
+        "text_encoder_target_modules: on SD 2.x, AUTOMATIC1111 ignores text-encoder attention LoRA unless "
+        f"all of q_proj, k_proj, v_proj and out_proj are trained; add {missing}."
+    )
 
 
 def _modelspec_architecture(version: str, prediction_type: str) -> str:
@@ -87,8 +88,9 @@ class StableDiffusionFamily(ModelFamily):
                 key="text_encoder_target_modules",
                 component="text encoder",
             )
-            if self.info.v2:
-                _warn_partial_fused_attention(targets.text_encoder)
+            warning = partial_fused_attention_warning(targets.text_encoder) if self.info.v2 else None
+            if warning:
+                log.warning(warning)
         add_lora_adapter(self.unet, targets.unet, rank, alpha)
         networks = [LoraNetwork("lora_unet", self.unet)]
         if targets.text_encoder is not None:

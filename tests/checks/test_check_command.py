@@ -191,3 +191,29 @@ def test_check_before_training_raises_the_dataset_error(problem_config: Path) ->
     with pytest.raises(UserError) as err:
         check_before_training(load_config(problem_config))
     assert err.value.messages == [f"{empty}: caption file is empty; write the caption of e.png in it."]
+
+
+def test_sd2_partial_text_encoder_attention_is_a_warning(tmp_path: Path) -> None:
+    """A1111 drops SD 2.x text-encoder attention LoRA without all of q/k/v/out_proj: check says so."""
+    from lora_scripts.checks import check_config_file
+    from lora_scripts.models.tiny import build_tiny_sd
+    from tests.checks.conftest import make_problem_dataset, write_config
+
+    model = build_tiny_sd(tmp_path / "tiny-sd2", version="sd_v2")
+    base = dict(train_data_dir=make_problem_dataset(tmp_path / "data"), base_model=model, resolution=64)
+    partial = write_config(
+        tmp_path / "partial.yaml",
+        **base,
+        train_text_encoder=True,
+        text_encoder_target_modules=["q_proj", "v_proj"],
+        output_dir=tmp_path / "out" / "a",
+    )
+    full = write_config(
+        tmp_path / "full.yaml", **base, train_text_encoder=True, output_dir=tmp_path / "out" / "b"
+    )
+    expected = (
+        "text_encoder_target_modules: on SD 2.x, AUTOMATIC1111 ignores text-encoder attention LoRA unless "
+        "all of q_proj, k_proj, v_proj and out_proj are trained; add k_proj, out_proj."
+    )
+    assert expected in check_config_file(partial).warnings
+    assert not any("AUTOMATIC1111" in w for w in check_config_file(full).warnings)
