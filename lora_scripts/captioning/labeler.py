@@ -9,7 +9,6 @@ most those seconds of work and a rerun picks up where it stopped.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,16 +28,11 @@ from lora_scripts.captioning.metadata_csv import (
     check_image_dir,
     list_images,
 )
-from lora_scripts.data import IMAGE_EXTENSIONS, CaptionedImage, load_rgb, tag_frequency
+from lora_scripts.data import IMAGE_EXTENSIONS, CaptionedImage, caption_words, load_rgb, tag_frequency
 from lora_scripts.errors import UserError
 
 SAVE_EVERY_S = 30.0
 TOP_TERMS = 15
-# Words that top every sentence caption and tell nothing about the dataset.
-_STOPWORDS = frozenset(
-    "a an the of on in at to with and or is are it its this that there some by for from as near next".split()
-)
-_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +94,7 @@ def load_captioner(options: CaptionerOptions) -> Captioner:
             raise UserError(
                 "--captioner wd14: the WD14 tagger is not installed here; use --captioner blip."
             ) from exc
-        from lora_scripts.captioning.blip import pick_device
+        from lora_scripts.devices import pick_device
 
         # The tagger runs on onnxruntime, which wants a device name, not "auto".
         model = {} if options.model is None else {"model_dir": options.model}
@@ -258,7 +252,7 @@ def top_terms(captions: Iterable[str], kind: str, n: int = TOP_TERMS) -> list[tu
         return list(tag_frequency(items).items())[:n]
     counts: Counter[str] = Counter()
     for caption in captions:
-        counts.update(w for w in _WORD.findall(caption.lower()) if w not in _STOPWORDS)
+        counts.update(caption_words(caption))
     return counts.most_common(n)
 
 

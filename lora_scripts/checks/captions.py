@@ -14,16 +14,11 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from lora_scripts.data import CaptionedImage, tag_frequency
+from lora_scripts.data import CaptionedImage, caption_words, tag_frequency
 from lora_scripts.models.sd_loading import load_clip_tokenizer
 
 CLIP_CAPTION_TOKENS = 75  # 77 positions minus the start and end tokens
 TOP_COUNT = 15  # how many of the most frequent tags and words are reported
-# Words too common to say anything about a dataset's consistency.
-_STOPWORDS = frozenset(
-    "a an the and or of in on at to with for from by is are as its it this that his her their".split()
-)
-_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ def analyze_captions(
     words: Counter[str] = Counter()
     for caption in captions:
         # Each caption counts once per word: the question is how consistently captions use it.
-        words.update({w for w in _WORD.findall(caption.lower()) if w not in _STOPWORDS})
+        words.update(set(caption_words(caption)))
     return CaptionReport(
         count=len(items),
         longest_tokens=max((len(ids) for ids in token_ids), default=0),

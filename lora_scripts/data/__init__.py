@@ -3,6 +3,7 @@
 from lora_scripts.data.captions import (
     IMAGE_EXTENSIONS,
     CaptionedImage,
+    caption_words,
     collect_dataset,
     find_images,
     tag_frequency,
@@ -19,6 +20,7 @@ __all__ = [
     "find_images",
     "load_rgb",
     "resize_and_crop",
+    "caption_words",
     "tag_frequency",
     "to_rgb",
     "to_tensor",

@@ -350,6 +350,19 @@ def _why_unreadable(path: Path) -> str | None:
     return None
 
 
+# Words too common in captions (BLIP sentences or tag lists) to say anything about a dataset.
+_STOPWORDS = frozenset(
+    "a an the and or of in on at to with for from by is are as its it this that there some near next "
+    "his her their".split()
+)
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def caption_words(caption: str) -> list[str]:
+    """The lower-cased words of a caption, stopwords left out (for the word counts of label and check)."""
+    return [word for word in _WORD.findall(caption.lower()) if word not in _STOPWORDS]
+
+
 def tag_frequency(items: Iterable[CaptionedImage]) -> dict[str, int]:
     """How often each comma-separated tag occurs over all captions (kohya's `ss_tag_frequency` counts).
 

@@ -19,6 +19,7 @@ import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline
 from PIL import Image
 
+from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.generation.options import DeviceName, Precision
 from lora_scripts.generation.samplers import SamplerSpec, make_scheduler
@@ -53,14 +54,7 @@ class LoadedPipeline:
 
 def resolve_device(name: DeviceName) -> torch.device:
     """`auto`: CUDA, else Apple MPS, else CPU. UserError for a device this machine does not have."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available (or PyTorch is a CPU-only build).")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps: Apple's MPS backend is not available on this machine.")
-    return torch.device(name)
+    return pick_device(None if name == "auto" else name)
 
 
 def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:

@@ -276,3 +276,17 @@ def test_tag_frequency_counts_comma_separated_tags() -> None:
     frequency = tag_frequency(items)
     assert frequency == {"1girl": 3, "solo": 2, "Red hair": 1, "smile": 1, "red hair": 1}
     assert list(frequency)[:2] == ["1girl", "solo"]
+
+
+def test_caption_words_lowercase_without_stopwords():
+    from lora_scripts.data import caption_words
+
+    assert caption_words("A Temple on the mountain-top, ink wash painting of 2 cranes") == [
+        "temple",
+        "mountain-top",
+        "ink",
+        "wash",
+        "painting",
+        "2",
+        "cranes",
+    ]
