@@ -102,6 +102,7 @@ def train(config: TrainConfig) -> TrainResult:
     progress = tqdm(
         total=plan.max_train_steps, desc="training", unit="step", disable=not accelerator.is_main_process
     )
+    clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for module in prepared:
         module.train()
     while global_step < plan.max_train_steps:
@@ -112,8 +113,7 @@ def train(config: TrainConfig) -> TrainResult:
                 accelerator.backward(loss)
                 micro_losses.append(loss.detach())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    params = [p for group in optimizer.param_groups for p in group["params"]]
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
                 lrs = lr_scheduler.get_last_lr()  # the rates this update uses: UNet, then text encoder
                 optimizer.step()
                 lr_scheduler.step()
