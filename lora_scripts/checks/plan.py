@@ -7,7 +7,6 @@ The trainable-parameter count builds the UNet (and the text encoder) from its co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
 from lora_scripts.models.detect import SDVersion, detect_sd_version, read_checkpoint
 from lora_scripts.models.locate import locate_base_model
-from lora_scripts.models.lora import add_lora_adapter, check_targets
+from lora_scripts.models.lora import add_lora_adapter
+from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
 from lora_scripts.models.sd_loading import folder_config, shipped_config_dir, version_from_unet_config
@@ -34,12 +35,14 @@ CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
 class PlanFacts:
     """Step arithmetic of a run on `num_processes` processes. A step is one optimizer update."""
 
-    num_images: int
-    repeats: int  # times each image is seen per epoch (always 1 until repeats exist in the config)
+    num_images: int  # training images (each counted once)
+    num_reg_images: int
+    num_samples: int  # draws per epoch: images x repeats, plus as many regularization draws
+    bucket_counts: dict[tuple[int, int], int]  # samples per (width, height) bucket
     num_processes: int
     batch_size: int
     gradient_accumulation_steps: int
-    batches_per_epoch: int  # per process, a partial last batch included
+    batches_per_epoch: int  # per process, a partial last batch per bucket included
     steps_per_epoch: int
     epochs: int  # epochs started (the last one may be cut short by max_train_steps)
     total_steps: int
@@ -51,27 +54,25 @@ class PlanFacts:
         return self.batch_size * self.gradient_accumulation_steps * self.num_processes
 
 
-def plan_facts(
-    num_images: int, config: TrainConfig, *, repeats: int = 1, num_processes: int = 1
-) -> PlanFacts:
-    """The same TrainingPlan train() computes, for a dataset of `num_images` images.
+def plan_facts(training_set: TrainingSet, config: TrainConfig, *, num_processes: int = 1) -> PlanFacts:
+    """The same TrainingPlan train() computes, for this training set.
 
-    `repeats` is the seam for kohya-style repeats: they multiply the samples of an epoch, nothing else.
-    Batches are counted as train()'s DataLoader makes them (last partial batch kept) and as accelerate
-    shards them over processes (every process gets the same count).
+    Batches are counted as train()'s batch sampler makes them (each bucket cut into batches, a partial last
+    batch per bucket kept) and as accelerate deals them out over processes
+    (every process gets the same count).
     """
-    samples = num_images * repeats
-    batches = math.ceil(math.ceil(samples / config.batch_size) / num_processes)
     plan = TrainingPlan.compute(
-        num_images=num_images,
-        batches_per_epoch=batches,
+        num_images=training_set.num_train_images,
+        batches_per_epoch=training_set.batches_per_epoch(config.batch_size, num_processes),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         epochs=config.epochs,
         max_train_steps=config.max_train_steps,
     )
     return PlanFacts(
-        num_images=num_images,
-        repeats=repeats,
+        num_images=training_set.num_train_images,
+        num_reg_images=training_set.num_reg_images,
+        num_samples=len(training_set.samples),
+        bucket_counts=training_set.bucket_counts(),
         num_processes=num_processes,
         batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -125,24 +126,66 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
         version = version_from_unet_config(unet_config, config_dir)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
+    conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
     with init_empty_weights():  # meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory
         unet = UNet2DConditionModel.from_config(unet_config)
         text_encoder = CLIPTextModel(_text_encoder_config(config_dir)) if config.train_text_encoder else None
-        problems = _target_problems(unet, list(config.target_modules), "target_modules", "UNet")
+        problems: list[str] = []
+        unet_targets: list[str] = []
+        conv_targets: list[str] = []
+        try:
+            unet_targets, conv_targets = unet_lora_layers(
+                unet, _listed(config.target_modules), conv=bool(config.conv_rank)
+            )
+        except UserError as err:
+            problems += err.messages
+        te_targets = None
         if text_encoder is not None:
-            te_targets = list(config.text_encoder_target_modules)
-            problems += _target_problems(
-                text_encoder, te_targets, "text_encoder_target_modules", "text encoder"
+            te_targets = _resolved(
+                problems,
+                text_encoder,
+                config.text_encoder_target_modules,
+                "text_encoder_target_modules",
+                "text encoder",
+                TEXT_ENCODER_PRESETS,
             )
         if problems:
             raise UserError(problems)
-        unet_count = add_lora_adapter(unet, list(config.target_modules), config.lora_rank, alpha)
-        te_count = (
-            add_lora_adapter(text_encoder, list(config.text_encoder_target_modules), config.lora_rank, alpha)
-            if text_encoder is not None
-            else 0
+        unet_count = add_lora_adapter(
+            unet,
+            unet_targets,
+            config.lora_rank,
+            alpha,
+            conv_targets=conv_targets,
+            conv_rank=config.conv_rank,
+            conv_alpha=conv_alpha,
         )
+        te_count = 0
+        if text_encoder is not None and te_targets is not None:
+            te_count = add_lora_adapter(text_encoder, te_targets, config.lora_rank, alpha)
     return NetworkFacts(location.kind, version, config_dir, config.lora_rank, alpha, unet_count, te_count)
+
+
+def _listed(targets: str | tuple[str, ...]) -> str | list[str]:
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def _resolved(
+    problems: list[str], module: Any, targets: Any, key: str, component: str, presets: tuple[str, ...]
+) -> list[str]:
+    """resolve_targets as training runs it; its messages are collected so UNet and text-encoder ones come
+    together."""
+    try:
+        return resolve_targets(
+            module,
+            targets if isinstance(targets, str) else list(targets),
+            key=key,
+            component=component,
+            presets=presets,
+        )
+    except UserError as err:
+        problems += err.messages
+        return []
 
 
 def _text_encoder_config(config_dir: Path) -> CLIPTextConfig:
@@ -151,15 +194,6 @@ def _text_encoder_config(config_dir: Path) -> CLIPTextConfig:
             f"base_model: '{config_dir}' has no text_encoder/config.json; it is not a complete SD model."
         )
     return CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder", local_files_only=True)
-
-
-def _target_problems(module: Any, targets: list[str], key: str, component: str) -> list[str]:
-    """check_targets' messages, collected instead of raised, so UNet and text-encoder ones come together."""
-    try:
-        check_targets(module, targets, key=key, component=component)
-    except UserError as err:
-        return err.messages
-    return []
 
 
 @dataclass(frozen=True)

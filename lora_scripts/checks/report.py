@@ -127,7 +127,9 @@ def _plan_json(plan: PlanFacts | None) -> dict[str, Any] | None:
         return None
     return {
         "num_images": plan.num_images,
-        "repeats": plan.repeats,
+        "num_reg_images": plan.num_reg_images,
+        "samples_per_epoch": plan.num_samples,
+        "buckets": [{"width": w, "height": h, "samples": n} for (w, h), n in plan.bucket_counts.items()],
         "num_processes": plan.num_processes,
         "batch_size": plan.batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -258,15 +260,25 @@ def _clip(text: str, width: int = 60) -> str:
 
 
 def _plan_lines(plan: PlanFacts) -> list[str]:
-    samples = f"{plan.num_images} images" + (f" x {plan.repeats} repeats" if plan.repeats != 1 else "")
-    per_epoch = f"{samples} / batch {plan.batch_size} = {plan.batches_per_epoch} batches per epoch"
+    samples = f"{_count(plan.num_images, 'image')}"
+    if plan.num_samples != plan.num_images:
+        reg = (
+            f" + regularization draws of {_count(plan.num_reg_images, 'image')}"
+            if plan.num_reg_images
+            else ""
+        )
+        samples += f" with repeats{reg} = {plan.num_samples} samples"
+    buckets = len(plan.bucket_counts)
+    per_epoch = f"{samples} / batch {plan.batch_size}"
+    per_epoch += f" within {buckets} buckets" if buckets > 1 else ""
+    per_epoch += f" = {plan.batches_per_epoch} batches per epoch"
     if plan.num_processes > 1:
         per_epoch += f" per process ({plan.num_processes} processes)"
     if plan.limited_by == "epochs":
         total = f"{plan.epochs} epochs x {plan.steps_per_epoch} = {plan.total_steps} steps"
     else:
         total = f"max_train_steps {plan.total_steps} = {plan.epochs} epochs (epochs is ignored)"
-    return [
+    lines = [
         "",
         f"Plan: {plan.total_steps} steps",
         _row("per epoch", per_epoch),
@@ -277,6 +289,20 @@ def _plan_lines(plan: PlanFacts) -> list[str]:
         ),
         _row("total", total),
     ]
+    return lines + _bucket_lines(plan)
+
+
+def _bucket_lines(plan: PlanFacts) -> list[str]:
+    """The bucket histogram: size, samples and batches per bucket, with a bar scaled to the largest."""
+    if not plan.bucket_counts:
+        return []
+    largest = max(plan.bucket_counts.values())
+    lines = ["", f"Buckets: {len(plan.bucket_counts)}"]
+    for (width, height), count in plan.bucket_counts.items():
+        batches = -(-count // plan.batch_size)
+        bar = "#" * max(1, round(20 * count / largest))
+        lines.append(f"  {width:>5} x {height:<5} {count:>5} samples {batches:>4} batches  {bar}")
+    return lines
 
 
 def _network_lines(network: NetworkFacts) -> list[str]:

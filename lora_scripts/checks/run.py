@@ -16,7 +16,9 @@ from lora_scripts.checks.images import analyze_images
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts
 from lora_scripts.checks.report import CheckReport, DatasetFacts
 from lora_scripts.config import TrainConfig, load_config
-from lora_scripts.data import CaptionedImage, collect_dataset, find_images
+from lora_scripts.config.datasets import DatasetSettings, dataset_settings
+from lora_scripts.data import CaptionedImage, find_images
+from lora_scripts.data.training_set import TrainingSet, bucket_options, build_training_set
 from lora_scripts.errors import UserError
 from lora_scripts.models.stable_diffusion import partial_fused_attention_warning
 
@@ -35,18 +37,21 @@ def check_config_file(path: str | Path) -> CheckReport:
 def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     """Every check of `config` (already validated by load_config), collecting errors instead of raising."""
     errors: list[str] = []
-    data_dir = Path(config.train_data_dir)
-    found = find_images(data_dir) if data_dir.is_dir() else []
+    datasets = dataset_settings(config)
+    first_dir = Path(datasets[0].train_data_dir)
+    found = sum(len(find_images(d.train_data_dir)) for d in datasets if Path(d.train_data_dir).is_dir())
+    training_set: TrainingSet | None = None
     items: list[CaptionedImage] | None = None
     try:
-        items = collect_dataset(data_dir, config.metadata_path)
+        training_set = build_training_set(datasets, bucket_options(config), config.prior_loss_weight)
+        items = [item for item in training_set.images if not item.is_reg]
     except UserError as err:
         errors += err.messages
     # Images are worth checking even when captions have problems: fix everything in one pass.
-    names = [item.file_name for item in items] if items is not None else found
-    images = analyze_images(data_dir, names, config.resolution) if names else None
+    root, names = _image_names(datasets, training_set)
+    images = analyze_images(root, names, config.resolution) if names else None
     captions = analyze_captions(items, config.trigger_word) if items else None
-    plan = plan_facts(len(items), config) if items else None
+    plan = plan_facts(training_set, config) if items and training_set else None
     network = None
     try:
         network = network_facts(config)
@@ -59,7 +64,8 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     warnings += plan_warnings(config, plan) if plan else []
     warnings += output_warnings(outputs)
     if network is not None and network.sd_version == "sd_v2" and config.train_text_encoder:
-        fused = partial_fused_attention_warning(list(config.text_encoder_target_modules))
+        targets = config.text_encoder_target_modules
+        fused = partial_fused_attention_warning(list(targets)) if not isinstance(targets, str) else None
         warnings += [fused] if fused else []
     return CheckReport(
         config_path=config_path,
@@ -67,10 +73,10 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
         warnings=warnings,
         resolution=config.resolution,
         dataset=DatasetFacts(
-            train_data_dir=data_dir,
-            metadata_path=config.metadata_path,
-            images_found=len(found),
-            images_captioned=None if items is None else len(items),
+            train_data_dir=first_dir,
+            metadata_path=datasets[0].metadata_path,
+            images_found=found,
+            images_captioned=None if training_set is None else len(training_set.images),
         ),
         images=images,
         captions=captions,
@@ -80,24 +86,43 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     )
 
 
-def check_before_training(config: TrainConfig) -> list[CaptionedImage]:
-    """The dataset's captioned images, after the checks that cost seconds; what `train` runs first.
+def _image_names(datasets: list[DatasetSettings], training_set: TrainingSet | None) -> tuple[Path, list[str]]:
+    """(root, names) for the image checks: names relative to the folder for one dataset, full paths (which
+    `root / name` leaves as they are) for several."""
+    if len(datasets) == 1:
+        root = Path(datasets[0].train_data_dir)
+        if training_set is not None:
+            return root, [item.file_name for item in training_set.images]
+        return root, find_images(root) if root.is_dir() else []
+    if training_set is not None:
+        return Path(), [str(item.path) for item in training_set.images]
+    names = [
+        str(Path(d.train_data_dir) / name)
+        for d in datasets
+        if Path(d.train_data_dir).is_dir()
+        for name in find_images(d.train_data_dir)
+    ]
+    return Path(), names
+
+
+def check_before_training(config: TrainConfig) -> TrainingSet:
+    """The run's training set, after the checks that cost seconds; what `train` runs first.
 
     Raises the UserError `check` reports for a dataset with blocking problems, and logs each warning.
     The base model is not looked at here: train() loads it next, and its target-layer check words its
     errors as `check` does. Nothing is written.
     """
-    items = collect_dataset(config.train_data_dir, config.metadata_path)
-    names = [item.file_name for item in items]
-    warnings = image_warnings(
-        analyze_images(Path(config.train_data_dir), names, config.resolution), config.resolution
-    )
+    datasets = dataset_settings(config)
+    training_set = build_training_set(datasets, bucket_options(config), config.prior_loss_weight)
+    items = [item for item in training_set.images if not item.is_reg]
+    root, names = _image_names(datasets, training_set)
+    warnings = image_warnings(analyze_images(root, names, config.resolution), config.resolution)
     warnings += caption_warnings(analyze_captions(items, config.trigger_word))
     # No accelerator exists yet; launchers (torchrun, accelerate launch) say the process count and rank in
     # the environment. Steps shrink with more processes, and one copy of each warning is enough.
-    plan = plan_facts(len(items), config, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    plan = plan_facts(training_set, config, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     warnings += plan_warnings(config, plan) + output_warnings(output_facts(config, plan.total_steps))
     if os.environ.get("RANK", "0") == "0":
         for message in warnings:
             log.warning("warning: %s", message)
-    return items
+    return training_set

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from lora_scripts.config.cross_keys import cross_key_problems
+from lora_scripts.config.keys_data import PER_DATASET_KEYS
 from lora_scripts.config.schema import TrainConfig, allowed_values, field_what
 from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_text_atomic
@@ -28,7 +30,17 @@ KNOWN_ALIASES: dict[str, str] = {
     "train_batch_size": "batch_size",
     "max_train_epochs": "epochs",
     "num_train_epochs": "epochs",
-    "unet_lr": "learning_rate",
+    "conv_dim": "conv_rank",
+    "network_weight": "network_weights",
+    "optimizer": "optimizer_type",
+    "lr_scheduler_type": "lr_scheduler",
+    "reg_dir": "reg_data_dir",
+    "class_data_dir": "reg_data_dir",
+    "with_prior_preservation": "reg_data_dir",
+    "random_flip": "flip_aug",
+    "snr_gamma": "min_snr_gamma",
+    "prediction_type": "v_parameterization",
+    "caption_column": "metadata_path",
     "pretrained_model_name_or_path": "base_model",
     "save_every_n_steps": "save_steps",
     "checkpointing_steps": "save_steps",
@@ -41,6 +53,8 @@ MUST_EXIST: dict[str, str] = {
     "train_data_dir": "folder",
     "metadata_path": "file",
     "base_model_config": "folder",
+    "reg_data_dir": "folder",
+    "network_weights": "file",
 }
 
 _MAX_SHOWN = 60  # characters of a value quoted in a message
@@ -92,11 +106,18 @@ def _validate(
             bad_keys.add(top_key)
             problems.append((order.get(top_key, len(order) + _field_index(top_key)), key_path, problem))
 
+    if data.get("train_data_dir") is None and data.get("datasets") is None:
+        # Not required by the schema (datasets may replace it), so pydantic does not report it.
+        if "train_data_dir" in data:
+            problems.append((order["train_data_dir"], "train_data_dir", _null_problem("train_data_dir")))
+        else:
+            problem = "missing required key (the folder of training images)"
+            problems.append((len(order) + _field_index("train_data_dir"), "train_data_dir", problem))
     if check_paths:
         for key, problem in _path_problems(data, skip=bad_keys):
-            problems.append((order[key], key, problem))
+            problems.append((order.get(key.split("[")[0], len(order)), key, problem))
     if config is not None:
-        for key, problem in _cross_key_problems(config):
+        for key, problem in cross_key_problems(config):
             problems.append((order.get(key, len(order)), key, problem))
 
     if problems:
@@ -188,10 +209,19 @@ def _translate(errors: Iterable[Any], data: Mapping[str, Any]) -> list[tuple[str
     for error in errors:
         loc = error["loc"]
         top = str(loc[0]) if loc else ""
-        if error["type"] == "too_short" and len(loc) == 1 and top in with_item_errors:
+        if len(loc) > 1 and isinstance(loc[1], str) and (loc[1] == "str" or "[" in loc[1]):
+            # A union (a preset name or a list): keep only the branch of the value's own kind, and drop
+            # pydantic's branch tag from the key path.
+            if (loc[1] == "str") != isinstance(data.get(top), str):
+                continue
+            loc = (loc[0], *loc[2:])
+        if error["type"] == "too_short" and len(error["loc"]) <= 2 and top in with_item_errors:
             continue
-        key_path = top + "".join(f"[{part}]" for part in loc[1:])
-        out.append((key_path, _problem(error, top, data), top))
+        key_path = top + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+        if top == "datasets" and len(loc) >= 3 and isinstance(loc[-1], str):
+            out.append((key_path, _dataset_entry_problem(error, str(loc[-1]), data), top))
+        else:
+            out.append((key_path, _problem(error, top, data), top))
     return out
 
 
@@ -241,9 +271,27 @@ def _problem(error: Mapping[str, Any], key: str, data: Mapping[str, Any]) -> str
         if isinstance(bound, float) and bound.is_integer():
             bound = int(bound)
         return f"{shown} is out of range (must be {symbol[kind]} {bound})"
+    if kind == "string_pattern_mismatch" and key == "caption_extension":
+        return f"{shown} is not a file extension (write it with a dot, e.g. '.txt')"
+    if kind == "dict_type":
+        return f"{shown} is not a mapping (write it as {{name: value, ...}})"
     if kind == "multiple_of":
         return f"{shown} is not a multiple of {ctx['multiple_of']}"
     return f"{shown} is not valid"
+
+
+def _dataset_entry_problem(error: Mapping[str, Any], name: str, data: Mapping[str, Any]) -> str:
+    """A problem inside one `datasets` entry, where `name` is the entry's key."""
+    if error["type"] == "extra_forbidden":
+        if name in TrainConfig.model_fields:
+            return "cannot be set per dataset; set it once at the top level of the config"
+        close = difflib.get_close_matches(name, list(PER_DATASET_KEYS), n=1, cutoff=0.6)
+        return f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
+    if error["type"] == "missing":
+        return "missing required key (the folder of this dataset's images)"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{_show(error.get('input'))} is not a file extension (write it with a dot, e.g. '.txt')"
+    return _problem(error, name, {})
 
 
 def _null_problem(key: str) -> str:
@@ -312,17 +360,20 @@ def _path_problems(data: Mapping[str, Any], skip: set[str]) -> list[tuple[str, s
         value = data.get(key)
         if key in skip or not isinstance(value, str | Path) or not str(value).strip():
             continue
-        path = Path(value).expanduser()
-        if kind == "folder" and not path.is_dir():
-            if path.is_file():
-                problems.append((key, f"'{value}' is a file, not a folder"))
-            else:
-                problems.append((key, f"folder '{value}' does not exist"))
-        elif kind == "file" and not path.is_file():
-            if path.is_dir():
-                problems.append((key, f"'{value}' is a folder, not a file"))
-            else:
-                problems.append((key, f"file '{value}' does not exist"))
+        problem = _missing_path(Path(value).expanduser(), value, kind)
+        if problem:
+            problems.append((key, problem))
+    entries = data.get("datasets")
+    if "datasets" not in skip and isinstance(entries, list):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                continue
+            for key, kind in (("train_data_dir", "folder"), ("metadata_path", "file")):
+                value = entry.get(key)
+                if isinstance(value, str | Path) and str(value).strip():
+                    problem = _missing_path(Path(value).expanduser(), value, kind)
+                    if problem:
+                        problems.append((f"datasets[{i}].{key}", problem))
     base_model = data.get("base_model")
     if "base_model" not in skip and isinstance(base_model, str) and base_model.strip():
         problem = base_model_problem(base_model)
@@ -331,22 +382,9 @@ def _path_problems(data: Mapping[str, Any], skip: set[str]) -> list[tuple[str, s
     return problems
 
 
-def _cross_key_problems(config: TrainConfig) -> list[tuple[str, str]]:
-    """Settings that are each valid but do not work together."""
-    problems: list[tuple[str, str]] = []
-    if config.lr_warmup_steps > 0 and config.lr_scheduler == "constant":
-        problems.append(
-            (
-                "lr_warmup_steps",
-                f"{config.lr_warmup_steps} has no effect with lr_scheduler 'constant' "
-                "(use 'constant_with_warmup', or leave lr_warmup_steps out)",
-            )
-        )
-    if config.max_train_steps is not None and config.lr_warmup_steps >= config.max_train_steps:
-        problems.append(
-            (
-                "lr_warmup_steps",
-                f"{config.lr_warmup_steps} is not less than max_train_steps ({config.max_train_steps})",
-            )
-        )
-    return problems
+def _missing_path(path: Path, value: Any, kind: str) -> str | None:
+    if kind == "folder" and not path.is_dir():
+        return f"'{value}' is a file, not a folder" if path.is_file() else f"folder '{value}' does not exist"
+    if kind == "file" and not path.is_file():
+        return f"'{value}' is a folder, not a file" if path.is_dir() else f"file '{value}' does not exist"
+    return None

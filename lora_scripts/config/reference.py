@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen, MultipleOf
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from lora_scripts.config.loader import KNOWN_ALIASES, MUST_EXIST
@@ -23,9 +24,12 @@ from lora_scripts.config.schema import (
 
 _SECTION_TITLES = {
     "data": "Data: images and captions",
+    "buckets": "Aspect-ratio buckets",
+    "caching": "Caching: latents and text-encoder outputs",
     "model": "Model: the base checkpoint",
     "network": "Network: the LoRA itself",
-    "training": "Training: steps, learning rate, memory",
+    "training": "Training: steps, learning rate, optimizer, memory",
+    "loss": "Loss, noise and prediction",
     "saving": "Saving: where and how the LoRA is written",
     "logging": "Logging",
 }
@@ -88,7 +92,11 @@ def _type_words(annotation: Any) -> str:
         return "choice"
     if get_origin(annotation) in (tuple, list):
         item, _ = _unwrap(get_args(annotation)[0])
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return "list of mappings"
         return f"list of {_BASE_TYPE_NAMES[item]}s"
+    if get_origin(annotation) is dict:
+        return "mapping"
     if get_origin(annotation) in (Union, types.UnionType):  # e.g. a list of prompts or a prompt file
         return " or ".join(_type_words(_unwrap(arg)[0]) for arg in get_args(annotation))
     return _BASE_TYPE_NAMES[annotation]
@@ -144,11 +152,13 @@ def _description(name: str) -> str:
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
     """Strip Optional[...] and Annotated[...]: (bare type, whether null is allowed)."""
     nullable = False
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
     if get_origin(annotation) in (Union, types.UnionType):
         args = get_args(annotation)
         rest = [arg for arg in args if arg is not type(None)]
         nullable = len(rest) < len(args)
-        annotation = rest[0]
+        annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # noqa: UP007 - built at run time
     while get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
     return annotation, nullable

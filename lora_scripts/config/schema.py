@@ -8,21 +8,37 @@ loader, not here, so the schema can validate a config written on another machine
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StringConstraints,
-)
-from pydantic_core import PydanticCustomError, PydanticUndefined
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints
 
-SECTIONS: tuple[str, ...] = ("data", "model", "network", "training", "saving", "logging")
+from lora_scripts.config.fields import (
+    FileStem,
+    Float,
+    Int,
+    NonEmptyStr,
+    PathValue,
+    field,
+    prompts_input,
+    sampler_name,
+    text_encoder_targets,
+    unet_targets,
+    yaml_no,
+)
+from lora_scripts.config.keys_data import BucketKeys, CacheKeys, DatasetKeys
+from lora_scripts.config.keys_training import LossKeys, NetworkDepthKeys, OptimizerKeys, WarmupSteps
+
+SECTIONS: tuple[str, ...] = (
+    "data",
+    "buckets",
+    "caching",
+    "model",
+    "network",
+    "training",
+    "loss",
+    "saving",
+    "logging",
+)
 
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -30,109 +46,8 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["fp16", "bf16", "fp32"]
 
-# Characters that Windows or POSIX refuse in file names, plus control characters.
-_BAD_NAME_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
 
-
-def _not_bool(value: Any) -> Any:
-    """Refuse `true`/`false` where a number is expected (pydantic would read them as 1 and 0)."""
-    if isinstance(value, bool):
-        raise PydanticCustomError("lora_bool_not_number", "true or false is not a number", {})
-    return value
-
-
-def _path_input(value: Any) -> Any:
-    """Refuse an empty path (Path('') would silently mean the current folder); expand `~`."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise PydanticCustomError("lora_empty", "is empty", {})
-        return Path(value).expanduser()
-    return value
-
-
-def _yaml_no(value: Any) -> Any:
-    """YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means the string 'no'."""
-    return "no" if value is False else value
-
-
-def _file_stem(value: str) -> str:
-    """Check that `value` can be used as a file name without extension."""
-    if value != value.strip() or value in (".", "..") or _BAD_NAME_CHARS.search(value):
-        raise PydanticCustomError(
-            "lora_file_stem",
-            "'{value}' is not a valid file name (no slashes, leading or trailing spaces, "
-            'or any of : * ? " < > |)',
-            {"value": value},
-        )
-    if value.lower().endswith(".safetensors"):
-        raise PydanticCustomError(
-            "lora_file_stem",
-            "'{value}' includes the extension; write the name without '.safetensors'",
-            {"value": value},
-        )
-    return value
-
-
-def _prompts_input(value: Any) -> Any:
-    """A list of non-empty prompt strings, or a path: one clear message instead of a union's two."""
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                raise PydanticCustomError(
-                    "lora_prompt", "entry {index} is not a prompt (a non-empty string)", {"index": i}
-                )
-        return value
-    if isinstance(value, str | Path):
-        return _path_input(value)
-    raise PydanticCustomError("lora_prompts", "is neither a list of prompts nor a prompt file path", {})
-
-
-def _sampler_name(value: str) -> str:
-    """Check that `value` names a sampler of `lora_scripts.generation.samplers`."""
-    # Imported here: the samplers module pulls in diffusers, which the config should not need to load.
-    from lora_scripts.errors import UserError
-    from lora_scripts.generation.samplers import SAMPLERS, resolve_sampler
-
-    try:
-        resolve_sampler(value)
-    except UserError:
-        raise PydanticCustomError(
-            "lora_sampler",
-            "unknown sampler '{value}'; choose one of {choices}",
-            {"value": value, "choices": ", ".join(f"'{key}'" for key in SAMPLERS)},
-        ) from None
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-PathValue = Annotated[Path, BeforeValidator(_path_input)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-FileStem = Annotated[str, Field(min_length=1), AfterValidator(_file_stem)]
-
-
-def _field(
-    section: str,
-    description: str,
-    default: Any = PydanticUndefined,
-    *,
-    what: str | None = None,
-    default_doc: str | None = None,
-    allowed_doc: str | None = None,
-    **constraints: Any,
-) -> Any:
-    """A pydantic Field tagged with its doc section (and, for required keys, what it is)."""
-    extra: dict[str, Any] = {"section": section}
-    if what is not None:
-        extra["what"] = what
-    if default_doc is not None:
-        extra["default_doc"] = default_doc
-    if allowed_doc is not None:
-        extra["allowed_doc"] = allowed_doc
-    return Field(default, description=description, json_schema_extra=extra, **constraints)
-
-
-class TrainConfig(BaseModel):
+class TrainConfig(OptimizerKeys, LossKeys, NetworkDepthKeys, CacheKeys, BucketKeys, DatasetKeys):
     """Everything one LoRA training run needs; loaded from YAML by `lora_scripts.config.load_config`.
 
     Paths are kept as written (relative ones start from the current directory). Fields whose default is
@@ -143,19 +58,22 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=False)
 
     # --- data ---
-    train_data_dir: PathValue = _field(
+    train_data_dir: PathValue | None = field(
         "data",
-        "Folder that holds the training images.",
+        "Folder that holds the training images (subfolders too; sd-scripts' '10_name' folders repeat "
+        "their images). Required unless `datasets` lists several folders.",
+        None,
         what="the folder of training images",
+        default_doc="required, unless datasets is given",
     )
-    metadata_path: PathValue | None = _field(
+    metadata_path: PathValue | None = field(
         "data",
         "Metadata file (e.g. metadata.csv) that lists each image with its caption. Leave it out to read "
         "each caption from a .txt file beside its image (cat_01.png + cat_01.txt).",
         None,
         default_doc="none (captions from .txt files beside the images)",
     )
-    resolution: Int = _field(
+    resolution: Int = field(
         "data",
         "Side length in pixels that images are trained at: 512 for SD 1.x, 768 for SD 2.x 768-v models. "
         "A multiple of 8, because the VAE shrinks images 8 times.",
@@ -163,7 +81,7 @@ class TrainConfig(BaseModel):
         ge=64,
         multiple_of=8,
     )
-    trigger_word: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = _field(
+    trigger_word: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = field(
         "data",
         "The word your captions use for the subject (e.g. 'sks dog' or 'ohwx'); `lora-scripts check` counts "
         "the captions without it.",
@@ -173,7 +91,7 @@ class TrainConfig(BaseModel):
     )
 
     # --- model ---
-    base_model: NonEmptyStr = _field(
+    base_model: NonEmptyStr = field(
         "model",
         "The Stable Diffusion 1.x/2.x model to train on: a single checkpoint file (.safetensors or .ckpt), "
         "a diffusers folder (with model_index.json), or a Hugging Face hub id already in the local cache "
@@ -181,14 +99,14 @@ class TrainConfig(BaseModel):
         what="the Stable Diffusion checkpoint to train on: a .safetensors file or a diffusers folder",
         allowed_doc="an existing checkpoint file or diffusers folder, or a cached hub id",
     )
-    base_model_config: PathValue | None = _field(
+    base_model_config: PathValue | None = field(
         "model",
         "Only for a single-file checkpoint with a non-standard architecture: a folder of diffusers-layout "
         "configs (model_index.json, unet/config.json, ...) that describes it. Leave it out otherwise.",
         None,
         default_doc="none (architecture detected from the checkpoint)",
     )
-    v_parameterization: bool | None = _field(
+    v_parameterization: bool | None = field(
         "model",
         "Whether the model predicts velocity (v) instead of noise, as SD 2.x 768-v models do. Leave it out "
         "to detect it from the checkpoint; set it only when detection gets it wrong.",
@@ -197,14 +115,14 @@ class TrainConfig(BaseModel):
     )
 
     # --- network ---
-    lora_rank: Int = _field(
+    lora_rank: Int = field(
         "network",
         "Rank of each LoRA update (kohya: network_dim). Higher learns finer detail but gives a bigger file "
         "and overfits sooner; 4-16 suits a style, 16-32 a character.",
         8,
         ge=1,
     )
-    lora_alpha: Float | None = _field(
+    lora_alpha: Float | None = field(
         "network",
         "Scale of the LoRA update (kohya: network_alpha); the update is multiplied by "
         "lora_alpha / lora_rank. Half the rank trains more gently.",
@@ -212,26 +130,33 @@ class TrainConfig(BaseModel):
         default_doc="same as lora_rank",
         gt=0,
     )
-    target_modules: tuple[NonEmptyStr, ...] = _field(
+    target_modules: Annotated[str | tuple[NonEmptyStr, ...], BeforeValidator(unet_targets)] = field(
         "network",
-        "UNet layers that get a LoRA, matched against the end of each layer name. The default covers all "
-        "attention projections; ['to_q', 'to_v'] is a lighter choice.",
+        "UNet layers that get a LoRA: a preset ('attn': the attention projections; 'attn-ff': also the "
+        "feed-forward layers; 'kohya': every linear and 1x1 conv layer of the transformer blocks, "
+        "sd-scripts' default set), or a list of layer names matched against the end of each layer's name "
+        "(['to_q', 'to_v'] is a light choice).",
         ("to_q", "to_k", "to_v", "to_out.0"),
         min_length=1,
+        allowed_doc="'attn', 'attn-ff', 'kohya', or a list of layer names",
     )
-    train_text_encoder: bool = _field(
+    train_text_encoder: bool = field(
         "network",
         "Also train a LoRA on the text encoder (CLIP). Helps a trigger word or character name take hold, "
         "at the cost of memory and a higher risk of overfitting.",
         False,
     )
-    text_encoder_target_modules: tuple[NonEmptyStr, ...] = _field(
+    text_encoder_target_modules: Annotated[
+        str | tuple[NonEmptyStr, ...], BeforeValidator(text_encoder_targets)
+    ] = field(
         "network",
-        "Text-encoder layers that get a LoRA when train_text_encoder is true.",
+        "Text-encoder layers that get a LoRA when train_text_encoder is true: a preset ('attn'; 'attn-mlp' "
+        "or 'kohya': attention and MLP, sd-scripts' default) or a list of layer names.",
         ("q_proj", "k_proj", "v_proj", "out_proj"),
         min_length=1,
+        allowed_doc="'attn', 'attn-mlp', 'kohya', or a list of layer names",
     )
-    text_encoder_lr: Float | None = _field(
+    text_encoder_lr: Float | None = field(
         "network",
         "Learning rate of the text-encoder LoRA; about half of learning_rate is usual.",
         None,
@@ -240,82 +165,83 @@ class TrainConfig(BaseModel):
     )
 
     # --- training ---
-    batch_size: Int = _field(
+    batch_size: Int = field(
         "training",
         "Images per training step (kohya: train_batch_size). Larger batches need more GPU memory.",
         1,
         ge=1,
     )
-    epochs: Int = _field(
+    epochs: Int = field(
         "training",
         "How many times training goes through all images (kohya: max_train_epochs). Ignored when "
         "max_train_steps is set.",
         10,
         ge=1,
     )
-    max_train_steps: Int | None = _field(
+    max_train_steps: Int | None = field(
         "training",
         "Stop after this many optimizer steps, whatever epochs says.",
         None,
         default_doc="none (train for epochs)",
         ge=1,
     )
-    learning_rate: Float = _field(
+    learning_rate: Float = field(
         "training",
         "Learning rate of the UNet LoRA. 1e-4 is a safe start; 2e-4 learns faster. Write it as 2e-4 or "
         "0.0002.",
         1e-4,
         gt=0,
     )
-    lr_scheduler: LrScheduler = _field(
+    lr_scheduler: LrScheduler = field(
         "training",
         "How the learning rate changes during training.",
         "constant",
     )
-    lr_warmup_steps: Int = _field(
+    lr_warmup_steps: WarmupSteps = field(
         "training",
-        "Steps over which the learning rate rises from 0 at the start; needs a scheduler other than "
-        "'constant'.",
+        "Steps over which the learning rate rises from 0 at the start, or a fraction of the run (0.05 = the "
+        "first 5% of steps); needs a scheduler other than 'constant'.",
         0,
         ge=0,
+        allowed_doc="a whole number ≥ 0, or a fraction between 0 and 1",
     )
-    gradient_accumulation_steps: Int = _field(
+    gradient_accumulation_steps: Int = field(
         "training",
         "Add up the gradients of this many batches before each optimizer step: the effective batch is "
         "batch_size times this, without the memory of a bigger batch.",
         1,
         ge=1,
     )
-    gradient_checkpointing: bool = _field(
+    gradient_checkpointing: bool = field(
         "training",
         "Recompute activations in the backward pass instead of storing them: much less GPU memory, "
         "roughly 20-30% slower.",
         False,
     )
-    max_grad_norm: Float = _field(
+    max_grad_norm: Float = field(
         "training",
         "Clip the gradient norm to this value to keep training stable; 0 turns clipping off.",
         1.0,
         ge=0,
     )
-    mixed_precision: Annotated[MixedPrecision, BeforeValidator(_yaml_no)] = _field(
+    mixed_precision: Annotated[MixedPrecision, BeforeValidator(yaml_no)] = field(
         "training",
         "Compute in half precision to save memory and time: 'fp16' (most GPUs), 'bf16' (RTX 30xx, A100 "
         "and newer) or 'no' (full fp32; use it on CPU).",
         "no",
     )
-    seed: Int = _field(
+    seed: Int = field(
         "training",
         "Random seed; the same seed, images and config make a run repeatable.",
         42,
     )
-    adam_weight_decay: Float = _field(
+    adam_weight_decay: Float = field(
         "training",
         "Weight decay of the AdamW optimizer: pulls weights gently toward zero.",
         0.01,
         ge=0,
     )
-    dataloader_num_workers: Int = _field(
+    dataloader_num_workers: Int = field(
         "training",
         "Background processes that load images; 0 loads them in the main process (safest on Windows).",
         0,
@@ -323,19 +249,19 @@ class TrainConfig(BaseModel):
     )
 
     # --- saving ---
-    output_dir: PathValue = _field(
+    output_dir: PathValue = field(
         "saving",
         "Folder where the LoRA files and the resolved config.yaml are written; created if missing.",
         what="the folder where the LoRA files are written",
     )
-    output_name: FileStem | None = _field(
+    output_name: FileStem | None = field(
         "saving",
         "File name of the saved LoRA without extension: 'ink_painting' gives ink_painting.safetensors.",
         None,
         default_doc="last folder name of output_dir",
         allowed_doc="a file name without extension (no slashes)",
     )
-    save_steps: Int | None = _field(
+    save_steps: Int | None = field(
         "saving",
         "Also save the LoRA every this many steps (kohya: save_every_n_steps), to compare stages of "
         "training.",
@@ -343,7 +269,7 @@ class TrainConfig(BaseModel):
         default_doc="none (save only at the end)",
         ge=1,
     )
-    save_precision: SavePrecision = _field(
+    save_precision: SavePrecision = field(
         "saving",
         "Number format of the saved weights: fp16 (half the size; what WebUI and ComfyUI expect), bf16 or "
         "fp32.",
@@ -351,13 +277,13 @@ class TrainConfig(BaseModel):
     )
 
     # --- logging ---
-    logging_dir: PathValue | None = _field(
+    logging_dir: PathValue | None = field(
         "logging",
         "Folder for TensorBoard logs (loss, learning rate).",
         None,
         default_doc="output_dir/logs",
     )
-    sample_prompts: Annotated[list[str] | PathValue, BeforeValidator(_prompts_input)] | None = _field(
+    sample_prompts: Annotated[list[str] | PathValue, BeforeValidator(prompts_input)] | None = field(
         "logging",
         "Prompts to render sample images from during training: a list of strings, or a prompt file in "
         "sd-scripts' syntax (one prompt a line, # comments, options --n negative --w width --h height "
@@ -366,26 +292,26 @@ class TrainConfig(BaseModel):
         default_doc="none (no samples)",
         allowed_doc="prompts, or a prompt file (read when training starts)",
     )
-    sample_every_n_steps: Int | None = _field(
+    sample_every_n_steps: Int | None = field(
         "logging",
         "Render the sample prompts every this many steps.",
         None,
         default_doc="none",
         ge=1,
     )
-    sample_every_n_epochs: Int | None = _field(
+    sample_every_n_epochs: Int | None = field(
         "logging",
         "Render the sample prompts at the end of every this many epochs.",
         None,
         default_doc="none",
         ge=1,
     )
-    sample_at_first: bool = _field(
+    sample_at_first: bool = field(
         "logging",
         "Also render the sample prompts before the first step (step 0), to compare against the base model.",
         False,
     )
-    sample_sampler: Annotated[str, AfterValidator(_sampler_name)] = _field(
+    sample_sampler: Annotated[str, AfterValidator(sampler_name)] = field(
         "logging",
         "Sampler for the sample images, in our or AUTOMATIC1111's spelling ('euler_a' = 'Euler a').",
         "euler_a",
@@ -401,8 +327,16 @@ class TrainConfig(BaseModel):
             # "." or ".." have no useful name of their own: use the folder they point to.
             output_name = name if name not in ("", ".", "..") else self.output_dir.resolve().name or "lora"
         text_encoder_lr = self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+        random_crop = self.random_crop if self.center_crop is None else not self.center_crop
         return self.model_copy(
             update={
+                "unet_lr": self.learning_rate if self.unet_lr is None else self.unet_lr,
+                "conv_alpha": (
+                    float(self.conv_rank) if self.conv_alpha is None and self.conv_rank else self.conv_alpha
+                ),
+                "cache_latents": self.cache_latents or self.cache_latents_to_disk,
+                "random_crop": random_crop,
+                "center_crop": not random_crop,
                 "lora_alpha": float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha,
                 "text_encoder_lr": text_encoder_lr,
                 "output_name": output_name,
@@ -416,9 +350,12 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def fields_by_section(cls) -> dict[str, list[str]]:
-        """Field names grouped by doc section, in schema order."""
+        """Field names grouped by doc section: TrainConfig's own fields first, then the mixins' (the mixins'
+        fields come first in `model_fields`, but train_data_dir should open the data section)."""
+        own = [name for name in cls.__annotations__ if name in cls.model_fields]
+        ordered = own + [name for name in cls.model_fields if name not in own]
         groups: dict[str, list[str]] = {section: [] for section in SECTIONS}
-        for name in cls.model_fields:
+        for name in ordered:
             groups[field_section(name)].append(name)
         return groups
 

@@ -2,10 +2,12 @@
 
 Two layouts are accepted:
 - a metadata CSV with columns `file_name,text` (the Hugging Face imagefolder convention), or
-- a `.txt` file beside each image with the same stem (`cat.png` + `cat.txt`, the kohya convention).
+- a caption file beside each image with the same stem (`cat.png` + `cat.txt`, the kohya convention).
 
-`collect_dataset` reports every problem at once in one UserError, so a user fixes a dataset in one pass
-instead of one error per training launch. Nothing here writes to disk.
+`collect_dataset` reads one folder; `lora_scripts.data.subsets.collect_subsets` reads several (kohya's
+`N_name` repeat folders, regularization images) with the readers below. Both report every problem at once in
+one UserError, so a user fixes a dataset in one pass instead of one error per training launch. Nothing here
+writes to disk.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from PIL import Image
 
 from lora_scripts.data.images import load_rgb
-from lora_scripts.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_LISTED_PER_KIND = 20
@@ -34,16 +35,20 @@ _MAX_CHECK_THREADS = 8
 # What "and N more ..." calls each kind of problem.
 _KIND_PLURALS = {
     "folder": "folder problems",
+    "option": "dataset option problems",
+    "repeat_folder": "repeat folders with 0 repeats",
+    "caption_extension": "caption extension hints",
     "no_images": "folder problems",
     "metadata": "problems with the metadata file",
     "csv_syntax": "CSV syntax errors",
     "empty_file_name": "rows with an empty file_name",
-    "escape": "rows pointing outside train_data_dir",
+    "escape": "rows pointing outside the image folder",
     "missing_file": "rows naming a file that does not exist",
     "not_image": "rows naming a file that is not an image",
     "duplicate": "images with several rows",
     "empty_caption": "empty captions",
     "no_caption": "images without a caption",
+    "reg_no_caption": "regularization images without a caption",
     "caption_file": "unreadable caption files",
     "unreadable": "unreadable images",
 }
@@ -51,11 +56,19 @@ _KIND_PLURALS = {
 
 @dataclass(frozen=True)
 class CaptionedImage:
-    """One training example. `file_name` is `path` relative to train_data_dir, with forward slashes."""
+    """One training example. `file_name` is `path` relative to its subset's image folder, forward slashes.
+
+    `repeats` is how many times the image is seen per epoch (kohya's `N_name` folders or `num_repeats`),
+    `is_reg` marks a regularization (prior-preservation) image, and `subset` is the index of the dataset
+    entry it came from.
+    """
 
     path: Path
     caption: str
     file_name: str
+    repeats: int = 1
+    is_reg: bool = False
+    subset: int = 0
 
 
 class _Problems:
@@ -80,41 +93,19 @@ class _Problems:
 
 
 def collect_dataset(train_data_dir: Path, metadata_path: Path | None) -> list[CaptionedImage]:
-    """List the captioned images of a dataset, sorted by `file_name`, after checking every image opens.
+    """List the captioned images of one dataset folder, sorted by `file_name`, after checking every image.
 
     With `metadata_path`, captions come from its `text` column; without, from `<stem>.txt` beside each image.
-    Raises one UserError listing every problem found (at most MAX_LISTED_PER_KIND per kind).
+    Images inside kohya `N_name` folders get `repeats = N`. Raises one UserError listing every problem found
+    (at most MAX_LISTED_PER_KIND per kind).
     """
-    train_data_dir = Path(train_data_dir)
-    if not train_data_dir.is_dir():
-        raise UserError(
-            f"train_data_dir: '{train_data_dir}' is not a folder; set train_data_dir to the folder "
-            "holding your training images."
-        )
-    problems = _Problems()
-    images = find_images(train_data_dir)
-    if not images:
-        problems.add(
-            "no_images",
-            f"{train_data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files, in "
-            "subfolders too); put your training images there or fix train_data_dir.",
-        )
-    if metadata_path is None:
-        captions = _captions_from_txt(train_data_dir, images, problems)
-    else:
-        captions = _captions_from_csv(train_data_dir, Path(metadata_path), images, problems)
-    for file_name, reason in _unreadable_images(train_data_dir, sorted(set(images) | set(captions))):
-        problems.add(
-            "unreadable",
-            f"{train_data_dir / file_name}: cannot be read as an image ({reason}); re-save it as "
-            "PNG or JPEG, or remove it.",
-        )
-    if problems:
-        raise UserError(problems.messages())
-    return [
-        CaptionedImage(path=train_data_dir / name, caption=captions[name], file_name=name)
-        for name in sorted(captions)
-    ]
+    # Imported here because subsets.py builds on the readers of this module.
+    from lora_scripts.data.subsets import SubsetSpec, collect_subsets
+
+    spec = SubsetSpec(
+        image_dir=Path(train_data_dir), metadata_path=None if metadata_path is None else Path(metadata_path)
+    )
+    return collect_subsets([spec])
 
 
 def find_images(train_data_dir: Path) -> list[str]:
@@ -143,49 +134,63 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _captions_from_txt(train_data_dir: Path, images: list[str], problems: _Problems) -> dict[str, str]:
-    """file_name -> caption read from `<stem>.txt` beside each image (utf-8, BOM allowed, stripped)."""
+def captions_from_files(
+    image_dir: Path, images: list[str], caption_extension: str, problems: _Problems
+) -> tuple[dict[str, str], list[str]]:
+    """Captions from `<stem><caption_extension>` beside each image (utf-8, BOM allowed, stripped).
+
+    Returns (file_name -> caption, file_names with no caption file). Unreadable and empty caption files are
+    added to `problems`; whether a missing caption file is a problem is the caller's call (a regularization
+    image may take its folder's class token instead).
+    """
     captions: dict[str, str] = {}
+    uncaptioned: list[str] = []
     for name in images:
-        image_path = train_data_dir / name
-        txt_path = image_path.with_suffix(".txt")
-        if not txt_path.is_file():
-            problems.add(
-                "no_caption",
-                f"{image_path}: image without a caption (no {txt_path.name} beside it); write its caption "
-                f"in {txt_path} or remove the image.",
-            )
+        caption_path = caption_path_of(image_dir / name, caption_extension)
+        if not caption_path.is_file():
+            uncaptioned.append(name)
             continue
         try:
-            caption = txt_path.read_text(encoding="utf-8-sig").strip()
+            caption = caption_path.read_text(encoding="utf-8-sig").strip()
         except UnicodeDecodeError:
-            problems.add("caption_file", f"{txt_path}: caption is not UTF-8 text; save it as UTF-8.")
+            problems.add("caption_file", f"{caption_path}: caption is not UTF-8 text; save it as UTF-8.")
             continue
         except OSError as exc:
             problems.add(
-                "caption_file", f"{txt_path}: cannot be read ({exc.strerror}); check its permissions."
+                "caption_file", f"{caption_path}: cannot be read ({exc.strerror}); check its permissions."
             )
             continue
         if not caption:
             problems.add(
-                "empty_caption", f"{txt_path}: caption file is empty; write the caption of {name} in it."
+                "empty_caption", f"{caption_path}: caption file is empty; write the caption of {name} in it."
             )
             continue
         captions[name] = caption
-    return captions
+    return captions, uncaptioned
 
 
-def _captions_from_csv(
-    train_data_dir: Path, metadata_path: Path, images: list[str], problems: _Problems
-) -> dict[str, str]:
-    """file_name -> caption from a `file_name,text` CSV; every bad row and uncaptioned image is a problem.
+def caption_path_of(image_path: Path, caption_extension: str) -> Path:
+    """`photo.v2.png` + ".txt" -> `photo.v2.txt`: only the image suffix is replaced, as kohya does."""
+    return image_path.with_name(image_path.stem + caption_extension)
 
-    Images named by rows are returned even when their row has another problem, so that they still get
-    their readability check.
+
+def captions_from_csv(
+    train_data_dir: Path,
+    metadata_path: Path,
+    images: list[str],
+    problems: _Problems,
+    dir_key: str = "train_data_dir",
+) -> tuple[dict[str, str], list[str]]:
+    """Captions from a `file_name,text` CSV whose file names are relative to `train_data_dir`.
+
+    Returns (file_name -> caption, images of `images` without a row). Every bad row is added to `problems`
+    (`dir_key` is the config key named in them). Images named by rows are returned even when their row has
+    another problem, so that they still get their readability check. When the file itself is unusable,
+    both are empty: listing every image as uncaptioned would bury the one message that matters.
     """
     rows = _read_metadata_rows(metadata_path, problems)
     if rows is None:
-        return {}
+        return {}, []
     lines_by_name: dict[str, list[int]] = {}
     captions: dict[str, str] = {}
     where = metadata_path
@@ -199,7 +204,7 @@ def _captions_from_csv(
         if name is None:
             problems.add(
                 "escape",
-                f"{where} line {line}: file_name '{raw_name}' points outside train_data_dir; use a path "
+                f"{where} line {line}: file_name '{raw_name}' points outside {dir_key}; use a path "
                 f"relative to {train_data_dir}.",
             )
             continue
@@ -231,14 +236,7 @@ def _captions_from_csv(
                 f"{where} lines {', '.join(map(str, lines))}: several rows for '{name}'; keep one row "
                 "per image.",
             )
-    for name in images:
-        if name not in lines_by_name:
-            problems.add(
-                "no_caption",
-                f"{train_data_dir / name}: image without a caption (no row in {metadata_path.name}); add a "
-                f"row for '{name}' or remove the image.",
-            )
-    return captions
+    return captions, [name for name in images if name not in lines_by_name]
 
 
 def _read_metadata_rows(metadata_path: Path, problems: _Problems) -> list[tuple[int, str, str]] | None:
@@ -327,11 +325,11 @@ def _inside_path(raw_name: str) -> str | None:
     return name
 
 
-def _unreadable_images(train_data_dir: Path, names: list[str]) -> list[tuple[str, str]]:
-    """(file_name, short reason) for every image that cannot be decoded to RGB, in input order."""
+def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, short reason) for every image that cannot be decoded to RGB, in input order."""
     with ThreadPoolExecutor(max_workers=min(_MAX_CHECK_THREADS, os.cpu_count() or 1)) as pool:
-        reasons = pool.map(lambda name: _why_unreadable(train_data_dir / name), names)
-        return [(name, reason) for name, reason in zip(names, reasons, strict=True) if reason is not None]
+        reasons = pool.map(_why_unreadable, paths)
+        return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
 def _why_unreadable(path: Path) -> str | None:

@@ -1,46 +1,116 @@
-"""A torch Dataset of square, center-cropped training images with their captions.
+"""The torch side of the training data: a Dataset of samples and the batch sampler that feeds it.
 
-Images are decoded on each access (no caching here), so a DataLoader with workers spreads the decoding.
+Every random choice of a draw (crop offset, flip, caption shuffle and dropout) comes from an RNG seeded by
+(seed, epoch, sample index), so a run is reproducible with any number of DataLoader workers, and a resumed
+run can replay an epoch exactly. The sampler therefore hands the dataset `(epoch, index)` pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from lora_scripts.data.captions import CaptionedImage
-from lora_scripts.data.images import load_rgb, resize_and_crop, to_tensor
+from lora_scripts.data.batching import BucketBatchSampler
+from lora_scripts.data.caption_ops import CaptionOptions, process_caption
+from lora_scripts.data.images import fit_to_bucket, flip_horizontal, load_rgb, to_tensor
+from lora_scripts.data.latent_cache import LatentRequest
+from lora_scripts.data.training_set import Sample
+
+Key = tuple[int, int]  # (epoch, sample index)
 
 
-class CaptionDataset(Dataset):
-    """Items from `collect_dataset` as `{"pixel_values": float32 [3, R, R] in [-1, 1], "caption": str}`.
+class TrainingDataset(Dataset):
+    """Samples as `{"pixel_values": float32 [3, H, W] in [-1, 1]` (or `"moments"`: the cached VAE posterior
+    [2C, H/8, W/8]), `"caption": str, "loss_weight": float}`; H, W are the sample's bucket.
 
-    R is `resolution`: each image's shorter side is resized to R, then the center R x R is kept.
+    flip_aug, random_crop: per dataset (index = `CaptionedImage.subset`). latents: when given, every sample's
+    moments are read from it (both flips cached when flip_aug is on) and no image is decoded.
     """
 
-    def __init__(self, items: list[CaptionedImage], resolution: int):
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        self.items = list(items)
-        self.resolution = resolution
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        caption_options: Sequence[CaptionOptions],
+        *,
+        flip_aug: Sequence[bool],
+        random_crop: Sequence[bool],
+        seed: int,
+        latents: Mapping[LatentRequest, torch.Tensor] | None = None,
+    ):
+        self.samples = list(samples)
+        self.caption_options = list(caption_options)
+        self.flip_aug = list(flip_aug)
+        self.random_crop = list(random_crop)
+        self.seed = seed
+        self.latents = latents
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        item = self.items[index]
-        image = resize_and_crop(load_rgb(item.path), self.resolution)
-        return {"pixel_values": to_tensor(image), "caption": item.caption}
+    def __getitem__(self, key: Key) -> dict[str, torch.Tensor | str | float]:
+        epoch, index = key
+        # A string seed is hashed with SHA-512 by `random`, the same on every platform and process.
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+        sample = self.samples[index]
+        subset = sample.image.subset
+        flip = self.flip_aug[subset] and rng.random() < 0.5
+        caption = process_caption(sample.image.caption, self.caption_options[subset], rng)
+        out: dict[str, torch.Tensor | str | float] = {"caption": caption, "loss_weight": sample.loss_weight}
+        if self.latents is not None:
+            out["moments"] = self.latents[LatentRequest(sample.image.path, sample.bucket, flip)]
+            return out
+        out["pixel_values"] = load_pixels(
+            LatentRequest(sample.image.path, sample.bucket, flip),
+            crop="random" if self.random_crop[subset] else "center",
+            rng=rng,
+        )
+        return out
 
 
-def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.Tensor | list[str]]:
-    """Stack examples: `{"pixel_values": float32 [B, 3, R, R], "captions": list of B str}`.
+def load_pixels(
+    request: LatentRequest, *, crop: str = "center", rng: random.Random | None = None
+) -> torch.Tensor:
+    """An image fitted to its bucket (and flipped if asked): float32 [3, H, W] in [-1, 1]."""
+    image, _ = fit_to_bucket(load_rgb(request.path), request.bucket, crop=crop, rng=rng)  # type: ignore[arg-type]
+    if request.flip:
+        image = flip_horizontal(image)
+    return to_tensor(image)
 
-    A module-level function (not a lambda) so DataLoader workers can pickle it.
+
+class EpochBatchSampler(Sampler[list[Key]]):
+    """`BucketBatchSampler`'s batches, each index paired with its epoch for the dataset's RNG.
+
+    No `batch_size` attribute, on purpose: see BucketBatchSampler (accelerate would hold back short batches).
     """
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in batch]),  # type: ignore[misc]
+
+    def __init__(self, inner: BucketBatchSampler):
+        self.inner = inner
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch = self._epoch
+        self._epoch = epoch + 1
+        for batch in self.inner.batches(epoch):
+            yield [(epoch, index) for index in batch]
+
+
+def collate(batch: Sequence[Mapping[str, torch.Tensor | str | float]]) -> dict[str, object]:
+    """Stack a batch (all of one bucket): pixel_values or moments [B, ...], captions (list of B str),
+    loss_weights float32 [B]. A module-level function so DataLoader workers can pickle it."""
+    out: dict[str, object] = {
         "captions": [str(example["caption"]) for example in batch],
+        "loss_weights": torch.tensor([float(example["loss_weight"]) for example in batch]),  # type: ignore[arg-type]
     }
+    for key in ("pixel_values", "moments"):
+        if key in batch[0]:
+            out[key] = torch.stack([example[key] for example in batch])  # type: ignore[misc]
+    return out

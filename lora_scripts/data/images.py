@@ -1,13 +1,16 @@
-"""Turn an image file of any common kind into the RGB square tensor the VAE expects.
+"""Turn an image file of any common kind into the RGB tensor the VAE expects.
 
 Three steps, each its own function so that tests and other modules (buckets, latent caches) can reuse them:
-`load_rgb` (file -> upright 8-bit RGB), `resize_and_crop` (-> resolution x resolution) and `to_tensor`
-(-> float32 [3, H, W] in [-1, 1]).
+`load_rgb` (file -> upright 8-bit RGB), `resize_and_crop` (-> resolution x resolution) or `fit_to_bucket`
+(-> an aspect-ratio bucket's width x height, see `lora_scripts.data.buckets`) and `to_tensor`
+(-> float32 [3, H, W] in [-1, 1]). `flip_horizontal` is the flip augmentation.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -117,6 +120,55 @@ def resize_and_crop(img: Image.Image, resolution: int) -> Image.Image:
     left = (new_size[0] - resolution) // 2
     top = (new_size[1] - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
+
+
+def fit_to_bucket(
+    img: Image.Image,
+    bucket: tuple[int, int],
+    *,
+    crop: Literal["center", "random"] = "center",
+    rng: random.Random | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize `img` (Lanczos) to just cover `bucket` (width, height), then crop to exactly `bucket`.
+
+    The scale is max(bucket_w / w, bucket_h / h): one side fits exactly and the other overhangs, so the fewest
+    pixels are lost and nothing is padded (sd-scripts' `trim_and_resize_if_required`). Small images are
+    upscaled. The overhang is cut evenly from both ends ("center", rounding the offset down) or at an offset
+    drawn uniformly from every valid one with `rng.randint`, left then top ("random"; `rng` is then required,
+    so runs are reproducible). For a square bucket this is exactly `resize_and_crop`.
+
+    Returns (image of size `bucket` in the input's mode, (crop_left, crop_top)), the offsets in pixels of the
+    resized image. SDXL's `crops_coords_top_left` conditioning is this pair in (top, left) order.
+    """
+    bucket_width, bucket_height = bucket
+    if bucket_width <= 0 or bucket_height <= 0:
+        raise ValueError(f"bucket must be (width, height) with both positive, got {bucket}")
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    if crop == "random" and rng is None:
+        raise ValueError("crop='random' needs an rng (random.Random) so that the crops can be reproduced")
+    width, height = img.size
+    scale = max(bucket_width / width, bucket_height / height)
+    # Same arithmetic as resize_and_crop (round, then max() against rounding the fitting side one pixel
+    # short), so that square buckets give identical pixels. sd-scripts rounds half up (int(x + 0.5)); Python's
+    # round differs only on exact halves, by one pixel of overhang that the crop removes anyway.
+    new_size = (max(bucket_width, round(width * scale)), max(bucket_height, round(height * scale)))
+    if new_size != img.size:
+        img = img.resize(new_size, Image.Resampling.LANCZOS)
+    slack_x, slack_y = new_size[0] - bucket_width, new_size[1] - bucket_height
+    if crop == "random":
+        assert rng is not None  # checked above; narrows the type
+        left, top = rng.randint(0, slack_x), rng.randint(0, slack_y)
+    else:
+        left, top = slack_x // 2, slack_y // 2
+    if (left, top, *new_size) == (0, 0, bucket_width, bucket_height):
+        return img, (0, 0)
+    return img.crop((left, top, left + bucket_width, top + bucket_height)), (left, top)
+
+
+def flip_horizontal(img: Image.Image) -> Image.Image:
+    """Mirror left-right (sd-scripts' `flip_aug`). Returns a new image of the same size and mode."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -4,15 +4,19 @@ Layout per adapted module (e.g. UNet `down_blocks.0.attentions.0.transformer_blo
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  [r, in]
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    [out, r]
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             [] (scalar)
+Convs (1x1 proj_in/proj_out of SD 1.x; LoCon's 3x3 resnet and sampler convs) keep 4-D weights:
+    lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight  [r, in, 3, 3]
+    lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight    [out, r, 1, 1]
 The file holds nothing else: diffusers converts a kohya file only when every key has these prefixes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from peft.utils import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
@@ -35,23 +39,42 @@ class LoraNetwork:
         return f"{self.kohya_prefix}_{(self.name_prefix + module_path).replace('.', '_')}"
 
 
+def lora_layers(network: LoraNetwork) -> list[tuple[str, LoraLayer]]:
+    """(module path, peft LoRA layer) for every layer of the network's module carrying its adapter."""
+    return [
+        (path, layer)
+        for path, layer in network.module.named_modules()
+        if isinstance(layer, LoraLayer) and network.adapter_name in layer.lora_A
+    ]
+
+
 def kohya_state_dict(
-    networks: list[LoraNetwork], alpha: float, dtype: torch.dtype = torch.float16
+    networks: list[LoraNetwork], dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
-    """Every network's LoRA weights as a kohya state dict on CPU in `dtype` (alpha too, as sd-scripts)."""
+    """Every network's LoRA weights as a kohya state dict on CPU in `dtype`.
+
+    Each module's alpha is its own peft layer's (`lora_alpha[adapter]`), so LoCon convs carry conv_alpha;
+    kohya files store it in the file's dtype, as sd-scripts does. Linear: down [r, in], up [out, r];
+    Conv2d (1x1 and 3x3): down [r, in, kh, kw], up [out, r, 1, 1].
+    """
     out: dict[str, torch.Tensor] = {}
     for net in networks:
-        peft_sd = get_peft_model_state_dict(
-            net.module, adapter_name=net.adapter_name, save_embedding_layers=False
-        )
-        for key, tensor in peft_sd.items():
-            module_path, sep, kind = key.rpartition(".lora_")
-            if not sep or kind not in ("A.weight", "B.weight"):
-                raise ValueError(f"unexpected LoRA tensor {key!r} (only plain LoRA is exported)")
-            name = net.kohya_name(module_path)
-            suffix = "lora_down.weight" if kind == "A.weight" else "lora_up.weight"
-            out[f"{name}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        adapter = net.adapter_name
+        for path, layer in lora_layers(net):
+            rank, alpha = layer.r[adapter], float(layer.lora_alpha[adapter])
+            # kohya's scale is alpha / rank; DoRA, rsLoRA or a bias would not survive the format.
+            plain = not layer.use_dora.get(adapter, False) and not layer.lora_bias.get(adapter, False)
+            if not plain or not math.isclose(layer.scaling[adapter], alpha / rank):
+                raise ValueError(
+                    f"{path}: only plain LoRA (scale alpha / rank) can be exported to kohya keys"
+                )
+            name = net.kohya_name(path)
+            for suffix, weight in (
+                ("lora_down.weight", layer.lora_A[adapter].weight),
+                ("lora_up.weight", layer.lora_B[adapter].weight),
+            ):
+                out[f"{name}.{suffix}"] = weight.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
 
 

@@ -34,8 +34,8 @@ class RunMetadata:
     family: FamilyInfo
     rank: int
     alpha: float
-    target_modules: list[str]
-    text_encoder_target_modules: list[str] | None  # None when the text encoder is not trained
+    target_modules: list[str] | str  # a list of layer names or a preset name
+    text_encoder_target_modules: list[str] | str | None  # None when the text encoder is not trained
     resolution: int
     num_train_images: int
     num_batches_per_epoch: int
@@ -52,10 +52,14 @@ class RunMetadata:
     seed: int
     sd_model_name: str
     tag_frequency: dict[str, dict[str, int]]
+    unet_lr: float | None = None  # None: learning_rate
+    optimizer: str = "torch.optim.AdamW"  # sd-scripts writes the optimizer's qualified class name
+    network_args: dict[str, object] = field(default_factory=dict)  # e.g. conv_dim, conv_alpha, dropout
+    extra: dict[str, str] = field(default_factory=dict)  # further ss_* run facts (datasets, buckets, loss)
     training_started_at: float = field(default_factory=time.time)
 
     def ss_metadata(self) -> dict[str, str]:
-        network_args: dict[str, object] = {"target_modules": self.target_modules}
+        network_args: dict[str, object] = {"target_modules": self.target_modules, **self.network_args}
         if self.text_encoder_target_modules is not None:
             network_args["text_encoder_target_modules"] = self.text_encoder_target_modules
         return {
@@ -75,17 +79,18 @@ class RunMetadata:
             "ss_batch_size_per_device": str(self.batch_size),
             "ss_gradient_accumulation_steps": str(self.gradient_accumulation_steps),
             "ss_learning_rate": _num(self.learning_rate),
-            "ss_unet_lr": _num(self.learning_rate),
+            "ss_unet_lr": _num(self.learning_rate if self.unet_lr is None else self.unet_lr),
             "ss_text_encoder_lr": _num(self.text_encoder_lr) if self.text_encoder_lr is not None else "None",
             "ss_lr_scheduler": self.lr_scheduler,
             "ss_lr_warmup_steps": str(self.lr_warmup_steps),
             "ss_max_grad_norm": _num(self.max_grad_norm),
             "ss_mixed_precision": self.mixed_precision,
-            "ss_optimizer": "torch.optim.AdamW",
+            "ss_optimizer": self.optimizer,
             "ss_seed": str(self.seed),
             "ss_sd_model_name": self.sd_model_name,
             "ss_tag_frequency": json.dumps(self.tag_frequency, ensure_ascii=False),
             "ss_training_started_at": str(self.training_started_at),
+            **self.extra,
         }
 
 

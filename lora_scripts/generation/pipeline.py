@@ -40,6 +40,7 @@ class SamplingSettings:
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
+    clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer, 2 = the penultimate
 
 
 @dataclass
@@ -160,5 +161,7 @@ def render_image(
         height=settings.height,
         generator=generator,
         output_type="pil",
+        # diffusers counts the layers skipped (A1111's 2 is diffusers' 1); None keeps the last layer.
+        clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,
     )
     return result.images[0]

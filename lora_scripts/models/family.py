@@ -15,14 +15,16 @@ from torch import nn
 
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
+from lora_scripts.models.lora import LoraSpec
 
 
 @dataclass(frozen=True)
 class LoraTargets:
-    """Which modules get LoRA: per component, the peft `target_modules` list."""
+    """Which modules get LoRA, per component: a list of layer names (matched as peft does: the full path or
+    a dotted suffix) or a preset name (`lora_presets.UNET_PRESETS` / `TEXT_ENCODER_PRESETS`)."""
 
-    unet: list[str]
-    text_encoder: list[str] | None  # None: the text encoder stays frozen and untouched
+    unet: list[str] | str
+    text_encoder: list[str] | str | None  # None: the text encoder stays frozen and untouched
 
 
 class ModelFamily(ABC):
@@ -55,12 +57,25 @@ class ModelFamily(ABC):
         `encode_prompts`; `text_encoders` is empty when they are not trained."""
 
     @abstractmethod
-    def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
-        """Attach peft LoRA adapters; returns the networks in the order they are saved."""
+    def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
+        """Attach peft LoRA adapters (LoCon on the denoiser's 3x3 convs when `spec.conv_rank` is set);
+        returns the networks in the order they are saved. Raises UserError for targets that match nothing."""
+
+    @property
+    @abstractmethod
+    def image_encoder(self) -> nn.Module:
+        """The module `encode_images` runs (the VAE); training moves it off the GPU once
+        latents are cached."""
 
     @abstractmethod
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] → scaled latents [B, 4, H/8, W/8] (a sample of the VAE posterior)."""
+        """[B, 3, H, W] in [-1, 1] → the VAE posterior's moments [B, 2C, H/8, W/8] (mean and log-variance,
+        unscaled), what the latent cache stores; `sample_latents` turns them into training latents."""
+
+    @abstractmethod
+    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """Moments from `encode_images` → scaled latents [B, C, h, w], a fresh sample of the posterior drawn
+        from the global torch RNG (so cached and uncached runs draw the same numbers)."""
 
     @abstractmethod
     def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:

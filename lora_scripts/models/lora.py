@@ -1,6 +1,11 @@
-"""Attach peft LoRA adapters to a component, with a clear error for target names that match nothing."""
+"""Attach peft LoRA adapters to a component: what to train (`LoraSpec`), target checks with clear errors, and
+one peft `LoraConfig` per component that gives 3x3 convs (LoCon) their own rank and alpha."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from peft import LoraConfig
 from torch import nn
@@ -9,6 +14,40 @@ from lora_scripts.errors import UserError
 
 # Layer types peft's LoRA can wrap and that sd-scripts' LoRA targets.
 _ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of the LoRA network: one rank/alpha for Linear and 1x1-conv layers, another for 3x3 convs.
+
+    The update of each layer is `(alpha / rank) * up @ down` (peft's `scaling`), as in sd-scripts.
+    """
+
+    rank: int
+    alpha: float
+    conv_rank: int | None = None  # LoCon: LoRA on the UNet's 3x3 convs too (kohya conv_dim); None = off
+    # None = conv_rank. sd-scripts defaults conv_alpha to 1, but our lora_alpha defaults to the rank, and
+    # the conv layers follow the same rule so that a bare `conv_rank` gives scale 1 everywhere.
+    conv_alpha: float | None = None
+    dropout: float = 0.0  # network_dropout, as a probability in [0, 1)
+
+    def __post_init__(self) -> None:
+        # The config schema validates user values; these guard the API itself.
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"LoraSpec needs rank >= 1 and alpha > 0, got {self.rank}, {self.alpha}")
+        if self.conv_rank is None and self.conv_alpha is not None:
+            raise ValueError("LoraSpec.conv_alpha needs conv_rank")
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise ValueError(f"LoraSpec.conv_rank must be >= 1, got {self.conv_rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def effective_conv_alpha(self) -> float | None:
+        """conv_alpha, defaulting to conv_rank; None without LoCon."""
+        if self.conv_rank is None:
+            return None
+        return float(self.conv_rank if self.conv_alpha is None else self.conv_alpha)
 
 
 def adaptable_module_names(module: nn.Module) -> list[str]:
@@ -36,10 +75,50 @@ def check_targets(module: nn.Module, targets: list[str], *, key: str, component:
         )
 
 
-def add_lora_adapter(module: nn.Module, targets: list[str], rank: int, alpha: float) -> int:
+def matching_module_names(module: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full paths of the Linear/Conv2d layers of `module` that peft's list rule selects for `targets`."""
+    return [n for n in adaptable_module_names(module) if any(_matches(n, t) for t in targets)]
+
+
+def _exact(name: str) -> str:
+    # peft matches rank_pattern/alpha_pattern keys as regexes against `(.*\.)?(key)$`; escaping the dots
+    # and anchoring at the start makes each key select exactly one module path.
+    return "^" + re.escape(name)
+
+
+def add_lora_adapter(
+    module: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    *,
+    conv_targets: Sequence[str] = (),
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dropout: float = 0.0,
+) -> int:
     """Wrap the target layers of `module` with LoRA (peft's default init: A Kaiming-uniform, B zero, as
-    sd-scripts), freeze everything else, and return the number of trainable parameters."""
+    sd-scripts), freeze everything else, and return the number of trainable parameters.
+
+    targets: module names or dotted suffixes (peft's list rule), at `rank`/`alpha`.
+    conv_targets: full paths of 3x3 convs adapted at `conv_rank`/`conv_alpha` (default conv_rank), in the same
+        peft config through `rank_pattern`/`alpha_pattern`. peft's Conv2d LoRA has lora_A [r, in, kh, kw]
+        (the base conv's kernel, stride and padding) and lora_B [out, r, 1, 1]: sd-scripts' LoCon layout.
+    dropout: peft's `lora_dropout`, applied to the LoRA branch's input. sd-scripts' `network_dropout` drops
+        lora_down's output instead; both are standard dropout regularisation of the LoRA path.
+    """
+    if conv_targets and conv_rank is None:
+        raise ValueError("conv_targets need a conv_rank")
+    conv_alpha = float(conv_rank if conv_alpha is None else conv_alpha) if conv_rank is not None else None
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(dict.fromkeys([*targets, *conv_targets])),
+        rank_pattern={_exact(name): conv_rank for name in conv_targets},
+        alpha_pattern={_exact(name): conv_alpha for name in conv_targets},
+        lora_dropout=dropout,
+        init_lora_weights=True,
+    )
     module.add_adapter(config)
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -10,8 +10,15 @@ from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 
 
 def load_family(
-    base_model: str, *, config_dir: Path | None = None, v_parameterization: bool | None = None
+    base_model: str,
+    *,
+    config_dir: Path | None = None,
+    v_parameterization: bool | None = None,
+    clip_skip: int | None = None,
 ) -> ModelFamily:
-    """Load `base_model` (file, diffusers folder or cached hub id) as its model family."""
+    """Load `base_model` (file, diffusers folder or cached hub id) as its model family.
+
+    clip_skip: use the text encoder's n-th layer from the end (None or 1: the last).
+    """
     components = load_sd_components(base_model, config_dir=config_dir, v_parameterization=v_parameterization)
-    return StableDiffusionFamily(components)
+    return StableDiffusionFamily(components, clip_skip=clip_skip)

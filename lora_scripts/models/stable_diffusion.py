@@ -7,10 +7,12 @@ import logging
 import torch
 from torch import nn
 
+from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.family import LoraTargets, ModelFamily
-from lora_scripts.models.lora import add_lora_adapter, check_targets
+from lora_scripts.models.lora import LoraSpec, add_lora_adapter
+from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
 from lora_scripts.models.sd_loading import SDComponents
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,15 @@ class StableDiffusionFamily(ModelFamily):
     """SD 1.x and 2.x. Text-encoder module paths get a `text_model.` prefix in kohya names if they lack it
     (transformers ≥ 5 dropped that submodule; A1111/ComfyUI require it)."""
 
-    def __init__(self, components: SDComponents):
+    def __init__(self, components: SDComponents, *, clip_skip: int | None = None):
         self.components = components
+        self.clip_skip = clip_skip or 1
+        layers = components.text_encoder.config.num_hidden_layers
+        if self.clip_skip >= layers:
+            raise UserError(
+                f"clip_skip: {self.clip_skip} is too large for this text encoder ({layers} layers); use a "
+                f"value below {layers} (2 is the usual choice)."
+            )
         self.noise_scheduler = components.noise_scheduler
         self.info = FamilyInfo(
             base_model_version=components.version,
@@ -79,22 +88,43 @@ class StableDiffusionFamily(ModelFamily):
         and text encoder are the ones being trained (possibly wrapped: unwrap them first)."""
         return self.unet, self.vae, self.text_encoder, self.tokenizer
 
-    def add_lora(self, targets: LoraTargets, rank: int, alpha: float) -> list[LoraNetwork]:
-        check_targets(self.unet, targets.unet, key="target_modules", component="UNet")
-        if targets.text_encoder is not None:
-            check_targets(
-                self.text_encoder,
-                targets.text_encoder,
-                key="text_encoder_target_modules",
-                component="text encoder",
+    def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
+        unet_targets, conv_targets, te_targets, problems = [], [], None, []
+        try:
+            unet_targets, conv_targets = unet_lora_layers(
+                self.unet, targets.unet, conv=spec.conv_rank is not None
             )
-            warning = partial_fused_attention_warning(targets.text_encoder) if self.info.v2 else None
-            if warning:
-                log.warning(warning)
-        add_lora_adapter(self.unet, targets.unet, rank, alpha)
-        networks = [LoraNetwork("lora_unet", self.unet)]
+        except UserError as err:
+            problems += err.messages
         if targets.text_encoder is not None:
-            add_lora_adapter(self.text_encoder, targets.text_encoder, rank, alpha)
+            try:
+                te_targets = resolve_targets(
+                    self.text_encoder,
+                    targets.text_encoder,
+                    key="text_encoder_target_modules",
+                    component="text encoder",
+                    presets=TEXT_ENCODER_PRESETS,
+                )
+            except UserError as err:
+                problems += err.messages
+        if problems:  # UNet and text-encoder mistakes reported together
+            raise UserError(problems)
+        warning = partial_fused_attention_warning(te_targets) if te_targets and self.info.v2 else None
+        if warning:
+            log.warning(warning)
+        add_lora_adapter(
+            self.unet,
+            unet_targets,
+            spec.rank,
+            spec.alpha,
+            conv_targets=conv_targets,
+            conv_rank=spec.conv_rank,
+            conv_alpha=spec.conv_alpha,
+            dropout=spec.dropout,
+        )
+        networks = [LoraNetwork("lora_unet", self.unet)]
+        if te_targets is not None:
+            add_lora_adapter(self.text_encoder, te_targets, spec.rank, spec.alpha, dropout=spec.dropout)
             has_text_model = hasattr(self.text_encoder, "text_model")
             networks.append(
                 LoraNetwork("lora_te", self.text_encoder, "" if has_text_model else "text_model.")
@@ -102,10 +132,21 @@ class StableDiffusionFamily(ModelFamily):
             self.trains_text_encoder = True
         return networks
 
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.vae
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             pixels = pixel_values.to(self.vae.device, self.vae.dtype)
-            latents = self.vae.encode(pixels).latent_dist.sample()
+            return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        # diffusers' DiagonalGaussianDistribution, sampled with torch.randn on the moments' device, so the
+        # draw comes from the same (seeded) RNG whether the moments were just encoded or read from a cache.
+        mean, logvar = torch.chunk(moments.float(), 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        latents = mean + std * torch.randn_like(mean)
         return latents * self.vae.config.scaling_factor
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -121,7 +162,16 @@ class StableDiffusionFamily(ModelFamily):
     def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         input_ids = self.tokenize(captions).to(device)
         with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
-            hidden = self.text_encoder(input_ids)[0]
+            if self.clip_skip <= 1:
+                hidden = self.text_encoder(input_ids)[0]
+            else:
+                # sd-scripts' and A1111's clip skip: the n-th hidden state from the end, then the final layer
+                # norm (which the last layer's output gets inside CLIPTextModel).
+                out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+                encoder = getattr(self.text_encoder, "module", self.text_encoder)  # DDP-wrapped or not
+                norm = encoder.text_model.final_layer_norm if hasattr(encoder, "text_model") else None
+                norm = norm or encoder.final_layer_norm
+                hidden = norm(out.hidden_states[-self.clip_skip])
         return {"encoder_hidden_states": hidden}
 
     def predict(

@@ -17,12 +17,17 @@ from tqdm.auto import tqdm
 
 from lora_scripts.checks import check_before_training
 from lora_scripts.config import TrainConfig, dump_config
+from lora_scripts.data.text_cache import TextEncoderCache
+from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
+from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
+from lora_scripts.training.noise import zero_terminal_snr
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from lora_scripts.training.plan import TrainingPlan
+from lora_scripts.training.run_info import run_metadata
 from lora_scripts.training.sampling import TrainingSampler
 from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver
-from lora_scripts.training.setup import attach_lora, make_accelerator, make_dataloader, run_metadata
+from lora_scripts.training.setup import attach_lora, loss_settings, make_accelerator, make_dataloader
 from lora_scripts.training.step import diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -40,34 +45,68 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA as `config` says and write its files under `config.output_dir`."""
-    items = check_before_training(config)  # raises check's UserError, logs its warnings, writes nothing
+    training_set = check_before_training(config)  # raises check's UserError, logs warnings, writes nothing
     accelerator = make_accelerator(config)
     sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
     set_seed(config.seed)
     family = load_family(
-        config.base_model, config_dir=config.base_model_config, v_parameterization=config.v_parameterization
+        config.base_model,
+        config_dir=config.base_model_config,
+        v_parameterization=config.v_parameterization,
+        clip_skip=config.clip_skip,
     )
+    if config.zero_terminal_snr:
+        if family.info.prediction_type != "v_prediction":
+            log.warning(
+                "zero_terminal_snr on an epsilon-prediction model: sample images may look washed out."
+            )
+        family.noise_scheduler = zero_terminal_snr(family.noise_scheduler)
     networks = attach_lora(family, config, accelerator)
-    dataloader = make_dataloader(items, config)
+    latents = None
+    if config.cache_latents:
+        latents = cache_latents(
+            family,
+            training_set,
+            accelerator,
+            to_disk=config.cache_latents_to_disk,
+            cache_dir=config.cache_dir,
+            batch_size=config.batch_size,
+            offload=not sampler.prompts,  # sample images need the VAE
+        )
+    text_cache = None
+    if config.cache_text_encoder_outputs:
+        text_cache = cache_text_encoder_outputs(
+            family, training_set, accelerator.device, config.batch_size, offload=not sampler.prompts
+        )
+    dataloader = make_dataloader(training_set, config, latents)
 
     unet = family.denoiser
-    groups = [(trainable_parameters(unet), config.learning_rate)]
+    groups = [(trainable_parameters(unet), config.unet_lr)]
     groups += [(trainable_parameters(te), config.text_encoder_lr) for te in family.text_encoders]
-    optimizer = build_optimizer(groups, weight_decay=config.adam_weight_decay)
+    optimizer = build_optimizer(
+        config.optimizer_type,
+        groups,
+        args=config.optimizer_args,
+        weight_decay=config.adam_weight_decay,
+        device=accelerator.device,
+    )
     plan = TrainingPlan.compute(
-        num_images=len(items),
-        # accelerate shards batches over processes (padding the last round so all get the same count)
+        num_images=training_set.num_train_images,
+        # accelerate deals batches out over processes (padding the last round so all get the same count)
         batches_per_epoch=math.ceil(len(dataloader) / accelerator.num_processes),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         epochs=config.epochs,
         max_train_steps=config.max_train_steps,
+        lr_warmup_steps=config.lr_warmup_steps,
     )
     lr_scheduler = build_lr_scheduler(
         config.lr_scheduler,
         optimizer,
-        warmup_steps=config.lr_warmup_steps,
+        warmup_steps=plan.warmup_steps,
         total_steps=plan.max_train_steps,
         num_processes=accelerator.num_processes,
+        num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power,
     )
     trained = [unet] + (family.text_encoders if config.train_text_encoder else [])
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
@@ -75,13 +114,15 @@ def train(config: TrainConfig) -> TrainResult:
     )
     # DDP syncs gradients only when the wrapped module is the one called.
     family.use_wrapped(prepared[0], prepared[1:])
+    optimizer_name = type(getattr(optimizer, "optimizer", optimizer))
     saver = LoraSaver(
         config.output_dir,
         config.output_name,
         networks,
-        config.lora_alpha,
         SAVE_DTYPES[config.save_precision],
-        run_metadata(config, family, items, plan),
+        run_metadata(
+            config, family, training_set, plan, f"{optimizer_name.__module__}.{optimizer_name.__name__}"
+        ),
     )
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -89,12 +130,20 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.init_trackers(config.output_name)
     sampler.at_start(family)
     log.info(
-        "%d images, %d batches/epoch, %d epochs, %d steps",
-        len(items),
+        "%d images (%d regularization), %d samples/epoch, %d batches/epoch per process, %d epochs, %d steps; "
+        "effective batch size %d (batch_size %d x gradient_accumulation_steps %d x %d processes)",
+        training_set.num_train_images,
+        training_set.num_reg_images,
+        len(training_set.samples),
         plan.batches_per_epoch,
         plan.num_epochs,
         plan.max_train_steps,
+        config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
+        config.batch_size,
+        config.gradient_accumulation_steps,
+        accelerator.num_processes,
     )
+    settings = loss_settings(config)
 
     global_step, epoch, loss_value = 0, 0, float("nan")
     micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current update
@@ -109,7 +158,9 @@ def train(config: TrainConfig) -> TrainResult:
         epoch += 1
         for batch in dataloader:
             with accelerator.accumulate(*prepared):
-                loss = diffusion_loss(family, batch["pixel_values"], batch["captions"])
+                latents, cond = batch_inputs(family, batch, text_cache, accelerator.device)
+                weights = batch["loss_weights"].to(accelerator.device)
+                loss = diffusion_loss(family, latents, cond, settings, weights)
                 accelerator.backward(loss)
                 micro_losses.append(loss.detach())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -144,3 +195,14 @@ def train(config: TrainConfig) -> TrainResult:
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
     accelerator.end_training()
     return TrainResult(global_step, epoch, final_files, step_files, loss_value, accelerator.is_main_process)
+
+
+def batch_inputs(
+    family: ModelFamily, batch: dict, text_cache: TextEncoderCache | None, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scaled latents (from cached moments or encoded now) and the conditioning of a batch."""
+    moments = batch["moments"] if "moments" in batch else family.encode_images(batch["pixel_values"])
+    latents = family.sample_latents(moments.to(device))
+    if text_cache is not None:
+        return latents, text_cache.batch(batch["captions"], device)
+    return latents, family.encode_prompts(batch["captions"], device)

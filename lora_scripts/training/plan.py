@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lora_scripts.training.optim import warmup_steps
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -18,6 +20,7 @@ class TrainingPlan:
     steps_per_epoch: int
     num_epochs: int
     max_train_steps: int
+    warmup_steps: int = 0  # lr_warmup_steps resolved to steps (it may be a fraction of the run)
 
     @classmethod
     def compute(
@@ -28,6 +31,7 @@ class TrainingPlan:
         gradient_accumulation_steps: int,
         epochs: int,
         max_train_steps: int | None,
+        lr_warmup_steps: int | float = 0,
     ) -> TrainingPlan:
         steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
         if max_train_steps is None:
@@ -36,4 +40,5 @@ class TrainingPlan:
         else:
             total = max_train_steps
             num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-        return cls(num_images, batches_per_epoch, steps_per_epoch, num_epochs, total)
+        warmup = warmup_steps(lr_warmup_steps, total)  # a float is a fraction of the run
+        return cls(num_images, batches_per_epoch, steps_per_epoch, num_epochs, total, warmup)

@@ -145,6 +145,7 @@ class TrainingSampler:
         self.output_name = config.output_name
         self.model_name = Path(config.base_model).stem
         self.accelerator = accelerator
+        self.clip_skip = config.clip_skip or 1
         self._pipe = None
 
     def at_start(self, family: StableDiffusionFamily) -> None:
@@ -198,6 +199,7 @@ class TrainingSampler:
             width=prompt.width,
             height=prompt.height,
             negative_prompt=prompt.negative_prompt,
+            clip_skip=self.clip_skip,
         )
         return pipeline.render_image(self._pipe, prompt.prompt, settings, prompt.seed, progress=False)
 
@@ -212,7 +214,7 @@ class TrainingSampler:
             width=prompt.width,
             height=prompt.height,
             model_name=self.model_name,
-            extra={"Training step": step},
+            extra={"Clip skip": self.clip_skip if self.clip_skip > 1 else None, "Training step": step},
         )
 
     def _log_grid(self, images: list[Image.Image], step: int) -> None:

@@ -22,24 +22,26 @@ def step_file_name(output_name: str, step: int) -> str:
 
 @dataclass(frozen=True)
 class LoraSaver:
+    """Writes the run's LoRA files; each module's rank and alpha come from its peft layer (so LoCon convs
+    carry conv_alpha), tensors in `dtype`."""
+
     output_dir: Path
     output_name: str
     networks: list[LoraNetwork]
-    alpha: float
     dtype: torch.dtype
     run: RunMetadata
 
     def save_step(self, step: int, epoch: int) -> Path:
         """A step file; its `ss_output_name` is its own stem so A1111 does not list duplicates."""
         path = self.output_dir / step_file_name(self.output_name, step)
-        tensors = kohya_state_dict(self.networks, self.alpha, self.dtype)
+        tensors = kohya_state_dict(self.networks, self.dtype)
         save_lora_file(path, tensors, self.run, output_name=path.stem, steps=step, epoch=epoch)
         return path
 
     def save_final(self, step: int, epoch: int) -> list[Path]:
         """`pytorch_lora_weights.safetensors` and `<output_name>.safetensors`: same tensors, both answering to
         `<lora:output_name:…>` in A1111 through `ss_output_name`."""
-        tensors = kohya_state_dict(self.networks, self.alpha, self.dtype)
+        tensors = kohya_state_dict(self.networks, self.dtype)
         paths = [self.output_dir / FINAL_DIFFUSERS_NAME, self.output_dir / f"{self.output_name}.safetensors"]
         for path in paths:
             save_lora_file(path, tensors, self.run, output_name=self.output_name, steps=step, epoch=epoch)

@@ -1,8 +1,9 @@
-"""Everything `train()` prepares before the first step: accelerator, model, LoRA, data, optimizer."""
+"""Everything `train()` prepares before the first step: accelerator, LoRA, data loader, loss settings."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -11,11 +12,15 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.data import CaptionDataset, CaptionedImage, collate, tag_frequency
+from lora_scripts.data.batching import BucketBatchSampler
+from lora_scripts.data.dataset import EpochBatchSampler, TrainingDataset, collate
+from lora_scripts.data.latent_cache import LatentRequest
+from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.export.kohya import LoraNetwork
-from lora_scripts.export.metadata import RunMetadata
+from lora_scripts.export.kohya_import import load_network_weights
 from lora_scripts.models.family import LoraTargets, ModelFamily
-from lora_scripts.training.plan import TrainingPlan
+from lora_scripts.models.lora import LoraSpec
+from lora_scripts.training.losses import LossSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +50,43 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def _targets(value: str | tuple[str, ...]) -> list[str] | str:
+    return value if isinstance(value, str) else list(value)
+
+
 def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerator) -> list[LoraNetwork]:
-    """Freeze the base model (cast to the mixed-precision dtype), add LoRA in fp32, report the count."""
+    """Freeze the base model (cast to the mixed-precision dtype), add LoRA in fp32 (continuing from
+    `network_weights` if set), report the count."""
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     for module in family.frozen_modules():
         module.requires_grad_(False)
         module.to(accelerator.device, dtype=weight_dtype)
     targets = LoraTargets(
-        unet=list(config.target_modules),
-        text_encoder=list(config.text_encoder_target_modules) if config.train_text_encoder else None,
+        unet=_targets(config.target_modules),
+        text_encoder=_targets(config.text_encoder_target_modules) if config.train_text_encoder else None,
     )
-    networks = family.add_lora(targets, config.lora_rank, config.lora_alpha)
+    spec = LoraSpec(
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        conv_rank=config.conv_rank,
+        conv_alpha=config.conv_alpha,
+        dropout=config.network_dropout,
+    )
+    networks = family.add_lora(targets, spec)
     # LoRA weights train in fp32 even when the frozen weights are fp16/bf16 (autocast does the rest).
     for net in networks:
         for param in net.module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if config.network_weights is not None:
+        report = load_network_weights(networks, Path(config.network_weights))
+        log.info(
+            "Continuing from %s: %d layers loaded (%d rescaled to this run's alpha), %d layers start fresh",
+            config.network_weights,
+            report.loaded,
+            report.rescaled,
+            report.not_in_file,
+        )
     counts = {
         net.kohya_prefix: sum(p.numel() for p in net.module.parameters() if p.requires_grad)
         for net in networks
@@ -78,47 +104,39 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     return networks
 
 
-def make_dataloader(items: list[CaptionedImage], config: TrainConfig) -> torch.utils.data.DataLoader:
-    """Shuffled (seeded) batches; the last partial batch is kept."""
-    generator = torch.Generator().manual_seed(config.seed)
+def make_dataloader(
+    training_set: TrainingSet,
+    config: TrainConfig,
+    latents: Mapping[LatentRequest, torch.Tensor] | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches drawn within one bucket each, in a seeded order per epoch; partial batches are kept."""
+    seed = config.seed % 2**32
+    dataset = TrainingDataset(
+        training_set.samples,
+        training_set.caption_options(),
+        flip_aug=[d.flip_aug for d in training_set.datasets],
+        random_crop=[d.random_crop for d in training_set.datasets],
+        seed=seed,
+        latents=latents,
+    )
+    buckets = [sample.bucket for sample in training_set.samples]
+    sampler = EpochBatchSampler(BucketBatchSampler(buckets, config.batch_size, seed=seed))
     return torch.utils.data.DataLoader(
-        CaptionDataset(items, config.resolution),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
+        dataset,
+        batch_sampler=sampler,
         collate_fn=collate,
         num_workers=config.dataloader_num_workers,
-        drop_last=False,
+        persistent_workers=config.dataloader_num_workers > 0,
     )
 
 
-def run_metadata(
-    config: TrainConfig, family: ModelFamily, items: list[CaptionedImage], plan: TrainingPlan
-) -> RunMetadata:
-    """The metadata every file of this run carries (sd-scripts' keys)."""
-    return RunMetadata(
-        family=family.info,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
-        text_encoder_target_modules=(
-            list(config.text_encoder_target_modules) if config.train_text_encoder else None
-        ),
-        resolution=config.resolution,
-        num_train_images=plan.num_images,
-        num_batches_per_epoch=plan.batches_per_epoch,
-        num_epochs=plan.num_epochs,
-        max_train_steps=plan.max_train_steps,
-        batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        text_encoder_lr=config.text_encoder_lr if config.train_text_encoder else None,
-        lr_scheduler=config.lr_scheduler,
-        lr_warmup_steps=config.lr_warmup_steps,
-        max_grad_norm=config.max_grad_norm,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed,
-        sd_model_name=Path(config.base_model).name,
-        # sd-scripts keys tag counts by dataset folder name.
-        tag_frequency={Path(config.train_data_dir).name: tag_frequency(items)},
+def loss_settings(config: TrainConfig) -> LossSettings:
+    return LossSettings(
+        loss_type=config.loss_type,
+        huber_c=config.huber_c,
+        huber_schedule=config.huber_schedule,
+        min_snr_gamma=config.min_snr_gamma,
+        noise_offset=config.noise_offset,
+        multires_noise_iterations=config.multires_noise_iterations,
+        multires_noise_discount=config.multires_noise_discount,
     )

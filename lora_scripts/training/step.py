@@ -1,25 +1,51 @@
-"""One training step's loss: the noise-prediction objective of DDPM (epsilon or v target)."""
+"""One training step's loss: the DDPM denoising objective (epsilon or v target) with sd-scripts' options:
+noise offset, multi-resolution noise, Min-SNR-gamma weighting, l1/huber/smooth_l1 losses and per-sample
+weights (prior_loss_weight for regularization images).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lora_scripts.models.family import ModelFamily
+from lora_scripts.training.losses import LossSettings, huber_threshold, min_snr_weights, per_sample_loss, snr
+from lora_scripts.training.noise import sample_noise
 
 
-def diffusion_loss(family: ModelFamily, pixel_values: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """Mean-squared error between the denoiser's prediction and its target, in fp32.
+def diffusion_loss(
+    family: ModelFamily,
+    latents: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    settings: LossSettings,
+    loss_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar training loss for one batch, in fp32.
 
-    pixel_values: [B, 3, H, W] in [-1, 1]. Noise and timesteps come from the global torch RNG, so a
-    seeded run is reproducible.
+    latents: scaled latents [B, C, h, w] (already VAE-encoded); cond: the family's conditioning dict;
+    loss_weights: [B] per-sample factors (None: ones). Draws, from the global torch RNG and in this
+    order, the noise (`sample_noise`) and then the timesteps randint(0, T, (B,)), so seeded runs repeat.
+
+    loss = mean_b( per_sample_loss_b * min_snr_weight_b * loss_weights_b ).
     """
-    latents = family.encode_images(pixel_values)
-    cond = family.encode_prompts(captions, latents.device)
-    noise = torch.randn_like(latents)
-    num_timesteps = family.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device).long()
-    noisy = family.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = family.predict(noisy, timesteps, cond)
-    target = family.training_target(latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    scheduler = family.noise_scheduler
+    clean = latents.float()
+    noise = sample_noise(clean, settings)
+    num_timesteps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (clean.shape[0],), device=clean.device).long()
+    # The offset/multires noise is used both to noise the latents and as the epsilon (or inside the v)
+    # target, as sd-scripts' train_network.py and diffusers' train_text_to_image.py do: the model must
+    # predict exactly what was added, including the low-frequency part it is meant to learn to remove.
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    prediction = family.predict(noisy.to(latents.dtype), timesteps, cond)
+    target = family.training_target(clean, noise, timesteps)
+
+    huber_c = None
+    if settings.loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_threshold(timesteps, scheduler.alphas_cumprod, num_timesteps, settings)
+    loss = per_sample_loss(prediction, target, settings, huber_c)  # [B]
+    if settings.min_snr_gamma is not None:
+        snr_t = snr(scheduler.alphas_cumprod, timesteps)
+        loss = loss * min_snr_weights(snr_t, settings.min_snr_gamma, family.info.prediction_type)
+    if loss_weights is not None:
+        loss = loss * loss_weights.to(loss.device, torch.float32)
+    return loss.mean()

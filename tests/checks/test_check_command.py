@@ -175,8 +175,8 @@ def test_train_logs_the_warnings_and_follows_the_plan(
 ) -> None:
     config = load_config(problem_config)
     with caplog.at_level(logging.WARNING, logger="lora_scripts.checks"):
-        items = check_before_training(config)
-    assert len(items) == 10
+        training_set = check_before_training(config)
+    assert len(training_set.images) == 10 and len(training_set.samples) == 10
     _, facts = _check_json(problem_config, capsys)  # after: main() replaces the log handlers caplog reads
     assert [r.getMessage() for r in caplog.records] == [f"warning: {w}" for w in facts["warnings"]]
 

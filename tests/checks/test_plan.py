@@ -11,8 +11,11 @@ from safetensors.torch import save_file
 from lora_scripts.checks import plan as check_plan
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts
 from lora_scripts.config import TrainConfig, validate_config_dict
+from lora_scripts.data.captions import CaptionedImage
+from lora_scripts.data.training_set import Sample, TrainingSet
 from lora_scripts.errors import UserError
 from lora_scripts.models.family import LoraTargets
+from lora_scripts.models.lora import LoraSpec
 from lora_scripts.models.registry import load_family
 from lora_scripts.models.tiny import build_tiny_sd_components
 from tests.helpers.compvis import write_compvis_checkpoint
@@ -28,23 +31,45 @@ def _config(**values: object) -> TrainConfig:
     return validate_config_dict({**base, **values}, "test.yaml", check_paths=False)
 
 
+def _training_set(buckets: dict[tuple[int, int], int], reg_samples: int = 0) -> TrainingSet:
+    """A training set with `n` samples in each bucket (one image each), the first `reg_samples` of them
+    regularization draws."""
+    samples = []
+    for (w, h), n in buckets.items():
+        for i in range(n):
+            is_reg = len(samples) < reg_samples
+            image = CaptionedImage(Path(f"{w}x{h}_{i}.png"), "a cat", f"{w}x{h}_{i}.png", is_reg=is_reg)
+            samples.append(Sample(image, (w, h), 1.0))
+    return TrainingSet(images=[s.image for s in samples], samples=samples, datasets=[])
+
+
 def test_steps_match_a_hand_count() -> None:
     # 10 images / batch 4 -> 3 batches (4, 4, 2); 2 batches per step -> 2 steps per epoch; 3 epochs -> 6
-    plan = plan_facts(10, _config(batch_size=4, gradient_accumulation_steps=2, epochs=3))
+    config = _config(batch_size=4, gradient_accumulation_steps=2, epochs=3)
+    plan = plan_facts(_training_set({(512, 512): 10}), config)
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.epochs, plan.total_steps) == (3, 2, 3, 6)
     assert plan.effective_batch_size == 8 and plan.limited_by == "epochs"
 
 
 def test_max_train_steps_overrides_epochs() -> None:
-    plan = plan_facts(10, _config(batch_size=4, gradient_accumulation_steps=2, epochs=3, max_train_steps=5))
+    config = _config(batch_size=4, gradient_accumulation_steps=2, epochs=3, max_train_steps=5)
+    plan = plan_facts(_training_set({(512, 512): 10}), config)
     assert (plan.steps_per_epoch, plan.epochs, plan.total_steps) == (2, 3, 5)  # epochs 1, 2 and half of 3
     assert plan.limited_by == "max_train_steps"
 
 
-def test_repeats_and_processes_scale_the_batches() -> None:
+def test_buckets_and_processes_scale_the_batches() -> None:
     config = _config(batch_size=2, epochs=1)
-    assert plan_facts(5, config, repeats=3).batches_per_epoch == 8  # 15 samples / 2
-    assert plan_facts(5, config, num_processes=2).batches_per_epoch == 2  # 3 batches shared by 2 processes
+    # each bucket ends in its own partial batch: ceil(5/2) + ceil(3/2) + ceil(1/2) = 3 + 2 + 1 = 6
+    buckets = {(512, 512): 5, (576, 448): 3, (448, 576): 1}
+    plan = plan_facts(_training_set(buckets), config)
+    assert plan.batches_per_epoch == 6 and plan.num_samples == 9
+    assert plan.bucket_counts == {(448, 576): 1, (512, 512): 5, (576, 448): 3}
+    # 6 batches dealt out to 4 processes: every process runs ceil(6/4) = 2 (accelerate pads the last round)
+    assert plan_facts(_training_set(buckets), config, num_processes=4).batches_per_epoch == 2
+    # regularization draws count as samples, not as images
+    with_reg = plan_facts(_training_set({(512, 512): 8}, reg_samples=4), config)
+    assert (with_reg.num_images, with_reg.num_reg_images, with_reg.num_samples) == (4, 4, 8)
 
 
 def _trainable(module: torch.nn.Module) -> int:
@@ -67,7 +92,7 @@ def test_parameter_count_equals_the_real_tiny_model(
     )
     facts = network_facts(config)
     family = load_family(str(tiny_model))
-    networks = family.add_lora(LoraTargets(targets, te_targets), rank=4, alpha=4.0)
+    networks = family.add_lora(LoraTargets(targets, te_targets), LoraSpec(rank=4, alpha=4.0))
     assert facts.unet_parameters == _trainable(networks[0].module) > 0
     assert facts.text_encoder_parameters == (_trainable(networks[1].module) if te_targets else 0)
     assert facts.base_model_kind == "diffusers_folder" and facts.sd_version == "sd_v1"
@@ -126,9 +151,9 @@ def test_unknown_targets_get_the_training_message(tiny_model: Path) -> None:
         network_facts(config)
     family = load_family(str(tiny_model))
     with pytest.raises(UserError) as unet_error:
-        family.add_lora(LoraTargets(["to_q", "attn_q"], None), 4, 4.0)
+        family.add_lora(LoraTargets(["to_q", "attn_q"], None), LoraSpec(4, 4.0))
     with pytest.raises(UserError) as te_error:
-        family.add_lora(LoraTargets(["to_q"], ["query"]), 4, 4.0)
+        family.add_lora(LoraTargets(["to_q"], ["query"]), LoraSpec(4, 4.0))
     assert checked.value.messages == unet_error.value.messages + te_error.value.messages
     assert checked.value.messages[0].startswith("target_modules: 'attn_q' matches no layer of the UNet")
 

@@ -145,7 +145,11 @@ ERROR_CASES = [
     ),
     ("mixed_precision: fp32", "mixed_precision: 'fp32' is not one of 'no', 'fp16', 'bf16'"),
     ("train_text_encoder: maybe", "train_text_encoder: 'maybe' is not true or false"),
-    ("target_modules: to_q", """target_modules: 'to_q' is not a list (write it as ["to_q"])"""),
+    (
+        "target_modules: to_q",
+        "target_modules: 'to_q' is not a preset (attn, attn-ff, kohya); to name layers, write a list such "
+        "as ['to_q']",
+    ),
     ("target_modules: []", "target_modules: [] is empty (give at least one value)"),
     ("target_modules: [to_q, 3]", "target_modules[1]: 3 is not a string"),
     ("batch_size: null", "batch_size: null is not allowed (leave the key out to use the default, 1)"),

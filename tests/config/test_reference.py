@@ -28,7 +28,10 @@ def test_fields_are_grouped_in_the_documented_sections() -> None:
     groups = TrainConfig.fields_by_section()
     assert list(groups) == list(SECTIONS)
     assert sorted(n for names in groups.values() for n in names) == sorted(TrainConfig.model_fields)
-    assert groups["data"] == ["train_data_dir", "metadata_path", "resolution", "trigger_word"]
+    assert groups["data"][:4] == ["train_data_dir", "metadata_path", "resolution", "trigger_word"]
+    assert "caption_extension" in groups["data"] and "reg_data_dir" in groups["data"]
+    assert groups["buckets"][0] == "enable_bucket" and groups["caching"][0] == "cache_latents"
+    assert "min_snr_gamma" in groups["loss"] and "conv_rank" in groups["network"]
 
 
 def test_cells_for_some_keys() -> None:
@@ -40,11 +43,13 @@ def test_cells_for_some_keys() -> None:
     assert type_text("lora_alpha") == "number or null" and default_text("lora_alpha") == "same as lora_rank"
     assert allowed_text("resolution") == "≥ 64, multiple of 8"
     assert (
-        default_text("train_data_dir") == "**required**"
+        default_text("train_data_dir") == "required, unless datasets is given"
         and allowed_text("train_data_dir") == "an existing folder"
     )
     assert allowed_text("mixed_precision") == "`no`, `fp16`, `bf16`"
-    assert type_text("target_modules") == "list of strings"
+    assert type_text("target_modules") == "string or list of strings"
+    assert type_text("datasets") == "list of mappings or null"
+    assert type_text("optimizer_args") == "mapping"
 
 
 def test_module_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> None:

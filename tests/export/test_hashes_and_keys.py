@@ -47,7 +47,7 @@ def _adapted(targets, rank=2, alpha=4.0):
 
 def test_kohya_keys_shapes_and_alpha():
     net = _adapted(["to_q", "to_out.0"])
-    sd = kohya_state_dict([LoraNetwork("lora_unet", net)], alpha=4.0, dtype=torch.float16)
+    sd = kohya_state_dict([LoraNetwork("lora_unet", net)], dtype=torch.float16)
     assert count_modules(sd) == 4
     assert sd["lora_unet_blocks_0_to_q.lora_down.weight"].shape == (2, 6)
     assert sd["lora_unet_blocks_0_to_q.lora_up.weight"].shape == (4, 2)
@@ -60,7 +60,7 @@ def test_kohya_keys_shapes_and_alpha():
 
 def test_text_model_prefix_is_added():
     net = _adapted(["to_v"])
-    sd = kohya_state_dict([LoraNetwork("lora_te", net, "text_model.")], alpha=2.0)
+    sd = kohya_state_dict([LoraNetwork("lora_te", net, "text_model.")])
     assert "lora_te_text_model_blocks_0_to_v.lora_down.weight" in sd
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_scripts.export.kohya import LoraNetwork, count_modules, kohya_state_dict
 from lora_scripts.models.family import LoraTargets
-from lora_scripts.models.lora import adaptable_module_names
+from lora_scripts.models.lora import LoraSpec, adaptable_module_names
 from lora_scripts.models.sd_loading import SDComponents
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 from tests.helpers.compvis import unet_to_compvis
@@ -240,9 +240,7 @@ def _materialise_lora_weights(module: nn.Module) -> None:
                     linear.to_empty(device="cpu")
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_exported_file_keys_load_in_a1111_and_comfyui(version):
-    # End to end on the real writer: add_lora (peft injection) → kohya_state_dict, widest presets.
+def _meta_family(version: str) -> StableDiffusionFamily:
     model = meta_sd_model(version)  # fresh modules: add_lora mutates them
     components = SDComponents(
         unet=model.unet,
@@ -254,17 +252,57 @@ def test_exported_file_keys_load_in_a1111_and_comfyui(version):
         prediction_type="epsilon",
         location="meta",
     )
-    family = StableDiffusionFamily(components)
-    targets = LoraTargets(unet=UNET_PRESETS["attention_proj_ff"], text_encoder=TEXT_ENCODER_TARGETS)
-    networks = family.add_lora(targets, rank=2, alpha=1.0)
+    return StableDiffusionFamily(components)
+
+
+def _exported_names(family: StableDiffusionFamily, targets: LoraTargets, spec: LoraSpec) -> list[str]:
+    """add_lora (peft injection) → kohya_state_dict: the module names of the file we would write."""
+    networks = family.add_lora(targets, spec)
     for network in networks:
         _materialise_lora_weights(network.module)
-    state_dict = kohya_state_dict(networks, alpha=1.0)
-
+    state_dict = kohya_state_dict(networks)
     names = sorted({k.split(".", 1)[0] for k in state_dict})
     assert count_modules(state_dict) == len(names)
+    return names
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_exported_file_keys_load_in_a1111_and_comfyui(version):
+    # End to end on the real writer, widest lists.
+    targets = LoraTargets(unet=UNET_PRESETS["attention_proj_ff"], text_encoder=TEXT_ENCODER_TARGETS)
+    names = _exported_names(_meta_family(version), targets, LoraSpec(rank=2, alpha=1.0))
     assert len(names) == UNET_COUNTS["attention_proj_ff"] + TEXT_ENCODER_LAYERS[version] * 6
     unet_net, te_net = _networks(version)
     computed = _our_names(unet_net, targets.unet) + _our_names(te_net, targets.text_encoder)
     assert names == sorted(computed)
+    _assert_loaded_everywhere(version, names)
+
+
+# SD 1.5 / 2.1 resnets: down 4 × 2, mid 2, up 4 × 3 = 22, each with conv1/conv2; 3 downsamplers, 3 upsamplers.
+LOCON_CONVS = 22 * 2 + 3 + 3
+# With conv_dim sd-scripts also adapts every Linear/1x1 conv of the resnets: 22 time_emb_proj and the 14
+# conv_shortcuts of resnets that change the channel count (2 down, 12 up); the kohya preset does the same.
+LOCON_LINEAR = 22 + 14
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kohya_preset_locon_file_keys_load_in_a1111_and_comfyui(version):
+    # The kohya presets equal the widest lists (proj_in/out, attention, ff; CLIP attention + MLP); LoCon adds
+    # every resnet and sampler 3x3 conv (sd-scripts' conv_dim), which both loaders map to CompVis layers.
+    family = _meta_family(version)
+    spec = LoraSpec(rank=2, alpha=1.0, conv_rank=2, conv_alpha=1.0)
+    names = _exported_names(family, LoraTargets("kohya", "kohya"), spec)
+    expected = UNET_COUNTS["attention_proj_ff"] + LOCON_CONVS + LOCON_LINEAR + TEXT_ENCODER_LAYERS[version] * 6
+    assert len(names) == expected
+    resnet_linear = [n for n in names if n.endswith(("_time_emb_proj", "_conv_shortcut"))]
+    assert len(resnet_linear) == LOCON_LINEAR
+    convs = [n for n in names if ("resnets" in n or "samplers" in n) and n not in resnet_linear]
+    assert len(convs) == LOCON_CONVS and all(
+        n.endswith(("_conv1", "_conv2", "samplers_0_conv")) for n in convs
+    )
+    unet_net, te_net = _networks(version)
+    widest = _our_names(unet_net, UNET_PRESETS["attention_proj_ff"]) + _our_names(
+        te_net, TEXT_ENCODER_TARGETS
+    )
+    assert sorted(set(names) - set(convs) - set(resnet_linear)) == sorted(widest)
     _assert_loaded_everywhere(version, names)

@@ -1,0 +1,167 @@
+"""Config keys for the network's depth (LoCon, dropout, continuing from a file), the loss and noise tricks,
+and the optimizer. Mixed into `TrainConfig` (schema.py); names are sd-scripts'."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator
+from pydantic_core import PydanticCustomError
+
+from lora_scripts.config.fields import Float, Int, PathValue, field
+
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
+
+
+def _optimizer_name(value: Any) -> Any:
+    """sd-scripts' optimizer names, matched without regard to case ('adamw8bit' → 'AdamW8bit')."""
+    from lora_scripts.training.optim import OPTIMIZERS, canonical_optimizer
+
+    if not isinstance(value, str):
+        return value
+    name = canonical_optimizer(value)
+    if name is None:
+        raise PydanticCustomError(
+            "lora_optimizer",
+            "'{value}' is not one of {choices}",
+            {"value": value, "choices": ", ".join(f"'{o}'" for o in OPTIMIZERS)},
+        )
+    return name
+
+
+def _warmup(value: Any) -> Any:
+    """A step count (integer ≥ 0) or a fraction of the run (a number in (0, 1))."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("lora_bool_not_number", "true or false is not a number", {})
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value)
+    if isinstance(value, float) and not 0 < value < 1:
+        raise PydanticCustomError(
+            "lora_warmup",
+            "{value} is neither a step count (a whole number) nor a fraction of the run between 0 and 1",
+            {"value": value},
+        )
+    return value
+
+
+class NetworkDepthKeys(BaseModel):
+    """LoCon, dropout, a separate UNet learning rate and continuing from a file (section "network")."""
+
+    conv_rank: Int | None = field(
+        "network",
+        "LoCon: also train a LoRA of this rank on the UNet's 3x3 convolutions (ResNet blocks, down- and "
+        "upsamplers), kohya's conv_dim. Learns texture and colour better; bigger file.",
+        None,
+        default_doc="none (no conv layers)",
+        ge=1,
+    )
+    conv_alpha: Float | None = field(
+        "network",
+        "Scale of the conv LoRA (kohya: conv_alpha): the update is multiplied by conv_alpha / conv_rank.",
+        None,
+        default_doc="same as conv_rank",
+        gt=0,
+    )
+    network_dropout: Float = field(
+        "network",
+        "Dropout on the LoRA layers' input during training (peft's lora_dropout), against overfitting; 0.1 "
+        "is typical.",
+        0.0,
+        ge=0,
+        lt=1,
+    )
+    network_weights: PathValue | None = field(
+        "network",
+        "Continue training from an existing LoRA file (ours, sd-scripts', or a diffusers/peft file). Its "
+        "rank must match lora_rank (conv_rank for conv layers).",
+        None,
+        default_doc="none (start from scratch)",
+    )
+    unet_lr: Float | None = field(
+        "network",
+        "Learning rate of the UNet LoRA (kohya's unet_lr).",
+        None,
+        default_doc="same as learning_rate",
+        gt=0,
+    )
+
+
+class LossKeys(BaseModel):
+    """Loss, noise and text-encoder tricks (section "loss")."""
+
+    min_snr_gamma: Float | None = field(
+        "loss",
+        "Min-SNR weighting (Hang et al. 2023): caps the weight of easy, low-noise timesteps; 5 is the usual "
+        "value and speeds up convergence.",
+        None,
+        default_doc="none (off)",
+        gt=0,
+    )
+    noise_offset: Float = field(
+        "loss",
+        "Add this much per-channel offset to the noise so the LoRA can learn very dark or bright images; "
+        "0.05-0.1 is usual.",
+        0.0,
+        ge=0,
+    )
+    multires_noise_iterations: Int = field(
+        "loss",
+        "Multi-resolution (pyramid) noise: this many extra octaves of low-frequency noise; 6-10 is usual.",
+        0,
+        ge=0,
+    )
+    multires_noise_discount: Float = field(
+        "loss",
+        "How fast the pyramid noise octaves fade (each octave is scaled by discount^i).",
+        0.3,
+        gt=0,
+        le=1,
+    )
+    zero_terminal_snr: bool = field(
+        "loss",
+        "Rescale the noise schedule so the last timestep is pure noise (Lin et al. 2023); use it with "
+        "v-prediction models.",
+        False,
+    )
+    clip_skip: Int | None = field(
+        "loss",
+        "Use the text encoder's n-th layer from the end (2 = the penultimate, common for anime models); "
+        "sample images use the same.",
+        None,
+        default_doc="1 (the last layer)",
+        ge=1,
+    )
+    loss_type: LossType = field(
+        "loss",
+        "The loss: l2 (mean squared error), l1, huber or smooth_l1 (robust to outliers, sd-scripts' "
+        "scheduled Huber loss).",
+        "l2",
+    )
+    huber_c: Float = field("loss", "Huber loss threshold (the 'c' of sd-scripts).", 0.1, gt=0, le=1)
+    huber_schedule: HuberSchedule = field("loss", "How the Huber threshold changes with the timestep.", "snr")
+
+
+class OptimizerKeys(BaseModel):
+    """Optimizer and schedule details (section "training")."""
+
+    optimizer_type: Annotated[str, BeforeValidator(_optimizer_name)] = field(
+        "training",
+        "Optimizer, as sd-scripts spells it: AdamW, AdamW8bit (needs bitsandbytes and a CUDA GPU), Lion, "
+        "Prodigy (set learning_rate to 1.0), Adafactor or SGD.",
+        "AdamW",
+        allowed_doc="AdamW, AdamW8bit, Lion, Prodigy, Adafactor, SGD (any case)",
+    )
+    optimizer_args: dict[str, Any] = field(
+        "training",
+        "Extra keyword arguments of the optimizer, e.g. {betas: [0.9, 0.99]} or {d_coef: 2}.",
+        {},
+        default_doc="{}",
+    )
+    lr_scheduler_num_cycles: Int = field(
+        "training", "Restarts of lr_scheduler 'cosine_with_restarts'.", 1, ge=1
+    )
+    lr_scheduler_power: Float = field("training", "Power of lr_scheduler 'polynomial'.", 1.0, gt=0)
+
+
+WarmupSteps = Annotated[Int | Float, BeforeValidator(_warmup)]
