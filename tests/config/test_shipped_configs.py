@@ -18,9 +18,10 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 def create_referenced_paths(config_file: Path, root: Path) -> None:
     """Create, under `root`, the folders and files that `config_file` expects to exist."""
     data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    for key in ("train_data_dir", "base_model_config"):
-        if key in data:
-            (root / data[key]).mkdir(parents=True, exist_ok=True)
+    folders = [data[key] for key in ("train_data_dir", "base_model_config", "reg_data_dir") if key in data]
+    folders += [entry["train_data_dir"] for entry in data.get("datasets", [])]
+    for folder in folders:
+        (root / folder).mkdir(parents=True, exist_ok=True)
     for key in ("metadata_path", "base_model"):
         if key in data:
             (root / data[key]).parent.mkdir(parents=True, exist_ok=True)
@@ -55,3 +56,14 @@ def test_character_config_trains_the_text_encoder_gently(
     assert config.train_text_encoder and config.text_encoder_lr is not None
     assert config.text_encoder_lr < config.learning_rate
     assert config.metadata_path is None  # captions from .txt files, with the trigger word
+
+
+def test_buckets_config_uses_the_sd_scripts_depth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = REPO / "configs" / "buckets_and_repeats.yaml"
+    create_referenced_paths(path, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.enable_bucket and config.cache_latents and config.cache_latents_to_disk
+    assert config.datasets is not None and config.datasets[1].resolution == 640
+    assert (config.target_modules, config.conv_rank, config.conv_alpha) == ("kohya", 8, 4)
+    assert isinstance(config.lr_warmup_steps, float) and config.lr_warmup_steps == 0.05
