@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.config.schema import TrainConfig
@@ -61,15 +61,8 @@ class TrainingSet:
 
 
 def caption_options(dataset: DatasetSettings) -> CaptionOptions:
-    return CaptionOptions(
-        shuffle_caption=dataset.shuffle_caption,
-        keep_tokens=dataset.keep_tokens,
-        caption_separator=dataset.caption_separator,
-        caption_prefix=dataset.caption_prefix,
-        caption_suffix=dataset.caption_suffix,
-        caption_dropout_rate=dataset.caption_dropout_rate,
-        caption_tag_dropout_rate=dataset.caption_tag_dropout_rate,
-    )
+    # CaptionOptions' fields are named after the config keys that set them.
+    return CaptionOptions(**{f.name: getattr(dataset, f.name) for f in fields(CaptionOptions)})
 
 
 def subset_specs(datasets: Sequence[DatasetSettings]) -> list[SubsetSpec]:
@@ -88,14 +81,7 @@ def subset_specs(datasets: Sequence[DatasetSettings]) -> list[SubsetSpec]:
 
 def bucket_settings(dataset: DatasetSettings, buckets: BucketSettings) -> BucketSettings:
     """`buckets` (the run's bucket options) at this dataset's resolution."""
-    return BucketSettings(
-        resolution=(dataset.resolution, dataset.resolution),
-        enable_bucket=buckets.enable_bucket,
-        min_bucket_reso=buckets.min_bucket_reso,
-        max_bucket_reso=buckets.max_bucket_reso,
-        bucket_reso_steps=buckets.bucket_reso_steps,
-        bucket_no_upscale=buckets.bucket_no_upscale,
-    )
+    return replace(buckets, resolution=(dataset.resolution, dataset.resolution))
 
 
 def build_training_set(

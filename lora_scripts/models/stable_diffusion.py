@@ -144,9 +144,12 @@ class StableDiffusionFamily(ModelFamily):
     def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
         # diffusers' DiagonalGaussianDistribution, sampled with torch.randn on the moments' device, so the
         # draw comes from the same (seeded) RNG whether the moments were just encoded or read from a cache.
-        mean, logvar = torch.chunk(moments.float(), 2, dim=1)
+        # Contiguous, and randn rather than randn_like: the VAE's CPU convs return channels_last moments where
+        # cached ones are contiguous, and randn_like follows the layout, so the same RNG state would put the
+        # draws at other positions (and the UNet would see another layout, rounding differently).
+        mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        latents = mean + std * torch.randn_like(mean)
+        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return latents * self.vae.config.scaling_factor
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:

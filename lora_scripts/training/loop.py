@@ -7,7 +7,6 @@ anything is written, so a mistake costs seconds and leaves no half-made output f
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,16 @@ from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
 from lora_scripts.training.noise import zero_terminal_snr
-from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
-from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_info import run_metadata
 from lora_scripts.training.sampling import TrainingSampler
 from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver
-from lora_scripts.training.setup import attach_lora, loss_settings, make_accelerator, make_dataloader
+from lora_scripts.training.setup import (
+    attach_lora,
+    loss_settings,
+    make_accelerator,
+    make_dataloader,
+    make_optimization,
+)
 from lora_scripts.training.step import diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -80,34 +83,8 @@ def train(config: TrainConfig) -> TrainResult:
         )
     dataloader = make_dataloader(training_set, config, latents)
 
+    optimizer, plan, lr_scheduler = make_optimization(config, family, training_set, dataloader, accelerator)
     unet = family.denoiser
-    groups = [(trainable_parameters(unet), config.unet_lr)]
-    groups += [(trainable_parameters(te), config.text_encoder_lr) for te in family.text_encoders]
-    optimizer = build_optimizer(
-        config.optimizer_type,
-        groups,
-        args=config.optimizer_args,
-        weight_decay=config.adam_weight_decay,
-        device=accelerator.device,
-    )
-    plan = TrainingPlan.compute(
-        num_images=training_set.num_train_images,
-        # accelerate deals batches out over processes (padding the last round so all get the same count)
-        batches_per_epoch=math.ceil(len(dataloader) / accelerator.num_processes),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        epochs=config.epochs,
-        max_train_steps=config.max_train_steps,
-        lr_warmup_steps=config.lr_warmup_steps,
-    )
-    lr_scheduler = build_lr_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        warmup_steps=plan.warmup_steps,
-        total_steps=plan.max_train_steps,
-        num_processes=accelerator.num_processes,
-        num_cycles=config.lr_scheduler_num_cycles,
-        power=config.lr_scheduler_power,
-    )
     trained = [unet] + (family.text_encoders if config.train_text_encoder else [])
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *trained, optimizer, dataloader, lr_scheduler

@@ -1,9 +1,11 @@
-"""Everything `train()` prepares before the first step: accelerator, LoRA, data loader, loss settings."""
+"""Everything `train()` prepares before the first step: accelerator, LoRA, data loader, optimizer, plan."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from lora_scripts.export.kohya_import import load_network_weights
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.lora import LoraSpec
 from lora_scripts.training.losses import LossSettings
+from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
+from lora_scripts.training.plan import TrainingPlan
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +135,44 @@ def make_dataloader(
 
 
 def loss_settings(config: TrainConfig) -> LossSettings:
-    return LossSettings(
-        loss_type=config.loss_type,
-        huber_c=config.huber_c,
-        huber_schedule=config.huber_schedule,
-        min_snr_gamma=config.min_snr_gamma,
-        noise_offset=config.noise_offset,
-        multires_noise_iterations=config.multires_noise_iterations,
-        multires_noise_discount=config.multires_noise_discount,
+    # LossSettings' fields are named after the config keys that set them.
+    return LossSettings(**{f.name: getattr(config, f.name) for f in fields(LossSettings)})
+
+
+def make_optimization(
+    config: TrainConfig,
+    family: ModelFamily,
+    training_set: TrainingSet,
+    dataloader: torch.utils.data.DataLoader,
+    accelerator: Accelerator,
+) -> tuple[torch.optim.Optimizer, TrainingPlan, object]:
+    """The optimizer over the LoRA parameters (UNet at unet_lr, text encoders at text_encoder_lr), the run's
+    step plan, and the learning-rate schedule over it."""
+    groups = [(trainable_parameters(family.denoiser), config.unet_lr)]
+    groups += [(trainable_parameters(te), config.text_encoder_lr) for te in family.text_encoders]
+    optimizer = build_optimizer(
+        config.optimizer_type,
+        groups,
+        args=config.optimizer_args,
+        weight_decay=config.adam_weight_decay,
+        device=accelerator.device,
     )
+    plan = TrainingPlan.compute(
+        num_images=training_set.num_train_images,
+        # accelerate deals batches out over processes (padding the last round so all get the same count)
+        batches_per_epoch=math.ceil(len(dataloader) / accelerator.num_processes),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        epochs=config.epochs,
+        max_train_steps=config.max_train_steps,
+        lr_warmup_steps=config.lr_warmup_steps,
+    )
+    lr_scheduler = build_lr_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        warmup_steps=plan.warmup_steps,
+        total_steps=plan.max_train_steps,
+        num_processes=accelerator.num_processes,
+        num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power,
+    )
+    return optimizer, plan, lr_scheduler
