@@ -38,6 +38,7 @@ class PlanFacts:
     num_images: int  # training images (each counted once)
     num_reg_images: int
     num_samples: int  # draws per epoch: images x repeats, plus as many regularization draws
+    num_train_samples: int  # the training images' share of num_samples
     bucket_counts: dict[tuple[int, int], int]  # samples per (width, height) bucket
     num_processes: int
     batch_size: int
@@ -72,6 +73,7 @@ def plan_facts(training_set: TrainingSet, config: TrainConfig, *, num_processes:
         num_images=training_set.num_train_images,
         num_reg_images=training_set.num_reg_images,
         num_samples=len(training_set.samples),
+        num_train_samples=training_set.num_train_samples,
         bucket_counts=training_set.bucket_counts(),
         num_processes=num_processes,
         batch_size=config.batch_size,

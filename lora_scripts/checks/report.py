@@ -129,6 +129,7 @@ def _plan_json(plan: PlanFacts | None) -> dict[str, Any] | None:
         "num_images": plan.num_images,
         "num_reg_images": plan.num_reg_images,
         "samples_per_epoch": plan.num_samples,
+        "train_samples_per_epoch": plan.num_train_samples,
         "buckets": [{"width": w, "height": h, "samples": n} for (w, h), n in plan.bucket_counts.items()],
         "num_processes": plan.num_processes,
         "batch_size": plan.batch_size,
@@ -260,14 +261,12 @@ def _clip(text: str, width: int = 60) -> str:
 
 
 def _plan_lines(plan: PlanFacts) -> list[str]:
-    samples = f"{_count(plan.num_images, 'image')}"
-    if plan.num_samples != plan.num_images:
-        reg = (
-            f" + regularization draws of {_count(plan.num_reg_images, 'image')}"
-            if plan.num_reg_images
-            else ""
-        )
-        samples += f" with repeats{reg} = {plan.num_samples} samples"
+    samples = _count(plan.num_images, "image")
+    if plan.num_train_samples != plan.num_images:
+        samples = f"{plan.num_train_samples} samples ({samples} with repeats)"
+    if plan.num_reg_images:
+        reg = plan.num_samples - plan.num_train_samples
+        samples += f" + {reg} regularization ({_count(plan.num_reg_images, 'image')}) = {plan.num_samples}"
     buckets = len(plan.bucket_counts)
     per_epoch = f"{samples} / batch {plan.batch_size}"
     per_epoch += f" within {buckets} buckets" if buckets > 1 else ""

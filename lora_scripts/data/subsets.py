@@ -168,8 +168,11 @@ def _collect_one(
         )
         for name in sorted(captions)
     ]
-    views = sum(item.repeats for item in items)
-    logger.info("%s: %d %s images, %d views per epoch", image_dir, len(items), kind_of_images, views)
+    if spec.is_reg:  # how often they are drawn depends on the training images (training_set.py)
+        logger.info("%s: %d %s images", image_dir, len(items), kind_of_images)
+    else:
+        views = sum(item.repeats for item in items)
+        logger.info("%s: %d %s images, %d samples per epoch", image_dir, len(items), kind_of_images, views)
     return items, [image_dir / name for name in sorted(set(images) | set(captions))]
 
 
