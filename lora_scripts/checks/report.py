@@ -29,6 +29,8 @@ class DatasetFacts:
     metadata_path: Path | None  # None: captions from .txt files beside the images
     images_found: int
     images_captioned: int | None
+    other_folders: tuple[Path, ...] = ()  # further datasets and the regularization folder, counted too
+    caption_extension: str = ".txt"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ def _dataset_json(dataset: DatasetFacts | None) -> dict[str, Any] | None:
         "metadata_path": None if dataset.metadata_path is None else str(dataset.metadata_path),
         "images_found": dataset.images_found,
         "images_captioned": dataset.images_captioned,
+        "other_folders": [str(folder) for folder in dataset.other_folders],
     }
 
 
@@ -216,9 +219,14 @@ def _listed(summary: str, items: list[str]) -> str:
 
 
 def _dataset_lines(dataset: DatasetFacts, images: ImageReport | None, resolution: int | None) -> list[str]:
-    source = f"captions from {dataset.metadata_path}" if dataset.metadata_path else "captions from .txt files"
+    source = (
+        f"captions from {dataset.metadata_path}"
+        if dataset.metadata_path
+        else f"captions from {dataset.caption_extension} files"
+    )
     captioned = "?" if dataset.images_captioned is None else str(dataset.images_captioned)
-    lines = ["", f"Data: {dataset.train_data_dir} ({source})"]
+    folders = " + ".join(str(folder) for folder in (dataset.train_data_dir, *dataset.other_folders))
+    lines = ["", f"Data: {folders} ({source})"]
     lines.append(_row("images", f"{dataset.images_found} found, {captioned} captioned"))
     if images is None:
         return lines

@@ -77,6 +77,8 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
             metadata_path=datasets[0].metadata_path,
             images_found=found,
             images_captioned=None if training_set is None else len(training_set.images),
+            other_folders=tuple(Path(d.train_data_dir) for d in datasets[1:]),
+            caption_extension=datasets[0].caption_extension,
         ),
         images=images,
         captions=captions,

@@ -18,7 +18,8 @@ Problem = tuple[str, str]
 def cross_key_problems(config: TrainConfig) -> list[Problem]:
     """(key path, problem) for every conflict in `config`."""
     problems: list[Problem] = []
-    for rule in (_dataset_rules, _warmup_rules, _crop_and_cache_rules, _bucket_rules, _loss_rules):
+    rules = (_dataset_rules, _warmup_rules, _crop_and_cache_rules, _bucket_rules, _loss_rules, _safety_rules)
+    for rule in rules:
         problems += rule(config)
     problems += _optimizer_rules(config)
     return problems
@@ -127,7 +128,8 @@ def _crop_and_cache_rules(config: TrainConfig) -> list[Problem]:
             problems.append(
                 (
                     "cache_text_encoder_outputs",
-                    f"needs captions that stay the same, but {', '.join(changing)} changes them at every "
+                    f"needs captions that stay the same, but {' and '.join(changing)} "
+                    f"{'changes' if len(changing) == 1 else 'change'} them at every "
                     "step; turn those off or set cache_text_encoder_outputs: false",
                 )
             )
@@ -176,6 +178,19 @@ def _loss_rules(config: TrainConfig) -> list[Problem]:
                 "cannot learn what to do at the pure-noise last timestep",
             )
         )
+    return problems
+
+
+def _safety_rules(config: TrainConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    validating = config.validation_split > 0 or config.validation_data_dir is not None
+    if config.validation_split > 0 and config.validation_data_dir is not None:
+        problems.append(("validation_split", "use either validation_split or validation_data_dir, not both"))
+    for key in ("validate_every_n_steps", "early_stopping_patience"):
+        if _written(config, key) and not validating:
+            problems.append((key, "has no effect without validation_split or validation_data_dir"))
+    if _written(config, "save_last_n_states") and not config.save_state:
+        problems.append(("save_last_n_states", "has no effect with save_state: false"))
     return problems
 
 

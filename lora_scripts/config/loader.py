@@ -55,6 +55,7 @@ MUST_EXIST: dict[str, str] = {
     "base_model_config": "folder",
     "reg_data_dir": "folder",
     "network_weights": "file",
+    "validation_data_dir": "folder",
 }
 
 _MAX_SHOWN = 60  # characters of a value quoted in a message
@@ -374,6 +375,12 @@ def _path_problems(data: Mapping[str, Any], skip: set[str]) -> list[tuple[str, s
                     problem = _missing_path(Path(value).expanduser(), value, kind)
                     if problem:
                         problems.append((f"datasets[{i}].{key}", problem))
+    resume = data.get("resume")
+    if "resume" not in skip and isinstance(resume, str) and resume.strip() and resume != "auto":
+        if not Path(resume).expanduser().is_dir():
+            problems.append(
+                ("resume", f"'{resume}' is not a saved state folder; write auto, or a folder in state/")
+            )
     base_model = data.get("base_model")
     if "base_model" not in skip and isinstance(base_model, str) and base_model.strip():
         problem = base_model_problem(base_model)

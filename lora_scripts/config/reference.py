@@ -31,6 +31,7 @@ _SECTION_TITLES = {
     "training": "Training: steps, learning rate, optimizer, memory",
     "loss": "Loss, noise and prediction",
     "saving": "Saving: where and how the LoRA is written",
+    "validation": "Validation and numerical safety",
     "logging": "Logging",
 }
 

@@ -26,6 +26,7 @@ from lora_scripts.config.fields import (
     yaml_no,
 )
 from lora_scripts.config.keys_data import BucketKeys, CacheKeys, DatasetKeys
+from lora_scripts.config.keys_safety import SafetyKeys, StateKeys
 from lora_scripts.config.keys_training import LossKeys, NetworkDepthKeys, OptimizerKeys, WarmupSteps
 
 SECTIONS: tuple[str, ...] = (
@@ -37,6 +38,7 @@ SECTIONS: tuple[str, ...] = (
     "training",
     "loss",
     "saving",
+    "validation",
     "logging",
 )
 
@@ -47,7 +49,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["fp16", "bf16", "fp32"]
 
 
-class TrainConfig(OptimizerKeys, LossKeys, NetworkDepthKeys, CacheKeys, BucketKeys, DatasetKeys):
+class TrainConfig(
+    SafetyKeys, StateKeys, OptimizerKeys, LossKeys, NetworkDepthKeys, CacheKeys, BucketKeys, DatasetKeys
+):
     """Everything one LoRA training run needs; loaded from YAML by `lora_scripts.config.load_config`.
 
     Paths are kept as written (relative ones start from the current directory). Fields whose default is
