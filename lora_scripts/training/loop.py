@@ -7,6 +7,7 @@ anything is written, so a mistake costs seconds and leaves no half-made output f
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA as `config` says and write its files under `config.output_dir`."""
+    if os.environ.get("RANK", "0") != "0":  # launched as a second process: one copy of each message is enough
+        logging.getLogger("lora_scripts").setLevel(logging.WARNING)
     training_set = check_before_training(config)  # raises check's UserError, logs warnings, writes nothing
     accelerator = make_accelerator(config)
     sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
