@@ -10,17 +10,35 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
 from lora_scripts.generation import cli_args as generate_args
 
+if TYPE_CHECKING:
+    from lora_scripts.training.loop import TrainResult
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lora_scripts.config import load_config
+    from lora_scripts.training.failures import explain_failure
     from lora_scripts.training.loop import train
 
-    config = load_config(args.config)
-    result = train(config)
+    # --resume on the command line wins over the config's resume.
+    config = load_config(args.config, {"resume": args.resume} if args.resume else None)
+    try:
+        result = train(config)
+    except Exception as exc:
+        # A full disk, a read-only output_dir or too little GPU memory is the user's to fix: one sentence,
+        # like every other user error. Anything else keeps its traceback.
+        explained = explain_failure(exc, output_dir=config.output_dir, config=config)
+        if explained is None:
+            raise
+        raise explained from exc
+    if result.stopped_by is not None:
+        if result.is_main_process:
+            _print_stopped(result, args.config)
+        return 130  # the shell's code for a run ended by Ctrl-C
     if not result.is_main_process:
         return 0
     print(f"Done: {result.global_step} steps. LoRA files:")
@@ -28,6 +46,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"  {path}")
     print(f"TensorBoard: tensorboard --logdir {config.logging_dir}")
     return 0
+
+
+def _print_stopped(result: TrainResult, config_path: str) -> None:
+    from lora_scripts.training.interrupt import resume_command
+
+    print(f"Stopped at step {result.global_step} ({result.stopped_by}). LoRA file: {result.step_files[-1]}")
+    if result.state_dir is None:
+        print("No training state was saved (save_state: false), so this run cannot be resumed.")
+        return
+    print(f"Training state: {result.state_dir}")
+    print(f"To continue: {resume_command(config_path, sys.argv[0])}")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -159,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a LoRA from a YAML config")
     p.add_argument("--config", required=True, help="path of the YAML config (see docs/config.md)")
+    p.add_argument(
+        "--resume",
+        metavar="auto|STATE",
+        help="continue a stopped run: auto = the newest state in output_dir/state, or a state folder "
+        "(overrides the config's resume)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("check", help="check the data and config and show the plan, without training")
@@ -191,12 +226,22 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _close_progress_bars() -> None:
+    """End a progress bar that a failure left open (e.g. a full disk mid-training), so that the error starts
+    on its own line instead of after `training:  50%|█████ …`. tqdm keeps its live bars in `_instances`."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
     except UserError as err:
+        _close_progress_bars()
         for message in err.messages:
             print(f"error: {message}", file=sys.stderr)
         return 2

@@ -74,6 +74,7 @@ def write_demo_config(root: Path, steps: int) -> Path:
         "output_dir": str(root / "output" / "ink_painting_demo"),
         "save_steps": max(1, steps // 3),
         "seed": 42,
+        "overwrite": True,  # running the demo again replaces its run (the old one goes to previous_runs/)
     }
     path = root / "configs" / "ink_painting_demo.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

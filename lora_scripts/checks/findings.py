@@ -1,6 +1,7 @@
 """Turn the facts of a check into warnings: one sentence each, naming the files and what to do.
 
-Warnings never stop training; `check` prints them and `train` logs them, with the same words.
+Warnings never stop training; `check` prints them and `train` logs them, with the same words. The one
+error made here, an output_dir holding another run, stops both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lora_scripts.checks.images import (
 )
 from lora_scripts.checks.plan import OutputFacts, PlanFacts
 from lora_scripts.config import TrainConfig
+from lora_scripts.training.output_dir import BACKUP_FOLDER, output_dir_problem, will_resume
 
 MAX_NAMED = 5  # files named in one warning; the rest are counted
 
@@ -107,11 +109,20 @@ def plan_warnings(config: TrainConfig, plan: PlanFacts) -> list[str]:
     return out
 
 
-def output_warnings(outputs: OutputFacts) -> list[str]:
-    """A run already in output_dir: its files of the same names will be overwritten."""
-    if not outputs.existing_files:
-        return []
-    return [
-        f"output_dir: '{outputs.output_dir}' already holds a run ({named(outputs.existing_files)}); files "
-        "with the same names will be overwritten, so choose a new output_dir to keep them."
+def output_problems(outputs: OutputFacts, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about a run already in output_dir, in the words `train` stops with.
+
+    An earlier run is an error unless `overwrite` or `resume` says what to do with it
+    (training/output_dir.py); with `overwrite` a warning says where its files go.
+    """
+    resuming = will_resume(outputs.output_dir, config.resume)
+    problem = output_dir_problem(outputs.output_dir, overwrite=config.overwrite, resuming=resuming)
+    if problem is not None:
+        return [problem], []
+    if not outputs.existing_files or resuming:
+        return [], []
+    return [], [
+        f"output_dir: '{outputs.output_dir}' already holds a run ({named(outputs.existing_files)}); "
+        f"overwrite: true moves its files to {outputs.output_dir / BACKUP_FOLDER}/YYYYmmdd-HHMMSS/ before "
+        "training starts."
     ]

@@ -25,6 +25,7 @@ from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targe
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
 from lora_scripts.models.sd_loading import folder_config, shipped_config_dir, version_from_unet_config
+from lora_scripts.training.output_dir import run_files
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, step_file_name
 
@@ -233,7 +234,7 @@ class OutputFacts:
     final_files: list[str]
     config_file: str
     logging_dir: Path
-    existing_files: list[str]  # *.safetensors and config.yaml already in output_dir: a run was there
+    existing_files: list[str]  # config.yaml, *.safetensors, state/, logs/, sample/ already there: a run
 
 
 def output_facts(config: TrainConfig, total_steps: int | None) -> OutputFacts:
@@ -246,13 +247,7 @@ def output_facts(config: TrainConfig, total_steps: int | None) -> OutputFacts:
         step_files = (
             [step_file_name(name, step) for step in range(every, total_steps + 1, every)] if every else []
         )
-    existing: list[str] = []
-    if config.output_dir.is_dir():
-        existing = sorted(
-            p.name
-            for p in config.output_dir.iterdir()
-            if p.is_file() and (p.suffix == ".safetensors" or p.name == CONFIG_FILE_NAME)
-        )
+    existing = run_files(config.output_dir)  # the same test train() refuses an output_dir by
     return OutputFacts(
         output_dir=config.output_dir,
         output_name=name,

@@ -336,5 +336,5 @@ def _output_lines(outputs: OutputFacts) -> list[str]:
     lines.append(_row("config", outputs.config_file))
     lines.append(_row("logs", str(outputs.logging_dir)))
     if outputs.existing_files:
-        lines.append(_row("already there", named(outputs.existing_files, _SHOWN) + " (will be overwritten)"))
+        lines.append(_row("already there", named(outputs.existing_files, _SHOWN) + " (an earlier run)"))
     return lines

@@ -1,7 +1,8 @@
 """Run the checks: all of them for `lora-scripts check`, the cheap ones before every `train`.
 
-Blocking problems (an invalid config, dataset problems, a base model or target layers training cannot use)
-are errors; everything else is a warning. `train` raises the same UserError `check` lists as errors.
+Blocking problems (an invalid config, dataset problems, a base model or target layers training cannot use,
+an output_dir holding another run) are errors; everything else is a warning. `train` raises the same
+UserError `check` lists as errors.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import os
 from pathlib import Path
 
 from lora_scripts.checks.captions import analyze_captions
-from lora_scripts.checks.findings import caption_warnings, image_warnings, output_warnings, plan_warnings
+from lora_scripts.checks.findings import caption_warnings, image_warnings, output_problems, plan_warnings
 from lora_scripts.checks.images import analyze_images
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts
 from lora_scripts.checks.report import CheckReport, DatasetFacts
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.data import CaptionedImage, find_images
-from lora_scripts.data.training_set import TrainingSet, bucket_options, build_training_set
+from lora_scripts.data.training_set import TrainingSet, training_set_for
 from lora_scripts.errors import UserError
 from lora_scripts.models.stable_diffusion import partial_fused_attention_warning
 
@@ -43,7 +44,7 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     training_set: TrainingSet | None = None
     items: list[CaptionedImage] | None = None
     try:
-        training_set = build_training_set(datasets, bucket_options(config), config.prior_loss_weight)
+        training_set = training_set_for(config)
         items = [item for item in training_set.images if not item.is_reg]
     except UserError as err:
         errors += err.messages
@@ -58,11 +59,13 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     except UserError as err:
         errors += err.messages
     outputs = output_facts(config, plan.total_steps if plan else None)
+    output_errors, output_notes = output_problems(outputs, config)
+    errors += output_errors
 
     warnings = image_warnings(images, config.resolution) if images else []
     warnings += caption_warnings(captions) if captions else []
     warnings += plan_warnings(config, plan) if plan else []
-    warnings += output_warnings(outputs)
+    warnings += output_notes
     if network is not None and network.sd_version == "sd_v2" and config.train_text_encoder:
         targets = config.text_encoder_target_modules
         fused = partial_fused_attention_warning(list(targets)) if not isinstance(targets, str) else None
@@ -110,12 +113,19 @@ def _image_names(datasets: list[DatasetSettings], training_set: TrainingSet | No
 def check_before_training(config: TrainConfig) -> TrainingSet:
     """The run's training set, after the checks that cost seconds; what `train` runs first.
 
-    Raises the UserError `check` reports for a dataset with blocking problems, and logs each warning.
-    The base model is not looked at here: train() loads it next, and its target-layer check words its
-    errors as `check` does. Nothing is written.
+    Raises the UserError `check` reports for a dataset with blocking problems or an output_dir holding
+    another run (unless overwrite/resume), and logs each warning. The base model is not looked at here:
+    train() loads it next, and its target-layer check words its errors as `check` does. Nothing is written.
     """
     datasets = dataset_settings(config)
-    training_set = build_training_set(datasets, bucket_options(config), config.prior_loss_weight)
+    # Every process sees output_dir as it was: launchers start them together, before anything is written.
+    output_errors, output_notes = output_problems(output_facts(config, None), config)
+    try:
+        training_set = training_set_for(config)
+    except UserError as err:
+        raise UserError(err.messages + output_errors) from None
+    if output_errors:
+        raise UserError(output_errors)
     items = [item for item in training_set.images if not item.is_reg]
     root, names = _image_names(datasets, training_set)
     warnings = image_warnings(analyze_images(root, names, config.resolution), config.resolution)
@@ -123,7 +133,7 @@ def check_before_training(config: TrainConfig) -> TrainingSet:
     # No accelerator exists yet; launchers (torchrun, accelerate launch) say the process count and rank in
     # the environment. Steps shrink with more processes, and one copy of each warning is enough.
     plan = plan_facts(training_set, config, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
-    warnings += plan_warnings(config, plan) + output_warnings(output_facts(config, plan.total_steps))
+    warnings += plan_warnings(config, plan) + output_notes
     if os.environ.get("RANK", "0") == "0":
         for message in warnings:
             log.warning("warning: %s", message)

@@ -46,8 +46,9 @@ class StateKeys(BaseModel):
     )
     overwrite: bool = field(
         "saving",
-        "Allow training into an output_dir that already holds another run's files (they are replaced). "
-        "Without it such a run stops before anything is written.",
+        "Allow training into an output_dir that already holds another run's files: they are first moved to "
+        "output_dir/previous_runs/YYYYmmdd-HHMMSS/ (nothing is deleted). Without it such a run stops before "
+        "anything is written.",
         False,
     )
 
@@ -72,7 +73,8 @@ class SafetyKeys(BaseModel):
     )
     validation_data_dir: PathValue | None = field(
         "validation",
-        "Folder of captioned images to measure a validation loss on (same layout as train_data_dir).",
+        "Folder of captioned images to measure a validation loss on: captions from its own metadata.csv if "
+        "it has one, else from caption files (caption_extension) beside the images.",
         None,
         default_doc="none",
     )

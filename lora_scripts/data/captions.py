@@ -277,6 +277,14 @@ def _parse_metadata(
             return None
         columns = [c.strip() for c in header]
         missing = [c for c in (_FILE_NAME_COLUMN, _TEXT_COLUMN) if c not in columns]
+        if missing and [c.strip() for c in header[0].split(";")][:2] == [_FILE_NAME_COLUMN, _TEXT_COLUMN]:
+            # Excel writes ";" as the separator where "," is the decimal comma (German, French, ...).
+            problems.add(
+                "metadata",
+                f"{metadata_path}: the columns are separated by semicolons; save it as a comma-separated "
+                "CSV (file_name,text).",
+            )
+            return None
         if missing:
             problems.add(
                 "metadata",

@@ -1,14 +1,17 @@
 """The samples of one epoch: every image times its repeats, regularization images balanced against them,
 each with its bucket and loss weight. `check` and `train` both build it, so the step count `check` shows is
-the one training runs.
+the one training runs. Images held out for the validation loss (`validation_split`, or the
+`validation_data_dir` folder) are set apart here, so nothing else ever trains on them.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.config.schema import TrainConfig
@@ -16,6 +19,7 @@ from lora_scripts.data.buckets import BucketSettings, Size, assign_bucket, image
 from lora_scripts.data.caption_ops import CaptionOptions
 from lora_scripts.data.captions import CaptionedImage
 from lora_scripts.data.subsets import SubsetSpec, collect_subsets
+from lora_scripts.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class TrainingSet:
-    images: list[CaptionedImage]  # every captioned image, training and regularization
+    images: list[CaptionedImage]  # every captioned image trained on, training and regularization
     samples: list[Sample]  # one epoch's draws, in a fixed order (the batch sampler shuffles)
     datasets: list[DatasetSettings]
+    # Images the validation loss is measured on, never trained on (empty: validation off). `subset` indexes
+    # `datasets` (for validation_data_dir images: 0, so they use the first dataset's resolution).
+    validation: list[CaptionedImage] = field(default_factory=list)
 
     @property
     def num_train_images(self) -> int:
@@ -89,10 +96,17 @@ def build_training_set(
     buckets: BucketSettings,
     prior_loss_weight: float,
     images: list[CaptionedImage] | None = None,
+    *,
+    validation_split: float = 0.0,
+    seed: int = 0,
 ) -> TrainingSet:
-    """Collect (unless `images` is given), bucket and repeat every image. Raises the datasets' UserError."""
+    """Collect (unless `images` is given), hold out `validation_split` of the training images
+    (`split_validation`), bucket and repeat the rest. Raises the datasets' UserError."""
     if images is None:
         images = collect_subsets(subset_specs(datasets))
+    validation: list[CaptionedImage] = []
+    if validation_split > 0:
+        images, validation = split_validation(images, validation_split, seed)
     per_dataset = [bucket_settings(d, buckets) for d in datasets]
     bucket_of = {item: assign_bucket(image_size(item.path), per_dataset[item.subset]) for item in images}
     train = [item for item in images if not item.is_reg]
@@ -104,7 +118,43 @@ def build_training_set(
         for item, repeats in zip(reg, reg_repeats, strict=True)
         for _ in range(repeats)
     ]
-    return TrainingSet(images=list(images), samples=samples, datasets=list(datasets))
+    return TrainingSet(images=list(images), samples=samples, datasets=list(datasets), validation=validation)
+
+
+def split_validation(
+    images: list[CaptionedImage], fraction: float, seed: int
+) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """(images kept for training, images held out for validation).
+
+    Holds out round(fraction * n) of the n training images, rounding halves up (at least 1 when fraction >
+    0); regularization images are always kept. Which ones is a permutation seeded by `seed` of the training
+    images sorted by path, so the same files and seed hold out the same images whatever order they were
+    listed in. Kept images stay in their input order; held-out ones are sorted by path. Raises UserError
+    when no training image would be left.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"validation_split: {fraction} must be at least 0 and below 1 (0.1 = one in ten).")
+    if fraction == 0:
+        return list(images), []
+    train = sorted((item for item in images if not item.is_reg), key=_path_order)
+    count = max(1, math.floor(fraction * len(train) + 0.5))
+    if count >= len(train):
+        raise UserError(
+            f"validation_split: {fraction} would hold out {count} of the {len(train)} training images and "
+            "leave none to train on; lower validation_split, add images, or put separate images in "
+            "validation_data_dir instead."
+        )
+    # A string seed is hashed with SHA-512 by `random`: the same permutation on every platform and Python,
+    # and a different stream from the run's other uses of `seed`.
+    order = list(range(len(train)))
+    random.Random(f"validation_split/{seed}").shuffle(order)
+    held_out = {train[i] for i in sorted(order[:count])}
+    kept = [item for item in images if item not in held_out]
+    return kept, sorted(held_out, key=_path_order)
+
+
+def _path_order(item: CaptionedImage) -> tuple[str, int]:
+    return str(item.path), item.subset
 
 
 def balanced_reg_repeats(repeats: Sequence[int], num_train_samples: int) -> list[int]:
@@ -141,7 +191,41 @@ def bucket_options(config: TrainConfig) -> BucketSettings:
     )
 
 
+def validation_spec(config: TrainConfig) -> SubsetSpec:
+    """How `validation_data_dir` is read: captions as for train_data_dir (its own `metadata.csv` if it has
+    one, else caption files with `caption_extension`), each image once (N_name folders do not repeat)."""
+    folder = Path(config.validation_data_dir)  # type: ignore[arg-type]
+    metadata = folder / "metadata.csv"
+    return SubsetSpec(
+        image_dir=folder,
+        metadata_path=metadata if metadata.is_file() else None,
+        caption_extension=config.caption_extension,
+        num_repeats=1,
+        key="validation_data_dir",
+    )
+
+
 def training_set_for(config: TrainConfig) -> TrainingSet:
-    """Every dataset of `config`, collected, checked, bucketed and repeated
-    (raises the datasets' UserError)."""
-    return build_training_set(dataset_settings(config), bucket_options(config), config.prior_loss_weight)
+    """Every dataset of `config`, collected, checked, bucketed and repeated, with its validation images:
+    `validation_split` of the training images, or the `validation_data_dir` folder.
+    Raises one UserError with the problems of every folder."""
+    problems: list[str] = []
+    validation = None
+    if config.validation_data_dir is not None:
+        try:
+            validation = collect_subsets([validation_spec(config)])
+        except UserError as err:
+            problems += err.messages
+    try:
+        training_set = build_training_set(
+            dataset_settings(config),
+            bucket_options(config),
+            config.prior_loss_weight,
+            validation_split=config.validation_split,
+            seed=config.seed,
+        )
+    except UserError as err:
+        raise UserError(err.messages + problems) from None
+    if problems:
+        raise UserError(problems)
+    return training_set if validation is None else replace(training_set, validation=validation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -19,9 +20,11 @@ def save_lora_file(
     output_name: str,
     steps: int,
     epoch: int,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Save `tensors` with full metadata to `path` (temp file + rename); returns the metadata written."""
-    meta = file_metadata(run, tensors, output_name=output_name, steps=steps, epoch=epoch)
+    """Save `tensors` with full metadata (plus `extra` ss_* keys) to `path` (temp file + rename); returns the
+    metadata written."""
+    meta = file_metadata(run, tensors, output_name=output_name, steps=steps, epoch=epoch, extra=extra)
     write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
     return meta
 

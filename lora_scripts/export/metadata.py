@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +107,9 @@ def file_metadata(
     output_name: str,
     steps: int,
     epoch: int,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The full metadata of one file: run facts, per-file facts, hashes and modelspec."""
+    """The full metadata of one file: run facts, per-file facts (and `extra`), hashes and modelspec."""
     now = time.time()
     meta = run.ss_metadata()
     meta.update(
@@ -116,6 +118,7 @@ def file_metadata(
             "ss_steps": str(steps),
             "ss_epoch": str(epoch),
             "ss_training_finished_at": str(now),
+            **(extra or {}),
         }
     )
     model_hash, legacy_hash = precalculate_hashes(tensors, meta)

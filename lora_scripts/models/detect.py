@@ -35,6 +35,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     wrapper, used by the original CompVis checkpoints) is unwrapped; non-tensor entries (global_step, ...)
     are dropped.
     """
+    _refuse_text_file(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -65,6 +66,23 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise UserError(f"base_model: '{path}' does not hold a state dict (found {type(obj).__name__}).")
     return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+
+
+def _refuse_text_file(path: Path) -> None:
+    """A failed download often leaves a text file under the model's name (an HTML error page, a Git LFS
+    pointer); say so, rather than quoting the binary reader's error about a header or a zip archive."""
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # binary: a checkpoint, or damaged in a way the readers below describe
+    if head and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        raise UserError(
+            f"base_model: '{path}' is a text file (it starts with '{first}'), not a checkpoint; a failed "
+            "download or a Git LFS pointer leaves such a file, so download the model again."
+        )
 
 
 def detect_sd_version(state_dict: dict[str, torch.Tensor], path: Path) -> SDVersion:

@@ -78,6 +78,11 @@ class ModelFamily(ABC):
         from the global torch RNG (so cached and uncached runs draw the same numbers)."""
 
     @abstractmethod
+    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """Moments from `encode_images` → scaled latents [B, C, h, w] at the posterior's mean (no sampling
+        noise, no RNG draw): fixed latents for the validation loss."""
+
+    @abstractmethod
     def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Captions → conditioning dict for `predict`."""
 

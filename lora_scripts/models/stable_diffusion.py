@@ -152,6 +152,10 @@ class StableDiffusionFamily(ModelFamily):
         latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return latents * self.vae.config.scaling_factor
 
+    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
+        return mean * self.vae.config.scaling_factor
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions → input ids [B, 77] (CLIP reads 75 tokens; longer captions are cut)."""
         return self.tokenizer(

@@ -1,30 +1,44 @@
 """`train()`: the whole run, readable top to bottom.
 
-Order matters for the user: the config and the dataset are checked before any model loads and before
-anything is written, so a mistake costs seconds and leaves no half-made output folder.
+Order matters for the user: the config, the dataset and the state to resume from are checked before any
+model loads and before anything is written, so a mistake costs seconds and leaves no half-made output folder.
+
+A run never loses its work: every `save_steps` it saves a LoRA file and the full training state
+(training/state.py); Ctrl-C or SIGTERM finish the step and save both (training/interrupt.py); `resume`
+continues from a state exactly, bit for bit on the same machine; a NaN loss stops the run, or rolls it back to
+the last state, at the step it appears (training/nan_guard.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from lora_scripts.checks import check_before_training
 from lora_scripts.config import TrainConfig, dump_config
+from lora_scripts.data.dataset import EpochBatchSampler
 from lora_scripts.data.text_cache import TextEncoderCache
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
+from lora_scripts.training.checkpoints import Checkpoints, roll_back
+from lora_scripts.training.interrupt import FaultInjection, stop_on_signals
+from lora_scripts.training.nan_guard import NanGuard
 from lora_scripts.training.noise import zero_terminal_snr
+from lora_scripts.training.output_dir import STATE_FOLDER, prepare_output_dir
 from lora_scripts.training.run_info import run_metadata
 from lora_scripts.training.sampling import TrainingSampler
-from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver
+from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver, step_file_name
 from lora_scripts.training.setup import (
     attach_lora,
     loss_settings,
@@ -32,7 +46,17 @@ from lora_scripts.training.setup import (
     make_dataloader,
     make_optimization,
 )
+from lora_scripts.training.state import (
+    Progress,
+    StateStore,
+    TrainingParts,
+    check_resume,
+    data_fingerprint,
+    resume_state,
+)
 from lora_scripts.training.step import diffusion_loss
+from lora_scripts.training.tensorboard import start_tensorboard, trackers_closed_on_error
+from lora_scripts.training.validation import ValidationOutcome, Validator, validator_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +69,8 @@ class TrainResult:
     step_files: list[Path]
     last_loss: float
     is_main_process: bool
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run before its end
+    state_dir: Path | None = None  # the training state saved when it stopped (None: save_state is off)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -52,7 +78,13 @@ def train(config: TrainConfig) -> TrainResult:
     if os.environ.get("RANK", "0") != "0":  # launched as a second process: one copy of each message is enough
         logging.getLogger("lora_scripts").setLevel(logging.WARNING)
     training_set = check_before_training(config)  # raises check's UserError, logs warnings, writes nothing
+    resume_from = resume_state(config)
     accelerator = make_accelerator(config)
+    if resume_from is not None:  # a config that cannot continue the run stops here, before any model loads
+        check_resume(resume_from, config, training_set, accelerator.num_processes)
+    if accelerator.is_main_process:
+        prepare_output_dir(config.output_dir, overwrite=config.overwrite, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
     sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
     set_seed(config.seed)
     family = load_family(
@@ -68,6 +100,8 @@ def train(config: TrainConfig) -> TrainResult:
             )
         family.noise_scheduler = zero_terminal_snr(family.noise_scheduler)
     networks = attach_lora(family, config, accelerator)
+    # Encodes its images now, while the VAE and text encoder are still on the device (caching may move them).
+    validator = validator_for(config, family, training_set, accelerator.device)
     latents = None
     if config.cache_latents:
         latents = cache_latents(
@@ -85,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
             family, training_set, accelerator.device, config.batch_size, offload=not sampler.prompts
         )
     dataloader = make_dataloader(training_set, config, latents)
+    epoch_sampler = dataloader.batch_sampler  # ours, before accelerate wraps it: resume sets its epoch
 
     optimizer, plan, lr_scheduler = make_optimization(config, family, training_set, dataloader, accelerator)
     unet = family.denoiser
@@ -104,11 +139,34 @@ def train(config: TrainConfig) -> TrainResult:
             config, family, training_set, plan, f"{optimizer_name.__module__}.{optimizer_name.__name__}"
         ),
     )
+    fault = FaultInjection.from_env()
+    store = StateStore(
+        config.output_dir / STATE_FOLDER,
+        TrainingParts(networks, optimizer, lr_scheduler, accelerator.scaler, validator),
+        keep=config.save_last_n_states,
+        accelerator=accelerator,
+        config=config,
+        data=data_fingerprint(training_set),
+        fault=fault.during_save if fault else None,
+    )
+    progress = Progress()
+    if resume_from is not None:
+        # LoRA, optimizer, schedule, scaler and RNGs: after everything above that draws random numbers.
+        progress = store.load(resume_from)
+        log.info(
+            "Resuming from %s: step %d of %d, epoch %d (%d of its batches done)",
+            resume_from,
+            progress.global_step,
+            plan.max_train_steps,
+            progress.epoch,
+            progress.batches_in_epoch,
+        )
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, config.output_dir / "config.yaml")
-        accelerator.init_trackers(config.output_name)
-    sampler.at_start(family)
+        start_tensorboard(accelerator, config, progress.global_step if resume_from else None)
+    if resume_from is None:
+        sampler.at_start(family)
     log.info(
         "%d images (%d regularization), %d samples/epoch, %d batches/epoch per process, %d epochs, %d steps; "
         "effective batch size %d (batch_size %d x gradient_accumulation_steps %d x %d processes)",
@@ -124,57 +182,162 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.num_processes,
     )
     settings = loss_settings(config)
+    guard = NanGuard.from_config(config)
+    checkpoints = Checkpoints(saver, store, accelerator, config.save_state or config.nan_policy == "rollback")
+    if resume_from is not None:
+        checkpoints.note_existing(
+            config.output_dir / step_file_name(config.output_name, progress.global_step)
+        )
+    if config.nan_policy == "rollback" and store.latest() is None:
+        store.save(progress)  # so that a NaN before the first save_steps has a state to go back to
 
-    global_step, epoch, loss_value = 0, 0, float("nan")
+    loss_value = float("nan")
     micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current update
-    step_files: list[Path] = []
-    progress = tqdm(
-        total=plan.max_train_steps, desc="training", unit="step", disable=not accelerator.is_main_process
+    stopped_by: str | None = None
+    stopped_early = False  # early stopping: the final files are still written
+    bar = tqdm(
+        total=plan.max_train_steps,
+        initial=progress.global_step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
     )
     clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for module in prepared:
         module.train()
-    while global_step < plan.max_train_steps:
-        epoch += 1
-        for batch in dataloader:
-            with accelerator.accumulate(*prepared):
-                latents, cond = batch_inputs(family, batch, text_cache, accelerator.device)
-                weights = batch["loss_weights"].to(accelerator.device)
-                loss = diffusion_loss(family, latents, cond, settings, weights)
-                accelerator.backward(loss)
-                micro_losses.append(loss.detach())
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
-                lrs = lr_scheduler.get_last_lr()  # the rates this update uses: UNet, then text encoder
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            loss_value = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
-            micro_losses.clear()
-            scalars = {"loss": loss_value, "lr": lrs[0]}
-            if len(lrs) > 1:
-                scalars["lr_text_encoder"] = lrs[1]
-            accelerator.log(scalars, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
-            if config.save_steps and global_step % config.save_steps == 0 and accelerator.is_main_process:
-                step_files.append(saver.save_step(global_step, epoch))
-            sampler.after_step(family, global_step)
-            if global_step >= plan.max_train_steps:
-                break
-        sampler.after_epoch(family, global_step, epoch)
-    progress.close()
+    with stop_on_signals() as stop, trackers_closed_on_error(accelerator):
+        while progress.global_step < plan.max_train_steps and stopped_by is None and not stopped_early:
+            rolled_back = False
+            for batch in epoch_batches(dataloader, epoch_sampler, progress):
+                with accelerator.accumulate(*prepared):
+                    latents, cond = batch_inputs(family, batch, text_cache, accelerator.device)
+                    weights = batch["loss_weights"].to(accelerator.device)
+                    loss = diffusion_loss(family, latents, cond, settings, weights)
+                    accelerator.backward(loss)
+                    micro_losses.append(loss.detach())
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
+                    lrs = lr_scheduler.get_last_lr()  # the rates this update uses: UNet, then text encoder
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                step = progress.global_step
+                loss_value = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
+                micro_losses.clear()
+                if not math.isfinite(loss_value):  # every process sees the same gathered value
+                    # Raises the stop error, or counts a rollback and returns.
+                    last_state = store.latest()
+                    guard.on_nonfinite(
+                        loss_value,
+                        step=step,
+                        lr=lrs[0],
+                        last_file=checkpoints.last_file,
+                        last_state=last_state,
+                    )
+                    progress = roll_back(store, progress, guard, accelerator, loss_value, step)
+                    bar.n = progress.global_step
+                    bar.refresh()
+                    rolled_back = True
+                    break
+                scalars = {"loss": loss_value, "lr": lrs[0]}
+                if len(lrs) > 1:
+                    scalars["lr_text_encoder"] = lrs[1]
+                accelerator.log(scalars, step=step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}", epoch=progress.epoch)
+                if config.save_steps and step % config.save_steps == 0:
+                    checkpoints.save(progress)
+                sampler.after_step(family, step)
+                if validator is not None and validator.due(step, is_last=step >= plan.max_train_steps):
+                    outcome = validate(validator, family, saver, accelerator, progress)
+                    if outcome.should_stop:
+                        stopped_early = True
+                        break
+                if fault is not None:
+                    fault.after_step(step)
+                if step >= plan.max_train_steps:
+                    break
+                if stop.agreed(accelerator):  # after every step on every process (a collective)
+                    stopped_by = stop.signal_name or "a signal to another process"
+                    checkpoints.save(progress)  # does nothing when this step was just saved
+                    break
+            if not rolled_back and stopped_by is None and not stopped_early:
+                sampler.after_epoch(family, progress.global_step, progress.epoch)
+    bar.close()
 
     accelerator.wait_for_everyone()
     final_files: list[Path] = []
-    if accelerator.is_main_process:
-        final_files = saver.save_final(global_step, epoch)
+    if stopped_by is not None:
+        log.info("Stopped at step %d (%s).", progress.global_step, stopped_by)
+    elif accelerator.is_main_process:
+        final_files = saver.save_final(progress.global_step, progress.epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
     accelerator.end_training()
-    return TrainResult(global_step, epoch, final_files, step_files, loss_value, accelerator.is_main_process)
+    return TrainResult(
+        progress.global_step,
+        progress.epoch,
+        final_files,
+        checkpoints.files,
+        loss_value,
+        accelerator.is_main_process,
+        stopped_by=stopped_by,
+        state_dir=checkpoints.last_state if stopped_by else None,
+    )
+
+
+def validate(
+    validator: Validator, family: ModelFamily, saver: LoraSaver, accelerator: Accelerator, progress: Progress
+) -> ValidationOutcome:
+    """Measure the validation loss (every process: the denoiser may be DDP-wrapped), log it, keep the best
+    LoRA as `<output_name>-best.safetensors`, and say whether to stop early."""
+    step = progress.global_step
+    outcome = validator.record(step, validator.loss(family))
+    accelerator.log({"validation_loss": outcome.loss}, step=step)
+    if outcome.improved and accelerator.is_main_process:
+        path = saver.save_best(step, progress.epoch, outcome.loss)
+        log.info("Validation loss %.5f at step %d: the best so far, saved as %s", outcome.loss, step, path)
+    elif not outcome.improved:
+        log.info(
+            "Validation loss %.5f at step %d (best %.5f at step %d, %d without improvement)",
+            outcome.loss,
+            step,
+            outcome.best_loss,
+            outcome.best_step,
+            outcome.since_best,
+        )
+    if outcome.should_stop:
+        log.info(
+            "Stopping early at step %d: no better validation loss in %d measurements",
+            step,
+            outcome.since_best,
+        )
+    return outcome
+
+
+def epoch_batches(
+    dataloader: torch.utils.data.DataLoader, epoch_sampler: EpochBatchSampler, progress: Progress
+) -> Iterator[dict]:
+    """The batches left in the epoch under way, or in the next one when it is done; counts each one it
+    hands out in `progress` (epoch, batches_in_epoch).
+
+    An epoch's batch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch,
+    index) (data/dataset.py), so a resumed run sets the epoch and skips the batches already trained on;
+    accelerate's `skip_first_batches` skips them in the batch sampler, without loading their images.
+    """
+    if progress.batches_in_epoch == 0 or progress.batches_in_epoch >= len(dataloader):
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+    loader = dataloader
+    if progress.batches_in_epoch:
+        loader = skip_first_batches(dataloader, progress.batches_in_epoch)
+    loader.set_epoch(progress.epoch - 1)  # accelerate's count, which it passes on to the sampler...
+    epoch_sampler.set_epoch(progress.epoch - 1)  # ...except through skip_first_batches' or a shard's
+    for batch in loader:
+        progress.batches_in_epoch += 1
+        yield batch
 
 
 def batch_inputs(

@@ -13,6 +13,7 @@ from lora_scripts.export.metadata import RunMetadata
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FINAL_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
+BEST_SUFFIX = "-best"  # <output_name>-best.safetensors: the lowest validation loss
 
 
 def step_file_name(output_name: str, step: int) -> str:
@@ -36,6 +37,15 @@ class LoraSaver:
         path = self.output_dir / step_file_name(self.output_name, step)
         tensors = kohya_state_dict(self.networks, self.dtype)
         save_lora_file(path, tensors, self.run, output_name=path.stem, steps=step, epoch=epoch)
+        return path
+
+    def save_best(self, step: int, epoch: int, validation_loss: float) -> Path:
+        """`<output_name>-best.safetensors`: the LoRA of the lowest validation loss so far (its step and loss
+        in the metadata, `ss_steps` and `ss_validation_loss`)."""
+        path = self.output_dir / f"{self.output_name}{BEST_SUFFIX}.safetensors"
+        tensors = kohya_state_dict(self.networks, self.dtype)
+        extra = {"ss_validation_loss": repr(float(validation_loss))}
+        save_lora_file(path, tensors, self.run, output_name=path.stem, steps=step, epoch=epoch, extra=extra)
         return path
 
     def save_final(self, step: int, epoch: int) -> list[Path]:

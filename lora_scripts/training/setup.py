@@ -131,6 +131,10 @@ def make_dataloader(
         collate_fn=collate,
         num_workers=config.dataloader_num_workers,
         persistent_workers=config.dataloader_num_workers > 0,
+        # Its own generator for the workers' base seed, which the DataLoader would otherwise draw from the
+        # global torch RNG at the start of every epoch: the training noise then depends only on the steps
+        # run, so a resumed run draws exactly what an uninterrupted one does (training/state.py).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -1,6 +1,9 @@
 """One training step's loss: the DDPM denoising objective (epsilon or v target) with sd-scripts' options:
 noise offset, multi-resolution noise, Min-SNR-gamma weighting, l1/huber/smooth_l1 losses and per-sample
 weights (prior_loss_weight for regularization images).
+
+`diffusion_loss` draws the noise and timesteps of a training step; `denoising_loss` is the deterministic
+rest, which validation (training/validation.py) calls with noise and timesteps fixed once for the run.
 """
 
 from __future__ import annotations
@@ -27,11 +30,32 @@ def diffusion_loss(
 
     loss = mean_b( per_sample_loss_b * min_snr_weight_b * loss_weights_b ).
     """
-    scheduler = family.noise_scheduler
     clean = latents.float()
     noise = sample_noise(clean, settings)
-    num_timesteps = scheduler.config.num_train_timesteps
+    num_timesteps = family.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (clean.shape[0],), device=clean.device).long()
+    return denoising_loss(family, latents, cond, noise, timesteps, settings, loss_weights)
+
+
+def denoising_loss(
+    family: ModelFamily,
+    latents: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    settings: LossSettings,
+    loss_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar loss of denoising `latents` noised with the given `noise` at `timesteps`, in fp32; no
+    random draws, so the same inputs and weights give the same number.
+
+    latents: scaled latents [B, C, h, w]; noise: fp32 [B, C, h, w] (what `sample_noise` returns: the
+    settings' offset and pyramid noise are already in it); timesteps: long [B] in [0, T); cond, loss_weights
+    and the formula as in `diffusion_loss`.
+    """
+    scheduler = family.noise_scheduler
+    clean = latents.float()
+    num_timesteps = scheduler.config.num_train_timesteps
     # The offset/multires noise is used both to noise the latents and as the epsilon (or inside the v)
     # target, as sd-scripts' train_network.py and diffusers' train_text_to_image.py do: the model must
     # predict exactly what was added, including the low-frequency part it is meant to learn to remove.

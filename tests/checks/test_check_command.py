@@ -89,17 +89,14 @@ def test_text_report(problem_config: Path, capsys: pytest.CaptureFixture[str]) -
     assert out.count("warning: ") == 6 and out.rstrip().endswith("Ready to train (6 warnings).")
 
 
-def test_output_dir_with_a_run_is_a_warning(problem_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_dir_with_a_run_is_an_error(problem_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = problem_config.parent / "out" / "run1"
     out.mkdir(parents=True)
     (out / "run1.safetensors").write_bytes(b"")
     (out / "config.yaml").write_text("x")
     code, facts = _check_json(problem_config, capsys)
-    assert code == 0 and facts["outputs"]["existing_files"] == ["config.yaml", "run1.safetensors"]
-    assert any(
-        w.startswith(f"output_dir: '{out}' already holds a run") and "will be overwritten" in w
-        for w in facts["warnings"]
-    )
+    assert code == 2 and facts["outputs"]["existing_files"] == ["config.yaml", "run1.safetensors"]
+    assert [e for e in facts["errors"] if e.startswith(f"output_dir: '{out}' already holds a run")]
 
 
 def _with_empty_caption(problem_config: Path) -> Path:

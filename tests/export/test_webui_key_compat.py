@@ -292,7 +292,9 @@ def test_kohya_preset_locon_file_keys_load_in_a1111_and_comfyui(version):
     family = _meta_family(version)
     spec = LoraSpec(rank=2, alpha=1.0, conv_rank=2, conv_alpha=1.0)
     names = _exported_names(family, LoraTargets("kohya", "kohya"), spec)
-    expected = UNET_COUNTS["attention_proj_ff"] + LOCON_CONVS + LOCON_LINEAR + TEXT_ENCODER_LAYERS[version] * 6
+    expected = (
+        UNET_COUNTS["attention_proj_ff"] + LOCON_CONVS + LOCON_LINEAR + TEXT_ENCODER_LAYERS[version] * 6
+    )
     assert len(names) == expected
     resnet_linear = [n for n in names if n.endswith(("_time_emb_proj", "_conv_shortcut"))]
     assert len(resnet_linear) == LOCON_LINEAR

@@ -98,7 +98,9 @@ def test_locon_file_has_kohya_keys_and_per_module_alpha(locon_file):
     fc2 = "lora_te_text_model_encoder_layers_1_mlp_fc2"
     assert sd[f"{fc2}.lora_down.weight"].shape == (4, 64) and sd[f"{fc2}.alpha"].item() == 2.0
     assert not any("conv_in" in k or "conv_out" in k for k in sd)
-    shortcut = "lora_unet_up_blocks_0_resnets_0_conv_shortcut"  # 1x1: the linear rank and alpha, as sd-scripts
+    shortcut = (
+        "lora_unet_up_blocks_0_resnets_0_conv_shortcut"  # 1x1: the linear rank and alpha, as sd-scripts
+    )
     assert sd[f"{shortcut}.lora_down.weight"].shape[0] == 4 and sd[f"{shortcut}.alpha"].item() == 2.0
 
 

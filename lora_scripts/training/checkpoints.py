@@ -1,0 +1,72 @@
+"""Saving a step during training (its LoRA file and training state), and rolling back to a saved state."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from lora_scripts.training.nan_guard import MAX_ROLLBACKS, NanGuard
+from lora_scripts.training.saving import LoraSaver
+from lora_scripts.training.state import Progress, StateStore
+from lora_scripts.training.tensorboard import purge_after, tensorboard_writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoints:
+    """Saves a step: its LoRA file (main process) and, when the run keeps them, its training state."""
+
+    saver: LoraSaver
+    store: StateStore
+    accelerator: Accelerator
+    keep_states: bool
+    files: list[Path] = field(default_factory=list)  # LoRA step files written by this run, oldest first
+    last_file: Path | None = None  # the newest LoRA step file, of this run or the one it resumed
+    last_state: Path | None = None
+    last_step: int | None = None
+
+    def note_existing(self, path: Path) -> None:
+        if path.is_file():
+            self.last_file = path
+
+    def save(self, progress: Progress) -> None:
+        if progress.global_step == self.last_step:
+            return
+        self.last_step = progress.global_step
+        if self.accelerator.is_main_process:
+            self.last_file = self.saver.save_step(progress.global_step, progress.epoch)
+            self.files.append(self.last_file)
+        # TensorBoard's points up to here reach the disk before the state exists, so a run killed later and
+        # resumed from this state has each step's point once (the resume purges the ones after).
+        writer = tensorboard_writer(self.accelerator)
+        if writer is not None:
+            writer.flush()
+        if self.keep_states:
+            self.last_state = self.store.save(progress)
+
+
+def roll_back(
+    store: StateStore, progress: Progress, guard: NanGuard, accelerator: Accelerator, loss: float, step: int
+) -> Progress:
+    """Go back to the newest saved state with half the learning rate; drop TensorBoard's points after it."""
+    folder = store.latest()
+    assert folder is not None  # the guard allows a rollback only when there is a state
+    restored = store.load(folder, lr_scale=progress.lr_scale * 0.5)
+    store.parts.optimizer.zero_grad(set_to_none=True)
+    log.warning(
+        "The loss was %s at step %d: back to the state of step %d (%s) with the learning rate at %g x the "
+        "configured one (rollback %d of %d)",
+        loss,
+        step,
+        restored.global_step,
+        folder,
+        restored.lr_scale,
+        guard.rollbacks,
+        MAX_ROLLBACKS,
+    )
+    purge_after(accelerator, restored.global_step)  # the replayed steps are not shown twice
+    return restored
