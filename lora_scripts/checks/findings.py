@@ -116,7 +116,12 @@ def output_problems(outputs: OutputFacts, config: TrainConfig) -> tuple[list[str
     (training/output_dir.py); with `overwrite` a warning says where its files go.
     """
     resuming = will_resume(outputs.output_dir, config.resume)
-    problem = output_dir_problem(outputs.output_dir, overwrite=config.overwrite, resuming=resuming)
+    problem = output_dir_problem(
+        outputs.output_dir,
+        overwrite=config.overwrite,
+        resuming=resuming,
+        resume_requested=config.resume is not None,
+    )
     if problem is not None:
         return [problem], []
     if not outputs.existing_files or resuming:

@@ -83,7 +83,12 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_from is not None:  # a config that cannot continue the run stops here, before any model loads
         check_resume(resume_from, config, training_set, accelerator.num_processes)
     if accelerator.is_main_process:
-        prepare_output_dir(config.output_dir, overwrite=config.overwrite, resuming=resume_from is not None)
+        prepare_output_dir(
+            config.output_dir,
+            overwrite=config.overwrite,
+            resuming=resume_from is not None,
+            resume_requested=config.resume is not None,
+        )
     accelerator.wait_for_everyone()
     sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
     set_seed(config.seed)

@@ -62,8 +62,11 @@ def will_resume(output_dir: Path, resume: str | None) -> bool:
     return resume != "auto" or has_saved_state(output_dir)
 
 
-def output_dir_problem(output_dir: Path, *, overwrite: bool, resuming: bool) -> str | None:
+def output_dir_problem(
+    output_dir: Path, *, overwrite: bool, resuming: bool, resume_requested: bool = False
+) -> str | None:
     """The sentence that refuses `output_dir` (naming what it holds and the ways out), or None if usable.
+    `resume_requested`: the config asked to resume, but there was nothing to resume from.
 
     `lora-scripts check` reports it as an error and `prepare_output_dir` raises it: the same words.
     """
@@ -79,12 +82,20 @@ def output_dir_problem(output_dir: Path, *, overwrite: bool, resuming: bool) -> 
     backup = f"the old files are moved to {output_dir / BACKUP_FOLDER}/"
     if has_saved_state(output_dir):
         ways = f"set resume: auto to continue it, overwrite: true to start again ({backup})"
+    elif resume_requested:
+        # resume: auto found nothing to continue (the run stopped before its first complete state).
+        ways = (
+            "resume: auto found no complete training state in it to continue from (the run stopped before "
+            f"its first save); set overwrite: true to start again ({backup})"
+        )
     else:
         ways = f"set overwrite: true to replace it ({backup}; it has no saved state to resume)"
     return f"output_dir: '{output_dir}' already holds a run ({shown}); {ways}, or choose another output_dir."
 
 
-def prepare_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> Path | None:
+def prepare_output_dir(
+    output_dir: Path, *, overwrite: bool, resuming: bool, resume_requested: bool = False
+) -> Path | None:
     """Make `output_dir` ready for a run; call it once, on the main process, before anything is written there.
 
     - resuming (see `will_resume`): nothing to do, returns None.
@@ -94,7 +105,9 @@ def prepare_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> 
     - an earlier run otherwise: raises UserError (see `output_dir_problem`) and writes nothing.
     """
     output_dir = Path(output_dir)
-    problem = output_dir_problem(output_dir, overwrite=overwrite, resuming=resuming)
+    problem = output_dir_problem(
+        output_dir, overwrite=overwrite, resuming=resuming, resume_requested=resume_requested
+    )
     if problem is not None:
         raise UserError(problem)
     existing = run_files(output_dir)

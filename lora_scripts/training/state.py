@@ -24,6 +24,7 @@ from an older state, the states saved from then on are the run's present, not th
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -454,7 +455,13 @@ def _load_lora(path: Path, networks: list[LoraNetwork]) -> None:
 
 
 def _save_torch(path: Path, obj: Any) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    # Serialised in memory first (LoRA-sized), then written as plain bytes: torch.save's own file writer
+    # reports a full disk only as "file write failed", where a plain write raises OSError(ENOSPC), which
+    # training/failures.py turns into a clear message.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _load_torch(path: Path) -> Any:

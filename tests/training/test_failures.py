@@ -318,3 +318,18 @@ def test_out_of_memory_through_the_cli(
         "error: out of GPU memory (tried to allocate 2.00 GiB); to use less, lower batch_size (now 1)"
     )
     assert "gradient_checkpointing: true (now true)" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_while_saving_a_training_state_is_explained(tmp_path: Path, monkeypatch) -> None:
+    from lora_scripts.training import state
+
+    def full_disk(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError) as info:
+        state._save_torch(tmp_path / "out" / "state" / "optimizer.pt", {"step": torch.zeros(3)})
+    assert info.value.errno == errno.ENOSPC
+    explained = explain_failure(info.value, output_dir=tmp_path / "out")
+    assert explained is not None and "disk full" in explained.messages[0]
+    assert list((tmp_path / "out" / "state").iterdir()) == []  # no temporary file left behind

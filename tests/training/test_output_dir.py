@@ -95,6 +95,19 @@ def test_a_run_with_a_state_suggests_resume(tmp_path: Path) -> None:
     ]
 
 
+def test_resume_auto_without_a_complete_state_says_so(tmp_path: Path) -> None:
+    out = earlier_run(tmp_path / "out")
+    (out / STATE_FOLDER / f".tmp-{state_name(10)}").mkdir(parents=True)  # killed during its first save
+    with pytest.raises(UserError) as info:
+        prepare_output_dir(out, overwrite=False, resuming=False, resume_requested=True)
+    (message,) = info.value.messages
+    assert "resume: auto found no complete training state in it to continue from" in message
+    assert message.endswith(
+        f"set overwrite: true to start again (the old files are moved to {out}/previous_runs/), or choose "
+        "another output_dir."
+    )
+
+
 def test_nothing_to_do_for_a_new_folder_or_a_resumed_run(tmp_path: Path) -> None:
     assert prepare_output_dir(tmp_path / "new", overwrite=False, resuming=False) is None
     assert not (tmp_path / "new").exists()  # not even created: train() does that when it writes
