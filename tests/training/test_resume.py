@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lora_scripts.cli import main
 from lora_scripts.training.state import latest_state, list_states, read_progress
-from tests.training.conftest import write_config
+from tests.training.conftest import make_dataset, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8  # 6 images, batch 2: 3 batches per epoch, so steps 3 and 6 end an epoch and 4, 5, 7 do not
@@ -233,3 +233,19 @@ def test_newest_state_is_the_last_saved_and_incomplete_ones_are_never_taken(tmp_
     assert [p.name for p in list_states(tmp_path)] == ["step-00000006", "step-00000004"]
     assert latest_state(tmp_path) == tmp_path / "step-00000004"
     assert latest_state(tmp_path / "missing") is None
+
+
+def test_changed_captions_are_refused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, n=4)
+    config = make_config(tmp_path, "captions", tiny_model_dir, data, max_train_steps=4)
+    monkeypatch.setenv("LORA_SCRIPTS_TEST_FAULT", "sigint@2")
+    assert main(["train", "--config", str(config)]) == 130
+    monkeypatch.delenv("LORA_SCRIPTS_TEST_FAULT")
+    csv = data / "metadata.csv"
+    csv.write_text(csv.read_text(encoding="utf-8").replace("subject 1", "subject one"), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "resume: the training images or captions changed since the state" in err
+    assert "(4 samples then, 4 now); put them back, or start a new run." in err
