@@ -6,10 +6,35 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lora_scripts.demo import draw_ink_image
 from lora_scripts.models.tiny import build_tiny_sd
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: on a shared 2-core machine torch's threads cost more than they give (5-20x slower steps);
+    the numbers are the same either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run_settings(data: Path, model: Path, **overrides) -> dict:
+    """Config values of a short tiny-model run on `data` (a folder with metadata.csv); `overrides` win."""
+    settings = dict(
+        train_data_dir=str(data),
+        metadata_path=str(data / "metadata.csv"),
+        base_model=str(model),
+        resolution=64,
+        batch_size=2,
+        max_train_steps=2,
+        learning_rate=1e-3,
+    )
+    return settings | overrides
 
 
 @pytest.fixture(scope="session")

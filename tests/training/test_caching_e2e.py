@@ -19,19 +19,9 @@ from lora_scripts.demo import draw_ink_image
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 from lora_scripts.training.caching import CACHE_FOLDER_NAME
 from lora_scripts.training.loop import train
-from tests.training.conftest import make_dataset, write_config
+from tests.training.conftest import make_dataset, tiny_run_settings, write_config
 
 NUM_IMAGES = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two threads fighting over cores make each step 5x slower
-    (the numbers are the same either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -55,17 +45,8 @@ def data(tmp_path) -> Path:
 
 
 def _settings(data: Path, model: Path, **overrides) -> dict:
-    settings = dict(
-        train_data_dir=str(data),
-        metadata_path=str(data / "metadata.csv"),
-        base_model=str(model),
-        resolution=64,
-        batch_size=2,
-        max_train_steps=2,
-        learning_rate=1e-3,
-        save_precision="fp32",  # compare the trained weights themselves, not their fp16 rounding
-    )
-    return settings | overrides
+    # fp32 files: compare the trained weights themselves, not their fp16 rounding
+    return tiny_run_settings(data, model, save_precision="fp32", **overrides)
 
 
 def _train(tmp_path: Path, name: str, settings: dict) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from lora_scripts.export.lora_file import read_lora_metadata
 from lora_scripts.models.tiny import build_tiny_sd, build_tiny_sd_components
 from lora_scripts.training.noise import TERMINAL_ALPHA_BAR
 from tests.generation.kohya_files import TEXT_ENCODER, UNET_ATTENTION, make_modules, write_kohya_file
-from tests.training.conftest import write_config
+from tests.training.conftest import tiny_run_settings, write_config
 
 # The LoCon network of these tests: rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha for 3x3 convs.
 LOCON = dict(
@@ -44,27 +44,8 @@ LOCON_CONV_3X3 = 18
 LOCON_MODULES = 40 + 8 + LOCON_CONV_3X3 + 8 + 5 + 2 * 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two threads fighting over cores make each step 5x slower
-    (the numbers are the same either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _settings(data: Path, model: Path, **overrides) -> dict:
-    settings = dict(
-        train_data_dir=str(data),
-        metadata_path=str(data / "metadata.csv"),
-        base_model=str(model),
-        resolution=64,
-        batch_size=2,
-        max_train_steps=2,
-        learning_rate=1e-3,
-    )
-    return settings | overrides
+    return tiny_run_settings(data, model, **overrides)
 
 
 def _train(folder: Path, name: str, settings: dict) -> Path:

@@ -6,21 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lora_scripts.cli import main
 from lora_scripts.export.lora_file import read_lora_metadata
 from lora_scripts.training import validation
 from tests.training.conftest import make_dataset, write_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(tmp_path: Path, model: Path, **values) -> Path:
