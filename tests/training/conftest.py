@@ -13,10 +13,12 @@ from lora_scripts.demo import draw_ink_image
 from lora_scripts.models.tiny import build_tiny_sd
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def one_torch_thread():
-    """Tiny models: on a shared 2-core machine torch's threads cost more than they give (5-20x slower steps);
-    the numbers are the same either way."""
+    """Tiny models: on a shared 2-core machine torch's threads cost more than they give (5-20x slower steps).
+    Opt in per module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): runs compared bit for bit
+    with a subprocess (resume, interrupt) must keep torch's default threads, since another thread count sums
+    in another order."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

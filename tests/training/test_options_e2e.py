@@ -25,6 +25,8 @@ from lora_scripts.training.noise import TERMINAL_ALPHA_BAR
 from tests.generation.kohya_files import TEXT_ENCODER, UNET_ATTENTION, make_modules, write_kohya_file
 from tests.training.conftest import tiny_run_settings, write_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The LoCon network of these tests: rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha for 3x3 convs.
 LOCON = dict(
     lora_rank=4,

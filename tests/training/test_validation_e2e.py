@@ -13,6 +13,8 @@ from lora_scripts.export.lora_file import read_lora_metadata
 from lora_scripts.training import validation
 from tests.training.conftest import make_dataset, write_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _config(tmp_path: Path, model: Path, **values) -> Path:
     data = tmp_path / "data"
