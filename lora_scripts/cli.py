@@ -144,6 +144,47 @@ def _cmd_captions_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lora_scripts.bench.report import render_table
+    from lora_scripts.bench.runner import run_bench
+    from lora_scripts.bench.workspace import BenchSettings
+
+    report = run_bench(
+        BenchSettings(
+            model=args.model,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            resolution=args.resolution,
+            precision=args.precision,
+            cache=args.cache,
+            gradient_checkpointing=args.gradient_checkpointing,
+            device=args.device,
+        )
+    )
+    print(json.dumps(report, indent=2) if args.json else render_table(report), end="\n" if args.json else "")
+    return 0
+
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time our training step against a diffusers-style reference loop")
+    p.add_argument("--model", default="tiny", help="tiny (default), sd15 (random weights) or a model PATH")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per loop (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
+    p.add_argument("--resolution", type=int, help="image size (default 64 for tiny, 512 otherwise)")
+    p.add_argument("--precision", choices=["no", "fp16", "bf16"], default="no", help="mixed precision")
+    p.add_argument(
+        "--cache", action=argparse.BooleanOptionalAction, default=True, help="our latent/text caching"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="in both loops")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: the best")
+    p.set_defaults(func=_cmd_bench)
+
+
 def _add_caption_commands(sub: argparse._SubParsersAction) -> None:
     """`label` (auto-captioning, also `python tools/auto_label.py`) and `captions convert`."""
     p = sub.add_parser("label", help="caption images with BLIP or WD14, keeping every existing caption")
@@ -213,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     _add_caption_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -1,0 +1,55 @@
+"""The benchmark report as a readable table (the JSON is `runner.build_report`'s dict as it is)."""
+
+from __future__ import annotations
+
+from lora_scripts.bench.measure import PHASES
+
+_PHASE_LABELS = {
+    "data": "data loading",
+    "encode": "VAE + text encoder / cache read",
+    "forward": "UNet forward + loss",
+    "backward": "backward",
+    "optimizer": "clip + optimizer + zero_grad",
+}
+
+
+def _memory(mb: dict[str, float]) -> str:
+    if "allocated" in mb:
+        return f"{mb['allocated']:.0f} MB allocated / {mb['reserved']:.0f} MB reserved"
+    return f"{mb['rss']:.0f} MB RSS"
+
+
+def render_table(report: dict) -> str:
+    """Settings, then ours vs reference (images/s, s/step, memory), then the phase breakdown."""
+    s = report["settings"]
+    ours, ref = report["loops"]["ours"], report["loops"]["reference"]
+    lines = [
+        f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {s['batch_size']}, "
+        f"{s['steps']} steps after {s['warmup']} warm-up, precision {s['effective_precision']}, "
+        f"cache {'on' if s['cache'] else 'off'}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}",
+        f"device {report['device']} ({report['device_name']}), {report['torch_threads']} torch threads",
+        "",
+        f"{'':<24}{'ours':>14}{'reference':>14}",
+        f"{'images/s':<24}{ours['images_per_sec']:>14.2f}{ref['images_per_sec']:>14.2f}",
+        f"{'s/step':<24}{ours['s_per_step']:>14.4f}{ref['s_per_step']:>14.4f}",
+        f"{'setup (load, cache) s':<24}{ours['setup_s']:>14.2f}{ref['setup_s']:>14.2f}",
+        f"{'mean loss (same draws)':<24}{ours['mean_loss']:>14.6f}{ref['mean_loss']:>14.6f}",
+        f"peak memory: ours {_memory(ours['peak_memory_mb'])}, reference {_memory(ref['peak_memory_mb'])}",
+        f"speedup: {report['speedup']:.2f}x",
+    ]
+    if report["flops_per_image"] is not None:
+        flops = report["flops_per_image"]
+        scaled = f"{flops / 1e12:.3f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3f} GFLOP"
+        lines.append(f"FLOPs per image (one training step, our loop): {scaled}")
+    if report["mfu"] is not None:
+        lines.append(f"MFU: {100 * report['mfu']:.1f}% of the device's bf16/fp16 peak")
+    lines += ["", f"{'where the time goes (s/step)':<34}{'ours':>10}{'reference':>11}"]
+    for phase in PHASES:
+        a, b = report["phases"]["ours"][phase], report["phases"]["reference"][phase]
+        lines.append(f"{_PHASE_LABELS[phase]:<34}{a:>10.4f}{b:>11.4f}")
+    lines.append(
+        f"{'total (instrumented run)':<34}{ours['instrumented_s_per_step']:>10.4f}"
+        f"{ref['instrumented_s_per_step']:>11.4f}"
+    )
+    return "\n".join(lines) + "\n"

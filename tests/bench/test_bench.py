@@ -1,0 +1,112 @@
+"""`lora-scripts bench`: the reference loop computes our loss, the CLI's JSON and table, the MFU formula."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from lora_scripts.bench import runner
+from lora_scripts.bench.loops import OurLoop, ReferenceLoop
+from lora_scripts.bench.measure import PHASES, PhaseClock
+from lora_scripts.bench.reference import encode_reference_batch, reference_loss
+from lora_scripts.bench.runner import LoopFigures, build_report
+from lora_scripts.bench.workspace import BenchSettings, make_images, prepare_base_model, write_config
+from lora_scripts.cli import main
+from lora_scripts.training.step import diffusion_loss
+
+SETTINGS = BenchSettings(steps=2, warmup=1, batch_size=2, num_images=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    make_images(root / "data", SETTINGS.image_count, SETTINGS.image_size)
+    return root, prepare_base_model(root, "tiny")
+
+
+def _losses(loop, steps: int) -> list[float]:
+    set_seed(0)
+    clock = PhaseClock(loop.device, sync=False)
+    clock.start()
+    return [loop.step(clock).item() for _ in range(steps)]
+
+
+def test_reference_loop_computes_our_loss_step_after_step(workspace):
+    """Same seed, same batches: the cached step and the diffusers-style step give the same losses, also
+    after optimizer updates (so both train the same LoRA the same way)."""
+    root, base_model = workspace
+    ours = _losses(OurLoop(write_config(root, SETTINGS, base_model, cache=True), base_model), 3)
+    reference = _losses(ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False), base_model), 3)
+    assert len(set(ours)) == 3  # different batches and draws each step
+    assert ours == pytest.approx(reference, rel=1e-6, abs=1e-6)
+
+
+def test_reference_loss_equals_diffusion_loss_on_one_batch(workspace):
+    root, base_model = workspace
+    loop = ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False), base_model)
+    batch = next(loop.batches)
+    family = loop.family
+    set_seed(7)
+    latents, hidden = encode_reference_batch(family, batch["pixel_values"], batch["captions"], loop.device)
+    expected = reference_loss(family, latents, hidden)
+    set_seed(7)
+    ours_latents = family.sample_latents(family.encode_images(batch["pixel_values"]))
+    cond = family.encode_prompts(batch["captions"], loop.device)
+    ours = diffusion_loss(family, ours_latents, cond, loop.settings)
+    torch.testing.assert_close(ours_latents, latents, rtol=0, atol=1e-6)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("images_per_sec", "reference_images_per_sec", "speedup", "peak_memory_mb", "flops_per_image"):
+        assert report[key] > 0, key
+    assert report["device"] == "cpu" and report["mfu"] is None  # no MFU without a known GPU peak
+    assert report["settings"]["model"] == "tiny" and report["settings"]["resolution"] == 64
+    for name in ("ours", "reference"):
+        loop = report["loops"][name]
+        assert set(report["phases"][name]) == set(PHASES)
+        assert all(v >= 0 for v in report["phases"][name].values())
+        # The phases are contiguous slices of each step: they add up to the instrumented step time.
+        assert math.isclose(
+            sum(report["phases"][name].values()), loop["instrumented_s_per_step"], rel_tol=1e-9
+        )
+        assert math.isclose(loop["images_per_sec"] * loop["s_per_step"], 2, rel_tol=1e-9)
+    # Identical draws in both loops: the same mean loss, so the speed comparison is like for like.
+    assert report["loops"]["ours"]["mean_loss"] == pytest.approx(
+        report["loops"]["reference"]["mean_loss"], 1e-6
+    )
+    assert report["speedup"] == pytest.approx(
+        report["loops"]["reference"]["s_per_step"] / report["loops"]["ours"]["s_per_step"]
+    )
+
+
+def _figures(s_per_step: float, flops: int) -> LoopFigures:
+    phases = dict.fromkeys(PHASES, s_per_step / 5)
+    return LoopFigures(
+        1.0, s_per_step, 4 / s_per_step, phases, s_per_step, {"allocated": 10.0, "reserved": 12.0}, flops, 0.1
+    )
+
+
+def test_mfu_is_flops_over_time_over_peak(monkeypatch):
+    monkeypatch.setattr(runner, "peak_tflops", lambda device: 100.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    settings = BenchSettings(batch_size=4)
+    # 20 TFLOP per step in 0.5 s = 40 TFLOP/s of a 100 TFLOP/s peak.
+    report = build_report(
+        settings, torch.device("cuda"), "bf16", _figures(0.5, 20 * 10**12), _figures(1.0, 1)
+    )
+    assert report["mfu"] == pytest.approx(0.4)
+    assert report["flops_per_image"] == 5 * 10**12
+    assert report["speedup"] == pytest.approx(2.0)
+    assert report["peak_memory_mb"] == 10.0
+
+
+def test_bench_rejects_bad_settings(capsys):
+    assert main(["bench", "--steps", "0"]) == 2
+    assert "--steps: 0" in capsys.readouterr().err
