@@ -33,6 +33,50 @@ CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
 
 
 @dataclass(frozen=True)
+class SpeedFacts:
+    """The resolved speed and memory settings of a run (what `memory_profile` and the automatic caches
+    chose); `*_why` says why a cache is off ("" when it is on)."""
+
+    memory_profile: str
+    cache_latents: bool
+    cache_latents_why: str
+    cache_text_encoder_outputs: bool
+    cache_text_encoder_outputs_why: str
+    gradient_checkpointing: bool
+    mixed_precision: str
+    optimizer_type: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    torch_compile: bool
+
+
+def speed_facts(config: TrainConfig) -> SpeedFacts:
+    """The speed facts of a resolved `config` (every key filled in: what the run will use)."""
+
+    def why(on: bool, blockers: list[str]) -> str:
+        if on:
+            return ""
+        return "turned off by " + ", ".join(blockers) if blockers else "set to false"
+
+    te_blockers = (
+        ["train_text_encoder"] if config.train_text_encoder else []
+    ) + config.changing_caption_keys()
+    return SpeedFacts(
+        memory_profile=config.memory_profile,
+        cache_latents=bool(config.cache_latents),
+        cache_latents_why=why(bool(config.cache_latents), config.random_crop_keys()),
+        cache_text_encoder_outputs=bool(config.cache_text_encoder_outputs),
+        cache_text_encoder_outputs_why=why(bool(config.cache_text_encoder_outputs), te_blockers),
+        gradient_checkpointing=config.gradient_checkpointing,
+        mixed_precision=config.mixed_precision,
+        optimizer_type=config.optimizer_type,
+        batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        torch_compile=config.torch_compile,
+    )
+
+
+@dataclass(frozen=True)
 class PlanFacts:
     """Step arithmetic of a run on `num_processes` processes. A step is one optimizer update."""
 

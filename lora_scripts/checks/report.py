@@ -6,14 +6,14 @@ a base model that cannot be used); the reasons are in `errors`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_scripts.checks.captions import CLIP_CAPTION_TOKENS, CaptionReport
 from lora_scripts.checks.findings import named
 from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
-from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts
+from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts, SpeedFacts
 
 JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may appear at any time)
 _SHOWN = 4  # items listed per line of the text view (the JSON lists all)
@@ -47,6 +47,7 @@ class CheckReport:
     plan: PlanFacts | None = None
     network: NetworkFacts | None = None
     outputs: OutputFacts | None = None
+    speed: SpeedFacts | None = None
 
     @property
     def ok(self) -> bool:
@@ -70,6 +71,7 @@ def report_to_json(report: CheckReport) -> dict[str, Any]:
         "plan": _plan_json(report.plan),
         "network": _network_json(report.network),
         "outputs": _outputs_json(report.outputs),
+        "speed": None if report.speed is None else asdict(report.speed),
     }
 
 
@@ -195,6 +197,8 @@ def render_text(report: CheckReport) -> str:
         lines += _network_lines(report.network)
     if report.outputs is not None:
         lines += _output_lines(report.outputs)
+    if report.speed is not None:
+        lines += _speed_lines(report.speed)
     if report.warnings:
         lines += ["", *(f"warning: {message}" for message in report.warnings)]
     lines.append("")
@@ -203,6 +207,25 @@ def render_text(report: CheckReport) -> str:
     else:
         lines.append(f"Cannot train: {_count(len(report.errors), 'problem')} (listed below).")
     return "\n".join(lines) + "\n"
+
+
+def _speed_lines(speed: SpeedFacts) -> list[str]:
+    def cache(on: bool, why: str) -> str:
+        return "on" if on else f"off ({why})"
+
+    batch = f"batch_size {speed.batch_size} x gradient_accumulation_steps {speed.gradient_accumulation_steps}"
+    return [
+        "",
+        f"Speed and memory: memory_profile {speed.memory_profile}",
+        _row("latent cache", cache(speed.cache_latents, speed.cache_latents_why)),
+        _row("text cache", cache(speed.cache_text_encoder_outputs, speed.cache_text_encoder_outputs_why)),
+        _row(
+            "memory",
+            f"gradient_checkpointing {'on' if speed.gradient_checkpointing else 'off'}, mixed_precision "
+            f"{speed.mixed_precision}, optimizer {speed.optimizer_type}, {batch}",
+        ),
+        _row("torch_compile", "on" if speed.torch_compile else "off"),
+    ]
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from lora_scripts.checks.captions import analyze_captions
 from lora_scripts.checks.findings import caption_warnings, image_warnings, output_problems, plan_warnings
 from lora_scripts.checks.images import analyze_images
-from lora_scripts.checks.plan import network_facts, output_facts, plan_facts
+from lora_scripts.checks.plan import network_facts, output_facts, plan_facts, speed_facts
 from lora_scripts.checks.report import CheckReport, DatasetFacts
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
@@ -88,6 +88,7 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
         plan=plan,
         network=network,
         outputs=outputs,
+        speed=speed_facts(config),
     )
 
 

@@ -98,9 +98,7 @@ def _crop_and_cache_rules(config: TrainConfig) -> list[Problem]:
             )
         )
     cached = config.cache_latents or config.cache_latents_to_disk
-    random_crops = [path for path, value in _per_dataset(config, "random_crop") if value]
-    if config.center_crop is False:
-        random_crops.append("center_crop: false")
+    random_crops = config.random_crop_keys()  # an explicit true only: left out, the cache turns itself off
     if cached and random_crops:
         problems.append(
             (
@@ -121,9 +119,7 @@ def _crop_and_cache_rules(config: TrainConfig) -> list[Problem]:
                     "outputs); turn one of them off",
                 )
             )
-        changing = [path for path, value in _per_dataset(config, "shuffle_caption") if value]
-        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            changing += [path for path, value in _per_dataset(config, key) if value]
+        changing = config.changing_caption_keys()
         if changing:
             problems.append(
                 (

@@ -150,7 +150,8 @@ class DatasetKeys(BaseModel):
     )
     random_crop: bool = field(
         "data",
-        "Crop a random part of each image instead of the centre (kohya). Cannot be used with cache_latents.",
+        "Crop a random part of each image instead of the centre (kohya). Turns the automatic latent cache "
+        "off; cannot be used with cache_latents: true.",
         False,
     )
     center_crop: bool | None = field(
@@ -190,11 +191,13 @@ class BucketKeys(BaseModel):
 class CacheKeys(BaseModel):
     """Latent and text-encoder caches (section "caching")."""
 
-    cache_latents: bool = field(
+    cache_latents: bool | None = field(
         "caching",
-        "Encode every image with the VAE once before training instead of at every step (much faster; the "
-        "VAE then leaves the GPU). Needs a fixed crop (no random_crop).",
-        False,
+        "Encode every image with the VAE once before training instead of at every step (much faster, and "
+        "the same numbers; the VAE then leaves the GPU). Needs a fixed crop: left out, it is on unless a "
+        "dataset uses random_crop; true with random_crop is an error.",
+        None,
+        default_doc="auto: on unless random_crop is used",
     )
     cache_latents_to_disk: bool = field(
         "caching",
@@ -208,9 +211,11 @@ class CacheKeys(BaseModel):
         None,
         default_doc="a hidden .lora_scripts_cache folder in each dataset folder",
     )
-    cache_text_encoder_outputs: bool = field(
+    cache_text_encoder_outputs: bool | None = field(
         "caching",
-        "Encode each caption once before training (the text encoder then leaves the GPU). Needs a frozen "
-        "text encoder and captions that do not change (no shuffling or dropout).",
-        False,
+        "Encode each caption once before training (the same numbers; the text encoder then leaves the "
+        "GPU). Needs a frozen text encoder and captions that do not change (no shuffling or dropout): left "
+        "out, it is on when both hold; true without them is an error.",
+        None,
+        default_doc="auto: on unless train_text_encoder, shuffle_caption or a caption dropout is used",
     )

@@ -3,12 +3,15 @@ and the optimizer. Mixed into `TrainConfig` (schema.py); names are sd-scripts'."
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from lora_scripts.config.fields import Float, Int, PathValue, field
+
+log = logging.getLogger(__name__)
 
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
@@ -165,3 +168,72 @@ class OptimizerKeys(BaseModel):
 
 
 WarmupSteps = Annotated[Int | Float, BeforeValidator(_warmup)]
+
+
+MemoryProfile = Literal["default", "low"]
+
+
+class SpeedKeys(BaseModel):
+    """Speed and memory switches (section "training") and the loss log's cadence (section "logging")."""
+
+    memory_profile: MemoryProfile = field(
+        "training",
+        "'low' sets, for a small GPU: gradient_checkpointing: true, optimizer_type: AdamW8bit (when "
+        "bitsandbytes and a CUDA GPU are there; else AdamW), mixed_precision: bf16 (fp16 on GPUs without "
+        "bf16) so the frozen weights take half the memory, and batch_size 1 with gradient_accumulation_steps "
+        "keeping the effective batch; latents and captions are cached (where valid) with the VAE and text "
+        "encoder off the GPU. Keys you write yourself win over the preset (writing both batch_size and "
+        "gradient_accumulation_steps keeps them as written); the resolved values are in the dumped "
+        "config.yaml and in `lora-scripts check`.",
+        "default",
+    )
+    torch_compile: bool = field(
+        "training",
+        "Compile the UNet with torch.compile: faster steps on a GPU after a first step that takes a minute "
+        "or more to compile; needs a working compiler toolchain.",
+        False,
+    )
+    logging_steps: Int = field(
+        "logging",
+        "Read the loss from the GPU every this many steps (and before every save, sample and validation): "
+        "reading it waits for the GPU, so fewer reads keep it busy. TensorBoard still gets every step's "
+        "loss, and a NaN loss is still reported at the exact step it appeared.",
+        10,
+        ge=1,
+    )
+
+
+def low_memory_settings(
+    written: set[str], batch_size: int, gradient_accumulation_steps: int
+) -> dict[str, Any]:
+    """What `memory_profile: low` sets, leaving out every key in `written` (the keys the user wrote).
+
+    The batch is split into `batch_size` steps of 1 image with as many accumulated, so the effective batch
+    (and the step count) stays what the user asked for; a user who wrote both keys keeps both.
+    """
+    # Imported here: torch is not needed to read a config otherwise.
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    eight_bit = cuda and importlib.util.find_spec("bitsandbytes") is not None
+    if not eight_bit and "optimizer_type" not in written:
+        log.info(
+            "memory_profile: low uses AdamW: 8-bit AdamW needs bitsandbytes (pip install bitsandbytes) and a "
+            "CUDA GPU%s.",
+            "" if cuda else ", and this machine has none",
+        )
+    # bf16 where the GPU has it (no loss scaler needed), else fp16; on a CPU bf16 (accelerate's CPU autocast).
+    precision = "bf16" if not cuda or torch.cuda.is_bf16_supported() else "fp16"
+    preset: dict[str, Any] = {
+        "gradient_checkpointing": True,
+        "optimizer_type": "AdamW8bit" if eight_bit else "AdamW",
+        "mixed_precision": precision,
+    }
+    settings = {key: value for key, value in preset.items() if key not in written}
+    # A written batch_size alone is the effective batch the user wants: it is split, not kept.
+    if "gradient_accumulation_steps" not in written:
+        settings["batch_size"] = 1
+        settings["gradient_accumulation_steps"] = batch_size * gradient_accumulation_steps
+    return settings

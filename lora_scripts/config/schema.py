@@ -27,7 +27,14 @@ from lora_scripts.config.fields import (
 )
 from lora_scripts.config.keys_data import BucketKeys, CacheKeys, DatasetKeys
 from lora_scripts.config.keys_safety import SafetyKeys, StateKeys
-from lora_scripts.config.keys_training import LossKeys, NetworkDepthKeys, OptimizerKeys, WarmupSteps
+from lora_scripts.config.keys_training import (
+    LossKeys,
+    NetworkDepthKeys,
+    OptimizerKeys,
+    SpeedKeys,
+    WarmupSteps,
+    low_memory_settings,
+)
 
 SECTIONS: tuple[str, ...] = (
     "data",
@@ -50,7 +57,15 @@ SavePrecision = Literal["fp16", "bf16", "fp32"]
 
 
 class TrainConfig(
-    SafetyKeys, StateKeys, OptimizerKeys, LossKeys, NetworkDepthKeys, CacheKeys, BucketKeys, DatasetKeys
+    SpeedKeys,
+    SafetyKeys,
+    StateKeys,
+    OptimizerKeys,
+    LossKeys,
+    NetworkDepthKeys,
+    CacheKeys,
+    BucketKeys,
+    DatasetKeys,
 ):
     """Everything one LoRA training run needs; loaded from YAML by `lora_scripts.config.load_config`.
 
@@ -323,8 +338,42 @@ class TrainConfig(
         "ddim, unipc",
     )
 
+    def random_crop_keys(self) -> list[str]:
+        """Where a random crop is switched on: key paths ('random_crop', 'datasets[1].random_crop',
+        'center_crop: false'); empty when every dataset crops the centre."""
+        found = [path for path, value in self.per_dataset("random_crop") if value]
+        if self.center_crop is False and not self.random_crop:  # before resolved() fills random_crop in
+            found.append("center_crop: false")
+        return found
+
+    def changing_caption_keys(self) -> list[str]:
+        """Key paths of the options that change a caption from step to step (shuffling, dropout)."""
+        keys = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
+        return [path for key in keys for path, value in self.per_dataset(key) if value]
+
+    def per_dataset(self, key: str) -> list[tuple[str, Any]]:
+        """(key path, value) of `key` at the top level and in every `datasets` entry that sets it."""
+        found = [(key, getattr(self, key))]
+        for i, entry in enumerate(self.datasets or []):
+            if getattr(entry, key) is not None:
+                found.append((f"datasets[{i}].{key}", getattr(entry, key)))
+        return found
+
+    def with_memory_profile(self) -> TrainConfig:
+        """A copy with `memory_profile`'s settings filled into the keys the user did not write."""
+        if self.memory_profile != "low":
+            return self
+        written = set(self.model_fields_set)
+        update = low_memory_settings(written, self.batch_size, self.gradient_accumulation_steps)
+        return self.model_copy(update=update)
+
     def resolved(self) -> TrainConfig:
         """A copy with every derived default filled in (what training uses and dumps as config.yaml)."""
+        if self.memory_profile == "low":
+            return self.with_memory_profile()._resolved()
+        return self._resolved()
+
+    def _resolved(self) -> TrainConfig:
         output_name = self.output_name
         if output_name is None:
             name = self.output_dir.name
@@ -338,7 +387,16 @@ class TrainConfig(
                 "conv_alpha": (
                     float(self.conv_rank) if self.conv_alpha is None and self.conv_rank else self.conv_alpha
                 ),
-                "cache_latents": self.cache_latents or self.cache_latents_to_disk,
+                # Left out (None): on where it is valid; it trains the same numbers, only faster.
+                "cache_latents": (
+                    not self.random_crop_keys() if self.cache_latents is None else self.cache_latents
+                )
+                or self.cache_latents_to_disk,
+                "cache_text_encoder_outputs": (
+                    not self.train_text_encoder and not self.changing_caption_keys()
+                    if self.cache_text_encoder_outputs is None
+                    else self.cache_text_encoder_outputs
+                ),
                 "random_crop": random_crop,
                 "center_crop": not random_crop,
                 "lora_alpha": float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha,

@@ -41,10 +41,12 @@ from lora_scripts.training.sampling import TrainingSampler
 from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver, step_file_name
 from lora_scripts.training.setup import (
     attach_lora,
+    compiled_denoiser,
     loss_settings,
     make_accelerator,
     make_dataloader,
     make_optimization,
+    speed_switches,
 )
 from lora_scripts.training.state import (
     Progress,
@@ -105,6 +107,7 @@ def train(config: TrainConfig) -> TrainResult:
             )
         family.noise_scheduler = zero_terminal_snr(family.noise_scheduler)
     networks = attach_lora(family, config, accelerator)
+    speed_switches(family, accelerator.device)
     # Encodes its images now, while the VAE and text encoder are still on the device (caching may move them).
     validator = validator_for(config, family, training_set, accelerator.device)
     latents = None
@@ -133,7 +136,7 @@ def train(config: TrainConfig) -> TrainResult:
         *trained, optimizer, dataloader, lr_scheduler
     )
     # DDP syncs gradients only when the wrapped module is the one called.
-    family.use_wrapped(prepared[0], prepared[1:])
+    family.use_wrapped(compiled_denoiser(prepared[0], config.torch_compile), prepared[1:])
     optimizer_name = type(getattr(optimizer, "optimizer", optimizer))
     saver = LoraSaver(
         config.output_dir,
@@ -196,7 +199,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.nan_policy == "rollback" and store.latest() is None:
         store.save(progress)  # so that a NaN before the first save_steps has a state to go back to
 
-    loss_value = float("nan")
+    losses = PendingLosses(accelerator)
     micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current update
     stopped_by: str | None = None
     stopped_early = False  # early stopping: the final files are still written
@@ -230,33 +233,28 @@ def train(config: TrainConfig) -> TrainResult:
                     continue
                 progress.global_step += 1
                 step = progress.global_step
-                loss_value = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
+                losses.add(step, torch.stack(micro_losses).mean(), lrs)  # stays on the device: no sync
                 micro_losses.clear()
-                if not math.isfinite(loss_value):  # every process sees the same gathered value
-                    # Raises the stop error, or counts a rollback and returns.
-                    last_state = store.latest()
-                    guard.on_nonfinite(
-                        loss_value,
-                        step=step,
-                        lr=lrs[0],
-                        last_file=checkpoints.last_file,
-                        last_state=last_state,
-                    )
-                    progress = roll_back(store, progress, guard, accelerator, loss_value, step)
-                    bar.n = progress.global_step
-                    bar.refresh()
-                    rolled_back = True
-                    break
-                scalars = {"loss": loss_value, "lr": lrs[0]}
-                if len(lrs) > 1:
-                    scalars["lr_text_encoder"] = lrs[1]
-                accelerator.log(scalars, step=step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}", epoch=progress.epoch)
-                if config.save_steps and step % config.save_steps == 0:
+                is_last = step >= plan.max_train_steps
+                save_due = bool(config.save_steps) and step % config.save_steps == 0
+                validation_due = validator is not None and validator.due(step, is_last=is_last)
+                # The NaN guard runs before anything after a bad step is saved, sampled or measured.
+                if (
+                    step % config.logging_steps == 0
+                    or is_last
+                    or save_due
+                    or validation_due
+                    or (sampler.every_n_steps and step % sampler.every_n_steps == 0)
+                ):
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    if restored is not None:
+                        progress, rolled_back = restored, True
+                        break
+                if save_due:
                     checkpoints.save(progress)
                 sampler.after_step(family, step)
-                if validator is not None and validator.due(step, is_last=step >= plan.max_train_steps):
+                if validation_due:
                     outcome = validate(validator, family, saver, accelerator, progress)
                     if outcome.should_stop:
                         stopped_early = True
@@ -267,9 +265,18 @@ def train(config: TrainConfig) -> TrainResult:
                     break
                 if stop.agreed(accelerator):  # after every step on every process (a collective)
                     stopped_by = stop.signal_name or "a signal to another process"
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    if restored is not None:  # the NaN guard first; then go on from the restored state
+                        progress, rolled_back, stopped_by = restored, True, None
+                        break
                     checkpoints.save(progress)  # does nothing when this step was just saved
                     break
             if not rolled_back and stopped_by is None and not stopped_early:
+                if sampler.every_n_epochs and progress.epoch % sampler.every_n_epochs == 0:
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    if restored is not None:  # no samples of a broken LoRA
+                        progress = restored
+                        continue
                 sampler.after_epoch(family, progress.global_step, progress.epoch)
     bar.close()
 
@@ -286,11 +293,71 @@ def train(config: TrainConfig) -> TrainResult:
         progress.epoch,
         final_files,
         checkpoints.files,
-        loss_value,
+        losses.last_value,
         accelerator.is_main_process,
         stopped_by=stopped_by,
         state_dir=checkpoints.last_state if stopped_by else None,
     )
+
+
+class PendingLosses:
+    """The loss of each optimizer step, kept on the device until the loop reads it: reading waits for the
+    GPU to finish its queued work, so the loop reads them together every `logging_steps` (one `.tolist()`).
+
+    Under several processes every step's loss is the mean over them (a collective: every process reads at
+    the same steps)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []  # 0-d float tensors on the device
+        self.lrs: list[list[float]] = []  # the rates each step used: UNet, then text encoder
+        self.last_value = float("nan")  # the newest finite loss read
+
+    def add(self, step: int, loss: torch.Tensor, lrs: list[float]) -> None:
+        self.steps.append(step)
+        self.losses.append(loss.detach())
+        self.lrs.append(list(lrs))
+
+    def read(self) -> list[tuple[int, float, list[float]]]:
+        """(step, loss, lrs) of every pending step, oldest first; empties the list."""
+        if not self.steps:
+            return []
+        gathered = self.accelerator.gather(torch.stack(self.losses).float())  # (processes * steps,)
+        values = gathered.reshape(-1, len(self.steps)).mean(dim=0).tolist()
+        read = list(zip(self.steps, values, self.lrs, strict=True))
+        self.steps, self.losses, self.lrs = [], [], []
+        return read
+
+
+def read_losses(
+    losses: PendingLosses,
+    guard: NanGuard,
+    store: StateStore,
+    checkpoints: Checkpoints,
+    bar: tqdm,
+    progress: Progress,
+) -> Progress | None:
+    """Log the pending losses (TensorBoard, each at its own step) up to the first non-finite one; at that one
+    the NaN guard raises its stop error or rolls back: returns the restored progress, else None."""
+    accelerator = checkpoints.accelerator
+    for step, value, lrs in losses.read():
+        if not math.isfinite(value):  # every process sees the same gathered value
+            # Raises the stop error, or counts a rollback and returns.
+            guard.on_nonfinite(
+                value, step=step, lr=lrs[0], last_file=checkpoints.last_file, last_state=store.latest()
+            )
+            restored = roll_back(store, progress, guard, accelerator, value, step)
+            bar.n = restored.global_step
+            bar.refresh()
+            return restored
+        scalars = {"loss": value, "lr": lrs[0]}
+        if len(lrs) > 1:
+            scalars["lr_text_encoder"] = lrs[1]
+        accelerator.log(scalars, step=step)
+        losses.last_value = value
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[0]:.2e}", epoch=progress.epoch)
+    return None
 
 
 def validate(

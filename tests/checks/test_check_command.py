@@ -23,7 +23,7 @@ from tests.checks.conftest import LONG_CAPTION_TOKENS, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 TOP_KEYS = ["format_version", "config", "ok", "errors", "warnings", "dataset", "images", "captions", "plan"]
-TOP_KEYS += ["network", "outputs"]
+TOP_KEYS += ["network", "outputs", "speed"]
 
 
 def _check_json(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
