@@ -113,9 +113,20 @@ def _out_of_memory_message(exc: BaseException, config: TrainConfig | None) -> st
         shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
         return f" (now {shown})"
 
+    # Only the switches that are still off (without a config: all of them).
+    switches = [
+        f"{key}: true (now false)" if config is not None else f"{key}: true"
+        for key in ("gradient_checkpointing", "cache_latents")
+        if config is None or not getattr(config, key)
+    ]
+    if config is None or config.mixed_precision == "no":
+        switches.append(f"mixed_precision: bf16 or fp16{now('mixed_precision')}")
+    if config is None or config.memory_profile != "low":
+        switches.append("memory_profile: low (all of these at once)")
+    set_them = f", set {', '.join(switches[:-1])} or {switches[-1]}" if len(switches) > 1 else ""
+    if len(switches) == 1:
+        set_them = f", set {switches[0]}"
     return (
         f"{what}; to use less, lower batch_size{now('batch_size')} (raise gradient_accumulation_steps to "
-        f"keep the effective batch) or resolution{now('resolution')}, set gradient_checkpointing: "
-        f"true{now('gradient_checkpointing')}, cache_latents: true{now('cache_latents')}, or "
-        f"mixed_precision: fp16 or bf16{now('mixed_precision')}."
+        f"keep the effective batch) or resolution{now('resolution')}{set_them}."
     )

@@ -134,22 +134,29 @@ def test_out_of_memory_names_the_keys_with_their_values(tmp_path: Path) -> None:
             batch_size=4,
             resolution=768,
             mixed_precision="no",
+            cache_latents=False,
         )
     )
     assert messages(OOM, config=config) == [
         "out of GPU memory (tried to allocate 2.00 GiB); to use less, lower batch_size (now 4) (raise "
         "gradient_accumulation_steps to keep the effective batch) or resolution (now 768), set "
-        "gradient_checkpointing: true (now false), cache_latents: true (now false), or mixed_precision: fp16 "
-        "or bf16 (now no)."
+        "gradient_checkpointing: true (now false), cache_latents: true (now false), mixed_precision: bf16 or "
+        "fp16 (now no) or memory_profile: low (all of these at once)."
     ]
+    # switches already on are not suggested again
+    frugal = config.model_copy(update={"cache_latents": True, "gradient_checkpointing": True})
+    assert messages(OOM, config=frugal)[0].endswith(
+        "or resolution (now 768), set mixed_precision: bf16 or fp16 (now no) or memory_profile: low (all of "
+        "these at once)."
+    )
     assert torch.cuda.OutOfMemoryError is torch.OutOfMemoryError  # what CUDA raises is what we catch
 
 
 def test_out_of_memory_without_a_config() -> None:
     expected = [
         "out of GPU memory; to use less, lower batch_size (raise gradient_accumulation_steps to keep the "
-        "effective batch) or resolution, set gradient_checkpointing: true, cache_latents: true, or "
-        "mixed_precision: fp16 or bf16."
+        "effective batch) or resolution, set gradient_checkpointing: true, cache_latents: true, "
+        "mixed_precision: bf16 or fp16 or memory_profile: low (all of these at once)."
     ]
     assert messages(torch.OutOfMemoryError("CUDA out of memory.")) == expected
     assert messages(RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)")) == expected
@@ -317,7 +324,8 @@ def test_out_of_memory_through_the_cli(
     assert err.startswith(
         "error: out of GPU memory (tried to allocate 2.00 GiB); to use less, lower batch_size (now 1)"
     )
-    assert "gradient_checkpointing: true (now true)" in err and err.count("\n") == 1
+    # gradient_checkpointing is already on in this run: not suggested again
+    assert "gradient_checkpointing" not in err and "memory_profile: low" in err and err.count("\n") == 1
 
 
 def test_a_full_disk_while_saving_a_training_state_is_explained(tmp_path: Path, monkeypatch) -> None:
