@@ -1,4 +1,5 @@
-"""Saving a step during training (its LoRA file and training state), and rolling back to a saved state."""
+"""Saving during training: a step (its LoRA file and training state), the best validation checkpoint; and
+rolling back to a saved state."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from lora_scripts.models.family import ModelFamily
 from lora_scripts.training.nan_guard import MAX_ROLLBACKS, NanGuard
 from lora_scripts.training.saving import LoraSaver
 from lora_scripts.training.state import Progress, StateStore
 from lora_scripts.training.tensorboard import purge_after, tensorboard_writer
+from lora_scripts.training.validation import ValidationOutcome, Validator
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +73,32 @@ def roll_back(
     )
     purge_after(accelerator, restored.global_step)  # the replayed steps are not shown twice
     return restored
+
+
+def validate(
+    validator: Validator, family: ModelFamily, saver: LoraSaver, accelerator: Accelerator, progress: Progress
+) -> ValidationOutcome:
+    """Measure the validation loss (every process: the denoiser may be DDP-wrapped), log it, keep the best
+    LoRA as `<output_name>-best.safetensors`, and say whether to stop early."""
+    step = progress.global_step
+    outcome = validator.record(step, validator.loss(family))
+    accelerator.log({"validation_loss": outcome.loss}, step=step)
+    if outcome.improved and accelerator.is_main_process:
+        path = saver.save_best(step, progress.epoch, outcome.loss)
+        log.info("Validation loss %.5f at step %d: the best so far, saved as %s", outcome.loss, step, path)
+    elif not outcome.improved:
+        log.info(
+            "Validation loss %.5f at step %d (best %.5f at step %d, %d without improvement)",
+            outcome.loss,
+            step,
+            outcome.best_loss,
+            outcome.best_step,
+            outcome.since_best,
+        )
+    if outcome.should_stop:
+        log.info(
+            "Stopping early at step %d: no better validation loss in %d measurements",
+            step,
+            outcome.since_best,
+        )
+    return outcome

@@ -12,14 +12,12 @@ the last state, at the step it appears (training/nan_guard.py).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -31,8 +29,9 @@ from lora_scripts.data.text_cache import TextEncoderCache
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
-from lora_scripts.training.checkpoints import Checkpoints, roll_back
+from lora_scripts.training.checkpoints import Checkpoints, validate
 from lora_scripts.training.interrupt import FaultInjection, stop_on_signals
+from lora_scripts.training.loss_log import PendingLosses, read_losses
 from lora_scripts.training.nan_guard import NanGuard
 from lora_scripts.training.noise import zero_terminal_snr
 from lora_scripts.training.output_dir import STATE_FOLDER, prepare_output_dir
@@ -58,7 +57,7 @@ from lora_scripts.training.state import (
 )
 from lora_scripts.training.step import diffusion_loss
 from lora_scripts.training.tensorboard import start_tensorboard, trackers_closed_on_error
-from lora_scripts.training.validation import ValidationOutcome, Validator, validator_for
+from lora_scripts.training.validation import validator_for
 
 log = logging.getLogger(__name__)
 
@@ -298,95 +297,6 @@ def train(config: TrainConfig) -> TrainResult:
         stopped_by=stopped_by,
         state_dir=checkpoints.last_state if stopped_by else None,
     )
-
-
-class PendingLosses:
-    """The loss of each optimizer step, kept on the device until the loop reads it: reading waits for the
-    GPU to finish its queued work, so the loop reads them together every `logging_steps` (one `.tolist()`).
-
-    Under several processes every step's loss is the mean over them (a collective: every process reads at
-    the same steps)."""
-
-    def __init__(self, accelerator: Accelerator) -> None:
-        self.accelerator = accelerator
-        self.steps: list[int] = []
-        self.losses: list[torch.Tensor] = []  # 0-d float tensors on the device
-        self.lrs: list[list[float]] = []  # the rates each step used: UNet, then text encoder
-        self.last_value = float("nan")  # the newest finite loss read
-
-    def add(self, step: int, loss: torch.Tensor, lrs: list[float]) -> None:
-        self.steps.append(step)
-        self.losses.append(loss.detach())
-        self.lrs.append(list(lrs))
-
-    def read(self) -> list[tuple[int, float, list[float]]]:
-        """(step, loss, lrs) of every pending step, oldest first; empties the list."""
-        if not self.steps:
-            return []
-        gathered = self.accelerator.gather(torch.stack(self.losses).float())  # (processes * steps,)
-        values = gathered.reshape(-1, len(self.steps)).mean(dim=0).tolist()
-        read = list(zip(self.steps, values, self.lrs, strict=True))
-        self.steps, self.losses, self.lrs = [], [], []
-        return read
-
-
-def read_losses(
-    losses: PendingLosses,
-    guard: NanGuard,
-    store: StateStore,
-    checkpoints: Checkpoints,
-    bar: tqdm,
-    progress: Progress,
-) -> Progress | None:
-    """Log the pending losses (TensorBoard, each at its own step) up to the first non-finite one; at that one
-    the NaN guard raises its stop error or rolls back: returns the restored progress, else None."""
-    accelerator = checkpoints.accelerator
-    for step, value, lrs in losses.read():
-        if not math.isfinite(value):  # every process sees the same gathered value
-            # Raises the stop error, or counts a rollback and returns.
-            guard.on_nonfinite(
-                value, step=step, lr=lrs[0], last_file=checkpoints.last_file, last_state=store.latest()
-            )
-            restored = roll_back(store, progress, guard, accelerator, value, step)
-            bar.n = restored.global_step
-            bar.refresh()
-            return restored
-        scalars = {"loss": value, "lr": lrs[0]}
-        if len(lrs) > 1:
-            scalars["lr_text_encoder"] = lrs[1]
-        accelerator.log(scalars, step=step)
-        losses.last_value = value
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[0]:.2e}", epoch=progress.epoch)
-    return None
-
-
-def validate(
-    validator: Validator, family: ModelFamily, saver: LoraSaver, accelerator: Accelerator, progress: Progress
-) -> ValidationOutcome:
-    """Measure the validation loss (every process: the denoiser may be DDP-wrapped), log it, keep the best
-    LoRA as `<output_name>-best.safetensors`, and say whether to stop early."""
-    step = progress.global_step
-    outcome = validator.record(step, validator.loss(family))
-    accelerator.log({"validation_loss": outcome.loss}, step=step)
-    if outcome.improved and accelerator.is_main_process:
-        path = saver.save_best(step, progress.epoch, outcome.loss)
-        log.info("Validation loss %.5f at step %d: the best so far, saved as %s", outcome.loss, step, path)
-    elif not outcome.improved:
-        log.info(
-            "Validation loss %.5f at step %d (best %.5f at step %d, %d without improvement)",
-            outcome.loss,
-            step,
-            outcome.best_loss,
-            outcome.best_step,
-            outcome.since_best,
-        )
-    if outcome.should_stop:
-        log.info(
-            "Stopping early at step %d: no better validation loss in %d measurements",
-            step,
-            outcome.since_best,
-        )
-    return outcome
 
 
 def epoch_batches(

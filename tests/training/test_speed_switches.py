@@ -16,7 +16,8 @@ from lora_scripts.config import load_config
 from lora_scripts.errors import UserError
 from lora_scripts.models.registry import load_family
 from lora_scripts.training import loop, setup
-from lora_scripts.training.loop import PendingLosses, read_losses, train
+from lora_scripts.training.loop import train
+from lora_scripts.training.loss_log import PendingLosses, read_losses
 from lora_scripts.training.nan_guard import NanGuard
 from tests.training.conftest import tiny_run_settings, write_config
 
