@@ -81,6 +81,14 @@ def load_clip_tokenizer(version: SDVersion) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, pad_token=PAD_TOKENS[version])
 
 
+def scheduler_config_of(folder: Path, version: SDVersion) -> dict[str, Any]:
+    """The noise schedule's config from `folder/scheduler`, else the shipped one of `version`."""
+    has_scheduler = (folder / "scheduler" / "scheduler_config.json").is_file()
+    return DDPMScheduler.load_config(
+        folder if has_scheduler else shipped_config_dir(version), subfolder="scheduler", local_files_only=True
+    )
+
+
 def make_noise_scheduler(scheduler_config: dict[str, Any], prediction_type: PredictionType) -> DDPMScheduler:
     """A training DDPMScheduler with the model's beta schedule (any scheduler config works as the source)."""
     return DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
@@ -146,12 +154,7 @@ def _load_single_file(
     vae = _build_and_load(lambda: AutoencoderKL.from_config(vae_config), vae_weights, path, "VAE")
     text_encoder = _text_encoder_from_ldm(state_dict, cfg_dir, version, path)
 
-    has_scheduler = (cfg_dir / "scheduler" / "scheduler_config.json").is_file()
-    scheduler_config = DDPMScheduler.load_config(
-        cfg_dir if has_scheduler else shipped_config_dir(version),
-        subfolder="scheduler",
-        local_files_only=True,
-    )
+    scheduler_config = scheduler_config_of(cfg_dir, version)
     tokenizer = (
         CLIPTokenizer.from_pretrained(cfg_dir, subfolder="tokenizer", local_files_only=True)
         if (cfg_dir / "tokenizer" / "vocab.json").is_file()
@@ -303,10 +306,7 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
         if (path / "tokenizer").is_dir()
         else load_clip_tokenizer(version)
     )
-    has_scheduler = (path / "scheduler" / "scheduler_config.json").is_file()
-    scheduler_config = DDPMScheduler.load_config(
-        path if has_scheduler else shipped_config_dir(version), subfolder="scheduler", local_files_only=True
-    )
+    scheduler_config = scheduler_config_of(path, version)
     if v_parameterization is not None:
         prediction_type: PredictionType = "v_prediction" if v_parameterization else "epsilon"
     else:
