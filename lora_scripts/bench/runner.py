@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,9 +46,13 @@ class LoopFigures:
     mean_loss: float
 
 
+TIMED_ROUNDS = 3
+
+
 def time_loop(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> LoopFigures:
-    """Warm up (the first warm-up step under the FLOP counter), then a timed run and an instrumented run of
-    `settings.steps` steps each, both from the same seed."""
+    """Warm up (the first warm-up step under the FLOP counter), then TIMED_ROUNDS timed runs (the median
+    counts) and an instrumented run of `settings.steps` steps each; the first timed run starts from the same
+    seed in both loops (its mean loss is the fairness check)."""
     device = loop.device
     set_seed(0)  # both loops see the same batches and draws: same losses (a fairness check in the JSON)
     flops = None
@@ -61,14 +66,21 @@ def time_loop(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> LoopF
     memory_reset = reset_peak_memory(device)
     if not memory_reset:
         log.info("Peak RSS could not be reset: it covers the whole process.")
-    clock = PhaseClock(device, sync=False)
-    losses = []
-    clock.start()
-    start = time.perf_counter()
-    for _ in range(settings.steps):
-        losses.append(loop.step(clock))
-    mean_loss = torch.stack(losses).float().mean().item()  # the only host sync of the timed run
-    elapsed = time.perf_counter() - start
+    # TIMED_ROUNDS timed runs, the median kept: one stall of another process on a shared machine then
+    # cannot decide the figure. Each run syncs only once, at its end (reading its losses).
+    round_times, mean_loss = [], float("nan")
+    for round_index in range(TIMED_ROUNDS):
+        set_seed(round_index)
+        clock = PhaseClock(device, sync=False)
+        losses = []
+        clock.start()
+        start = time.perf_counter()
+        for _ in range(settings.steps):
+            losses.append(loop.step(clock))
+        loss = torch.stack(losses).float().mean().item()  # the only host sync of the timed run
+        round_times.append(time.perf_counter() - start)
+        mean_loss = loss if round_index == 0 else mean_loss
+    elapsed = statistics.median(round_times)
     instrumented = PhaseClock(device, sync=True)
     instrumented.start()
     for _ in range(settings.steps):
@@ -111,7 +123,8 @@ def _device_choice(device: str) -> Iterator[None]:
 
 def _run_loop(cls: type[BenchLoop], root: Path, settings: BenchSettings, base_model: str, cache: bool):
     start = time.perf_counter()
-    loop = cls(write_config(root, settings, base_model, cache=cache), base_model)
+    config = write_config(root, settings, base_model, cache=cache, reference=cls is ReferenceLoop)
+    loop = cls(config, base_model)
     figures = time_loop(loop, settings, time.perf_counter() - start)
     device, precision = loop.device, loop.accelerator.mixed_precision
     del loop  # free this model before the next loop builds its own

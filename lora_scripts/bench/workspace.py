@@ -70,8 +70,14 @@ def make_images(folder: Path, count: int, size: int) -> None:
         writer.writerows(rows)
 
 
-def write_config(root: Path, settings: BenchSettings, base_model: str, *, cache: bool) -> TrainConfig:
-    """A training config over the bench data; `cache` turns latent and text-encoder caching on or off."""
+def write_config(
+    root: Path, settings: BenchSettings, base_model: str, *, cache: bool, reference: bool = False
+) -> TrainConfig:
+    """A training config over the bench data; `cache` turns latent and text-encoder caching on or off.
+
+    `reference`: the optimizer as diffusers' train_text_to_image_lora.py builds it, `torch.optim.AdamW(...)`
+    with torch's own kernel choice (`foreach: None`), instead of ours (fused, else foreach).
+    """
     data_dir = root / "data"
     config = {
         "train_data_dir": str(data_dir),
@@ -90,7 +96,9 @@ def write_config(root: Path, settings: BenchSettings, base_model: str, *, cache:
         "output_dir": str(root / ("output_cached" if cache else "output_reference")),
         "seed": 0,
     }
-    path = root / f"config_{'cached' if cache else 'reference'}.yaml"
+    if reference:
+        config["optimizer_args"] = {"foreach": None}
+    path = root / f"config_{'reference' if reference else 'cached' if cache else 'uncached'}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     # The base model is not read from the config (sd15 is built in memory), so its path is not checked.
     return load_config(path, check_paths=False)

@@ -107,9 +107,9 @@ def test_adafactor_relative_step_ignores_lrs_and_uses_its_schedule():
         build_lr_scheduler("cosine", optimizer, warmup_steps=0, total_steps=10, num_processes=1)
 
 
-def test_adamw_picks_foreach_on_cpu_and_user_args_win():
-    assert _build("AdamW", (1e-3, 1e-3))[2].defaults["foreach"] is True
-    assert not _build("AdamW", (1e-3, 1e-3))[2].defaults["fused"]
+def test_adamw_picks_fused_on_cpu_and_user_args_win():
+    assert _build("AdamW", (1e-3, 1e-3))[2].defaults["fused"] is True
+    assert not _build("AdamW", (1e-3, 1e-3))[2].defaults["foreach"]
     assert _build("AdamW", (1e-3, 1e-3), {"foreach": False})[2].defaults["foreach"] is False
     fused = _build("AdamW", (1e-3, 1e-3), {"fused": True})[2]  # torch has a fused CPU AdamW too
     assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
