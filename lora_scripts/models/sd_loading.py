@@ -155,21 +155,7 @@ def _load_single_file(
     text_encoder = _text_encoder_from_ldm(state_dict, cfg_dir, version, path)
 
     scheduler_config = scheduler_config_of(cfg_dir, version)
-    tokenizer = (
-        CLIPTokenizer.from_pretrained(cfg_dir, subfolder="tokenizer", local_files_only=True)
-        if (cfg_dir / "tokenizer" / "vocab.json").is_file()
-        else load_clip_tokenizer(version)
-    )
-    return SDComponents(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        noise_scheduler=make_noise_scheduler(scheduler_config, prediction_type),
-        version=version,
-        prediction_type=prediction_type,
-        location=location,
-    )
+    return _assemble(unet, vae, text_encoder, cfg_dir, version, scheduler_config, prediction_type, location)
 
 
 def _unet_from_ldm(
@@ -301,11 +287,6 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     unet = _folder_component(UNet2DConditionModel, path, "unet")
     vae = _folder_component(AutoencoderKL, path, "vae")
     text_encoder = _folder_component(CLIPTextModel, path, "text_encoder")
-    tokenizer = (
-        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        if (path / "tokenizer").is_dir()
-        else load_clip_tokenizer(version)
-    )
     scheduler_config = scheduler_config_of(path, version)
     if v_parameterization is not None:
         prediction_type: PredictionType = "v_prediction" if v_parameterization else "epsilon"
@@ -313,6 +294,26 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
         prediction_type = (
             "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
         )
+    return _assemble(unet, vae, text_encoder, path, version, scheduler_config, prediction_type, location)
+
+
+def _assemble(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: torch.nn.Module,
+    folder: Path,
+    version: SDVersion,
+    scheduler_config: dict[str, Any],
+    prediction_type: PredictionType,
+    location: BaseModelLocation,
+) -> SDComponents:
+    """SDComponents from loaded modules: the tokenizer of `folder` (the shipped CLIP one when it has none)
+    and a training noise scheduler for `prediction_type`."""
+    tokenizer = (
+        CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        if (folder / "tokenizer" / "vocab.json").is_file()
+        else load_clip_tokenizer(version)
+    )
     return SDComponents(
         unet=unet,
         vae=vae,
