@@ -161,6 +161,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             precision=args.precision,
             cache=args.cache,
             gradient_checkpointing=args.gradient_checkpointing,
+            torch_compile=args.torch_compile,
             device=args.device,
         )
     )
@@ -180,6 +181,11 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--cache", action=argparse.BooleanOptionalAction, default=True, help="our latent/text caching"
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both loops")
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch.compile our UNet (warm-up steps then include the compile)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: the best")
     p.set_defaults(func=_cmd_bench)

@@ -8,7 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 PHASES = ("data", "encode", "forward", "backward", "optimizer")
 
@@ -96,6 +102,32 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     except OSError:
         pass
     return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FLOP counter knows the CUDA attention kernels but not the CPU one SDPA runs on a CPU
+    (`_scaled_dot_product_flash_attention_for_cpu`): without this, CPU counts miss all attention (SD 1.5
+    at 512² counted 1.34 instead of 1.71 TFLOP per image). Its arguments start like the CUDA kernels', so
+    the same formulas apply."""
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in flop_registry:
+
+        @register_flop_formula(forward)
+        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward is not None and backward not in flop_registry:
+
+        @register_flop_formula(backward)
+        def _cpu_sdpa_backward(
+            grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+        ) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention_flops()
 
 
 def count_flops(run_step: Callable[[], object]) -> int:

@@ -9,7 +9,7 @@ _PHASE_LABELS = {
     "encode": "VAE + text encoder / cache read",
     "forward": "UNet forward + loss",
     "backward": "backward",
-    "optimizer": "clip + optimizer + zero_grad",
+    "optimizer": "clip + optimizer + logging",
 }
 
 
@@ -27,7 +27,8 @@ def render_table(report: dict) -> str:
         f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {s['batch_size']}, "
         f"{s['steps']} steps after {s['warmup']} warm-up, precision {s['effective_precision']}, "
         f"cache {'on' if s['cache'] else 'off'}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}",
+        f"{'on' if s['gradient_checkpointing'] else 'off'}"
+        + (", torch.compile (ours)" if s.get("torch_compile") else ""),
         f"device {report['device']} ({report['device_name']}), {report['torch_threads']} torch threads",
         "",
         f"{'':<24}{'ours':>14}{'reference':>14}",

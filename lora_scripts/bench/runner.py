@@ -49,54 +49,82 @@ class LoopFigures:
 TIMED_ROUNDS = 3
 
 
-def time_loop(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> LoopFigures:
-    """Warm up (the first warm-up step under the FLOP counter), then TIMED_ROUNDS timed runs (the median
-    counts) and an instrumented run of `settings.steps` steps each; the first timed run starts from the same
-    seed in both loops (its mean loss is the fairness check)."""
-    device = loop.device
+@dataclass
+class AloneFigures:
+    """What one loop measures while it is the only model in the process: everything but the timed rounds."""
+
+    setup_s: float
+    phases: dict[str, float]
+    peak_memory_mb: dict[str, float]
+    flops_per_step: int | None
+    mean_loss: float
+
+
+def warm_up(loop: BenchLoop, settings: BenchSettings, *, count_first: bool) -> int | None:
+    """`settings.warmup` untimed steps from seed 0 (the first under the FLOP counter when `count_first`);
+    returns the FLOPs of that first step."""
     set_seed(0)  # both loops see the same batches and draws: same losses (a fairness check in the JSON)
     flops = None
     for i in range(settings.warmup):
-        clock = PhaseClock(device, sync=False)
+        clock = PhaseClock(loop.device, sync=False)
         clock.start()
-        if i == 0:
-            flops = count_flops(lambda c=clock: loop.step(c))
+        if i == 0 and count_first:
+            with loop.eager():
+                flops = count_flops(lambda c=clock: loop.step(c))
         else:
             loop.step(clock)
-    memory_reset = reset_peak_memory(device)
-    if not memory_reset:
+    return flops
+
+
+def timed_round(loop: BenchLoop, settings: BenchSettings, seed: int) -> tuple[float, float]:
+    """`settings.steps` steps from `seed` with no device sync but one at the end (reading their losses);
+    returns (seconds, mean loss)."""
+    set_seed(seed)
+    clock = PhaseClock(loop.device, sync=False)
+    losses = []
+    clock.start()
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+        losses.append(loop.step(clock))
+    loss = torch.stack(losses).float().mean().item()  # the only host sync of the round
+    return time.perf_counter() - start, loss
+
+
+def measure_alone(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> AloneFigures:
+    """Warm up, then a first round from seed 0 (its mean loss is the fairness check: both loops run it from
+    the same state) and an instrumented run of `settings.steps` steps; peak memory covers both."""
+    flops = warm_up(loop, settings, count_first=True)
+    if not reset_peak_memory(loop.device):
         log.info("Peak RSS could not be reset: it covers the whole process.")
-    # TIMED_ROUNDS timed runs, the median kept: one stall of another process on a shared machine then
-    # cannot decide the figure. Each run syncs only once, at its end (reading its losses).
-    round_times, mean_loss = [], float("nan")
-    for round_index in range(TIMED_ROUNDS):
-        set_seed(round_index)
-        clock = PhaseClock(device, sync=False)
-        losses = []
-        clock.start()
-        start = time.perf_counter()
-        for _ in range(settings.steps):
-            losses.append(loop.step(clock))
-        loss = torch.stack(losses).float().mean().item()  # the only host sync of the timed run
-        round_times.append(time.perf_counter() - start)
-        mean_loss = loss if round_index == 0 else mean_loss
-    elapsed = statistics.median(round_times)
-    instrumented = PhaseClock(device, sync=True)
+    _, mean_loss = timed_round(loop, settings, seed=0)
+    instrumented = PhaseClock(loop.device, sync=True)
     instrumented.start()
     for _ in range(settings.steps):
         loop.step(instrumented)
-    memory = peak_memory_mb(device)
     phases = {name: instrumented.totals[name] / settings.steps for name in PHASES}
-    s_per_step = elapsed / settings.steps
+    return AloneFigures(setup_s, phases, peak_memory_mb(loop.device), flops, mean_loss)
+
+
+def interleaved_rounds(loops: list[BenchLoop], settings: BenchSettings) -> list[float]:
+    """TIMED_ROUNDS timed rounds of each loop, taken in turn (ours, reference, ours, ...) so that a slower
+    stretch of a shared machine or a warming GPU falls on both; returns each loop's median s/step."""
+    times: list[list[float]] = [[] for _ in loops]
+    for round_index in range(1, TIMED_ROUNDS + 1):
+        for loop, loop_times in zip(loops, times, strict=True):
+            loop_times.append(timed_round(loop, settings, seed=round_index)[0])
+    return [statistics.median(t) / settings.steps for t in times]
+
+
+def loop_figures(alone: AloneFigures, s_per_step: float, settings: BenchSettings) -> LoopFigures:
     return LoopFigures(
-        setup_s=setup_s,
+        setup_s=alone.setup_s,
         s_per_step=s_per_step,
         images_per_sec=settings.batch_size / s_per_step,
-        phases=phases,
-        instrumented_s_per_step=sum(phases.values()),
-        peak_memory_mb=memory,
-        flops_per_step=flops,
-        mean_loss=mean_loss,
+        phases=alone.phases,
+        instrumented_s_per_step=sum(alone.phases.values()),
+        peak_memory_mb=alone.peak_memory_mb,
+        flops_per_step=alone.flops_per_step,
+        mean_loss=alone.mean_loss,
     )
 
 
@@ -121,21 +149,33 @@ def _device_choice(device: str) -> Iterator[None]:
             os.environ["ACCELERATE_USE_CPU"] = old
 
 
-def _run_loop(cls: type[BenchLoop], root: Path, settings: BenchSettings, base_model: str, cache: bool):
-    start = time.perf_counter()
+def _build(cls: type[BenchLoop], root: Path, settings: BenchSettings, base_model: str) -> BenchLoop:
+    cache = settings.cache if cls is OurLoop else False
     config = write_config(root, settings, base_model, cache=cache, reference=cls is ReferenceLoop)
-    loop = cls(config, base_model)
-    figures = time_loop(loop, settings, time.perf_counter() - start)
-    device, precision = loop.device, loop.accelerator.mixed_precision
-    del loop  # free this model before the next loop builds its own
+    return cls(config, base_model)
+
+
+def _collect() -> None:
+    """Free what dropped loops held (their model, caches, optimizer) before the next one is measured."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return figures, device, precision
+
+
+def _timed_build(
+    cls: type[BenchLoop], root: Path, settings: BenchSettings, base_model: str
+) -> tuple[BenchLoop, float]:
+    start = time.perf_counter()
+    loop = _build(cls, root, settings, base_model)
+    return loop, time.perf_counter() - start
 
 
 def run_bench(settings: BenchSettings) -> dict:
-    """Build everything in a temporary folder, time both loops, and return the report (see `report.py`)."""
+    """Build everything in a temporary folder and measure both loops; returns the report (see `report.py`).
+
+    Each loop is first measured alone (memory, phases, FLOPs, the fairness loss): the reference, then ours.
+    The reference is then built again beside ours and the timed rounds alternate between the two.
+    """
     for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
         if value < 1:
             raise UserError(f"{name}: {value} is not allowed; use 1 or more.")
@@ -147,9 +187,28 @@ def run_bench(settings: BenchSettings) -> dict:
         root = Path(tmp)
         make_images(root / "data", settings.image_count, settings.image_size)
         base_model = prepare_base_model(root, settings.model)
-        ours, device, precision = _run_loop(OurLoop, root, settings, base_model, settings.cache)
-        reference, _, _ = _run_loop(ReferenceLoop, root, settings, base_model, False)
-    return build_report(settings, device, precision, ours, reference)
+        reference, setup_s = _timed_build(ReferenceLoop, root, settings, base_model)
+        reference_alone = measure_alone(reference, settings, setup_s)
+        reference.close()
+        del reference
+        _collect()
+        ours, setup_s = _timed_build(OurLoop, root, settings, base_model)
+        ours_alone = measure_alone(ours, settings, setup_s)
+        device, precision = ours.device, ours.accelerator.mixed_precision
+        reference = _build(ReferenceLoop, root, settings, base_model)
+        warm_up(reference, settings, count_first=False)
+        try:
+            ours_s, reference_s = interleaved_rounds([ours, reference], settings)
+        finally:
+            ours.close()
+            reference.close()
+    return build_report(
+        settings,
+        device,
+        precision,
+        loop_figures(ours_alone, ours_s, settings),
+        loop_figures(reference_alone, reference_s, settings),
+    )
 
 
 def build_report(

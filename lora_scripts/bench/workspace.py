@@ -44,6 +44,7 @@ class BenchSettings:
     precision: str = "no"
     cache: bool = True
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # our loop only: diffusers' LoRA script has no compile option
     device: str = "auto"
     num_images: int | None = None  # None: 4 batches' worth, so a timed run sees several distinct batches
 
@@ -91,9 +92,11 @@ def write_config(
         "learning_rate": 1e-4,
         "mixed_precision": settings.precision,
         "gradient_checkpointing": settings.gradient_checkpointing,
+        "torch_compile": settings.torch_compile and not reference,
         "cache_latents": cache,
         "cache_text_encoder_outputs": cache,
         "output_dir": str(root / ("output_cached" if cache else "output_reference")),
+        "overwrite": True,  # a temporary workspace: each loop built on it logs to TensorBoard afresh
         "seed": 0,
     }
     if reference:

@@ -65,10 +65,17 @@ def read_losses(
             bar.n = restored.global_step
             bar.refresh()
             return restored
-        scalars = {"loss": value, "lr": lrs[0]}
-        if len(lrs) > 1:
-            scalars["lr_text_encoder"] = lrs[1]
-        accelerator.log(scalars, step=step)
+        log_loss(accelerator, bar, step, value, lrs, progress.epoch)
         losses.last_value = value
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[0]:.2e}", epoch=progress.epoch)
     return None
+
+
+def log_loss(
+    accelerator: Accelerator, bar: tqdm, step: int, value: float, lrs: list[float], epoch: int
+) -> None:
+    """One read loss to TensorBoard (`loss`, `lr`, `lr_text_encoder`) and the progress bar."""
+    scalars = {"loss": value, "lr": lrs[0]}
+    if len(lrs) > 1:
+        scalars["lr_text_encoder"] = lrs[1]
+    accelerator.log(scalars, step=step)
+    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)

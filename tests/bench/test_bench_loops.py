@@ -1,0 +1,82 @@
+"""The bench loops do their trainer's per-step bookkeeping, and ours gets train()'s speed switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lora_scripts.bench import loops
+from lora_scripts.bench.loops import OurLoop, ReferenceLoop
+from lora_scripts.bench.measure import PhaseClock
+from lora_scripts.bench.workspace import BenchSettings, make_images, prepare_base_model, write_config
+
+SETTINGS = BenchSettings(steps=2, warmup=1, batch_size=2, num_images=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_loops")
+    make_images(root / "data", SETTINGS.image_count, SETTINGS.image_size)
+    return root, prepare_base_model(root, "tiny")
+
+
+def _run(loop, steps: int) -> list[float]:
+    set_seed(0)
+    clock = PhaseClock(loop.device, sync=False)
+    clock.start()
+    losses = [loop.step(clock).item() for _ in range(steps)]
+    loop.close()
+    return losses
+
+
+def _scalars(loop, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(loop.config.logging_dir / f"bench_{loop.name}"))
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_reference_logs_every_step_like_diffusers(workspace):
+    root, base_model = workspace
+    loop = ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False, reference=True), base_model)
+    losses = _run(loop, 3)
+    logged = _scalars(loop, "train_loss")
+    assert sorted(logged) == [1, 2, 3]
+    assert [logged[s] for s in (1, 2, 3)] == pytest.approx(losses, rel=1e-6)
+    assert loop.bar.n == 3
+
+
+def test_ours_reads_the_loss_every_logging_steps(workspace):
+    root, base_model = workspace
+    config = write_config(root, SETTINGS, base_model, cache=True).model_copy(update={"logging_steps": 2})
+    loop = OurLoop(config, base_model)
+    losses = _run(loop, 3)
+    logged = _scalars(loop, "loss")
+    # Steps 1-2 read together at step 2; step 3 is still on the device (the next read would log it).
+    assert sorted(logged) == [1, 2]
+    assert [logged[1], logged[2]] == pytest.approx(losses[:2], rel=1e-6)
+    assert len(loop.pending.steps) == 1 and loop.bar.n == 3
+
+
+def test_our_loop_gets_train_speed_switches_and_compile(workspace, monkeypatch):
+    """Ours: train()'s speed switches and `torch_compile`; the reference: neither (diffusers has none)."""
+    root, base_model = workspace
+    switched, compiled = [], []
+    monkeypatch.setattr(loops, "speed_switches", lambda family, device: switched.append(device.type))
+
+    def fake_compile(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    settings = BenchSettings(**{**SETTINGS.__dict__, "torch_compile": True})
+    ours = write_config(root, settings, base_model, cache=True)
+    reference = write_config(root, settings, base_model, cache=False, reference=True)
+    assert ours.torch_compile and not reference.torch_compile
+    OurLoop(ours, base_model).close()
+    assert switched == ["cpu"] and compiled == ["UNet2DConditionModel"]
+    ReferenceLoop(reference, base_model).close()
+    assert switched == ["cpu"] and compiled == ["UNet2DConditionModel"]
