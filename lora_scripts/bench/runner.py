@@ -51,10 +51,9 @@ TIMED_ROUNDS = 3
 
 @dataclass
 class AloneFigures:
-    """What one loop measures while it is the only model in the process: everything but the timed rounds."""
+    """What one loop measures while it is the only model in the process: memory, FLOPs, the fairness loss."""
 
     setup_s: float
-    phases: dict[str, float]
     peak_memory_mb: dict[str, float]
     flops_per_step: int | None
     mean_loss: float
@@ -91,37 +90,47 @@ def timed_round(loop: BenchLoop, settings: BenchSettings, seed: int) -> tuple[fl
 
 
 def measure_alone(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> AloneFigures:
-    """Warm up, then a first round from seed 0 (its mean loss is the fairness check: both loops run it from
-    the same state) and an instrumented run of `settings.steps` steps; peak memory covers both."""
+    """Warm up, then a first round from seed 0: its mean loss is the fairness check (both loops run it from
+    the same state) and the peak memory is the step's."""
     flops = warm_up(loop, settings, count_first=True)
     if not reset_peak_memory(loop.device):
         log.info("Peak RSS could not be reset: it covers the whole process.")
     _, mean_loss = timed_round(loop, settings, seed=0)
-    instrumented = PhaseClock(loop.device, sync=True)
-    instrumented.start()
+    return AloneFigures(setup_s, peak_memory_mb(loop.device), flops, mean_loss)
+
+
+def instrumented_run(loop: BenchLoop, settings: BenchSettings) -> dict[str, float]:
+    """`settings.steps` steps, the device synchronised at each phase boundary: seconds per step by phase."""
+    clock = PhaseClock(loop.device, sync=True)
+    clock.start()
     for _ in range(settings.steps):
-        loop.step(instrumented)
-    phases = {name: instrumented.totals[name] / settings.steps for name in PHASES}
-    return AloneFigures(setup_s, phases, peak_memory_mb(loop.device), flops, mean_loss)
+        loop.step(clock)
+    return {name: clock.totals[name] / settings.steps for name in PHASES}
 
 
-def interleaved_rounds(loops: list[BenchLoop], settings: BenchSettings) -> list[float]:
+def interleaved_rounds(
+    loops: list[BenchLoop], settings: BenchSettings
+) -> tuple[list[float], list[dict[str, float]]]:
     """TIMED_ROUNDS timed rounds of each loop, taken in turn (ours, reference, ours, ...) so that a slower
-    stretch of a shared machine or a warming GPU falls on both; returns each loop's median s/step."""
+    stretch of a shared machine or a warming GPU falls on both, then one instrumented run of each; returns
+    each loop's median s/step and its phases."""
     times: list[list[float]] = [[] for _ in loops]
     for round_index in range(1, TIMED_ROUNDS + 1):
         for loop, loop_times in zip(loops, times, strict=True):
             loop_times.append(timed_round(loop, settings, seed=round_index)[0])
-    return [statistics.median(t) / settings.steps for t in times]
+    phases = [instrumented_run(loop, settings) for loop in loops]
+    return [statistics.median(t) / settings.steps for t in times], phases
 
 
-def loop_figures(alone: AloneFigures, s_per_step: float, settings: BenchSettings) -> LoopFigures:
+def loop_figures(
+    alone: AloneFigures, s_per_step: float, phases: dict[str, float], settings: BenchSettings
+) -> LoopFigures:
     return LoopFigures(
         setup_s=alone.setup_s,
         s_per_step=s_per_step,
         images_per_sec=settings.batch_size / s_per_step,
-        phases=alone.phases,
-        instrumented_s_per_step=sum(alone.phases.values()),
+        phases=phases,
+        instrumented_s_per_step=sum(phases.values()),
         peak_memory_mb=alone.peak_memory_mb,
         flops_per_step=alone.flops_per_step,
         mean_loss=alone.mean_loss,
@@ -173,8 +182,9 @@ def _timed_build(
 def run_bench(settings: BenchSettings) -> dict:
     """Build everything in a temporary folder and measure both loops; returns the report (see `report.py`).
 
-    Each loop is first measured alone (memory, phases, FLOPs, the fairness loss): the reference, then ours.
-    The reference is then built again beside ours and the timed rounds alternate between the two.
+    Each loop is first measured alone (memory, FLOPs, the fairness loss): the reference, then ours. The
+    reference is then built again beside ours, the timed rounds alternate between the two, and an
+    instrumented run of each gives the phases.
     """
     for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
         if value < 1:
@@ -198,7 +208,9 @@ def run_bench(settings: BenchSettings) -> dict:
         reference = _build(ReferenceLoop, root, settings, base_model)
         warm_up(reference, settings, count_first=False)
         try:
-            ours_s, reference_s = interleaved_rounds([ours, reference], settings)
+            (ours_s, reference_s), (ours_phases, reference_phases) = interleaved_rounds(
+                [ours, reference], settings
+            )
         finally:
             ours.close()
             reference.close()
@@ -206,8 +218,8 @@ def run_bench(settings: BenchSettings) -> dict:
         settings,
         device,
         precision,
-        loop_figures(ours_alone, ours_s, settings),
-        loop_figures(reference_alone, reference_s, settings),
+        loop_figures(ours_alone, ours_s, ours_phases, settings),
+        loop_figures(reference_alone, reference_s, reference_phases, settings),
     )
 
 

@@ -80,6 +80,7 @@ def write_config(
     with torch's own kernel choice (`foreach: None`), instead of ours (fused, else foreach).
     """
     data_dir = root / "data"
+    kind = "reference" if reference else "cached" if cache else "uncached"
     config = {
         "train_data_dir": str(data_dir),
         "metadata_path": str(data_dir / "metadata.csv"),
@@ -95,16 +96,25 @@ def write_config(
         "torch_compile": settings.torch_compile and not reference,
         "cache_latents": cache,
         "cache_text_encoder_outputs": cache,
-        "output_dir": str(root / ("output_cached" if cache else "output_reference")),
-        "overwrite": True,  # a temporary workspace: each loop built on it logs to TensorBoard afresh
+        "output_dir": str(_new_output_dir(root, kind)),
         "seed": 0,
     }
     if reference:
         config["optimizer_args"] = {"foreach": None}
-    path = root / f"config_{'reference' if reference else 'cached' if cache else 'uncached'}.yaml"
+    path = root / f"config_{kind}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     # The base model is not read from the config (sd15 is built in memory), so its path is not checked.
     return load_config(path, check_paths=False)
+
+
+def _new_output_dir(root: Path, kind: str) -> Path:
+    """A fresh (empty, created) output folder for each loop built on the workspace: each logs to TensorBoard,
+    and an output_dir holding a run would be refused."""
+    n = 1
+    while (root / f"output_{kind}_{n}").exists():
+        n += 1
+    (root / f"output_{kind}_{n}").mkdir()
+    return root / f"output_{kind}_{n}"
 
 
 def prepare_base_model(root: Path, model: str) -> str:

@@ -80,3 +80,38 @@ def test_our_loop_gets_train_speed_switches_and_compile(workspace, monkeypatch):
     assert switched == ["cpu"] and compiled == ["UNet2DConditionModel"]
     ReferenceLoop(reference, base_model).close()
     assert switched == ["cpu"] and compiled == ["UNet2DConditionModel"]
+
+
+def test_bench_on_a_model_path(tmp_path, capsys):
+    """`--model PATH`: the user's own model (a diffusers folder here), loaded by the real loading code."""
+    import json
+
+    from lora_scripts.cli import main
+    from lora_scripts.models.tiny import build_tiny_sd
+
+    path = build_tiny_sd(tmp_path / "my-model")
+    args = ["bench", "--model", str(path), "--resolution", "64", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--batch-size", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["model"] == str(path) and report["settings"]["resolution"] == 64
+    assert report["images_per_sec"] > 0 and report["reference_images_per_sec"] > 0
+    assert report["loops"]["ours"]["mean_loss"] == pytest.approx(report["loops"]["reference"]["mean_loss"])
+
+
+def test_run_bench_measures_each_loop_alone_then_alternates_the_timed_rounds(monkeypatch):
+    """Memory and the fairness loss from each loop alone; the timed rounds taken in turn, so that a slow
+    stretch of a shared machine falls on both loops."""
+    from lora_scripts.bench import runner
+
+    calls: list[tuple[str, int]] = []
+    real_round = runner.timed_round
+
+    def spy(loop, settings, seed):
+        calls.append((loop.name, seed))
+        return real_round(loop, settings, seed)
+
+    monkeypatch.setattr(runner, "timed_round", spy)
+    report = runner.run_bench(SETTINGS)
+    alternating = [(name, r) for r in range(1, runner.TIMED_ROUNDS + 1) for name in ("ours", "reference")]
+    assert calls == [("reference", 0), ("ours", 0), *alternating]
+    assert report["loops"]["ours"]["mean_loss"] == pytest.approx(report["loops"]["reference"]["mean_loss"])
