@@ -88,10 +88,22 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def resume_command(config_path: str | Path, argv0: str) -> str:
-    """The command that continues a stopped run, in the form the user started it (`python train.py` or
-    `lora-scripts train`)."""
-    if Path(argv0).name == "train.py":
+def resume_command(config_path: str | Path, argv0: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The command that continues a stopped run, in the form the user started it: `python train.py`,
+    `lora-scripts train`, or under a launcher (read from the variables it sets: accelerate launch sets
+    ACCELERATE_MIXED_PRECISION in every process, torchrun TORCHELASTIC_RUN_ID) with the same number of
+    processes, which a resume must keep."""
+    is_script = Path(argv0).name == "train.py"
+    program = [argv0] if is_script else ["-m", "lora_scripts", "train"]
+    processes = environ.get("WORLD_SIZE", "1")
+    if "ACCELERATE_MIXED_PRECISION" in environ:
+        start = ["accelerate", "launch"]
+        if processes != "1":
+            start += ["--num_processes", processes]
+        start += program
+    elif "TORCHELASTIC_RUN_ID" in environ:
+        start = ["torchrun", "--nproc_per_node", environ.get("LOCAL_WORLD_SIZE", processes), *program]
+    elif is_script:
         start = ["python", argv0]
     else:
         start = ["lora-scripts", "train"]

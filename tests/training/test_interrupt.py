@@ -48,12 +48,27 @@ def test_sigterm_asks_to_stop():
 
 
 def test_resume_command_repeats_how_the_run_was_started():
-    assert resume_command("configs/my lora.yaml", "train.py") == (
+    assert resume_command("configs/my lora.yaml", "train.py", environ={}) == (
         "python train.py --config 'configs/my lora.yaml' --resume auto"
     )
     assert (
-        resume_command("c.yaml", "/usr/bin/lora-scripts")
+        resume_command("c.yaml", "/usr/bin/lora-scripts", environ={})
         == "lora-scripts train --config c.yaml --resume auto"
+    )
+
+
+def test_resume_command_repeats_the_launcher_and_its_process_count():
+    module = "/site-packages/lora_scripts/__main__.py"  # sys.argv[0] under `-m lora_scripts`
+    accelerate_env = {"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+    assert resume_command("c.yaml", module, environ=accelerate_env) == (
+        "accelerate launch --num_processes 2 -m lora_scripts train --config c.yaml --resume auto"
+    )
+    assert resume_command("c.yaml", "train.py", environ={"ACCELERATE_MIXED_PRECISION": "no"}) == (
+        "accelerate launch train.py --config c.yaml --resume auto"
+    )
+    torchrun_env = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    assert resume_command("c.yaml", module, environ=torchrun_env) == (
+        "torchrun --nproc_per_node 4 -m lora_scripts train --config c.yaml --resume auto"
     )
 
 
