@@ -46,7 +46,7 @@ class LoopFigures:
     mean_loss: float
 
 
-TIMED_ROUNDS = 3
+TIMED_ROUNDS = 5
 
 
 @dataclass
