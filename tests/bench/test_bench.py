@@ -11,36 +11,21 @@ from accelerate.utils import set_seed
 
 from lora_scripts.bench import runner
 from lora_scripts.bench.loops import OurLoop, ReferenceLoop
-from lora_scripts.bench.measure import PHASES, PhaseClock
+from lora_scripts.bench.measure import PHASES
 from lora_scripts.bench.reference import encode_reference_batch, reference_loss
 from lora_scripts.bench.runner import LoopFigures, build_report
-from lora_scripts.bench.workspace import BenchSettings, make_images, prepare_base_model, write_config
+from lora_scripts.bench.workspace import BenchSettings, write_config
 from lora_scripts.cli import main
 from lora_scripts.training.step import diffusion_loss
-
-SETTINGS = BenchSettings(steps=2, warmup=1, batch_size=2, num_images=4, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    make_images(root / "data", SETTINGS.image_count, SETTINGS.image_size)
-    return root, prepare_base_model(root, "tiny")
-
-
-def _losses(loop, steps: int) -> list[float]:
-    set_seed(0)
-    clock = PhaseClock(loop.device, sync=False)
-    clock.start()
-    return [loop.step(clock).item() for _ in range(steps)]
+from tests.bench.conftest import SETTINGS, losses_of
 
 
 def test_reference_loop_computes_our_loss_step_after_step(workspace):
     """Same seed, same batches: the cached step and the diffusers-style step give the same losses, also
     after optimizer updates (so both train the same LoRA the same way)."""
     root, base_model = workspace
-    ours = _losses(OurLoop(write_config(root, SETTINGS, base_model, cache=True), base_model), 3)
-    reference = _losses(ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False), base_model), 3)
+    ours = losses_of(OurLoop(write_config(root, SETTINGS, base_model, cache=True), base_model), 3)
+    reference = losses_of(ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False), base_model), 3)
     assert len(set(ours)) == 3  # different batches and draws each step
     assert ours == pytest.approx(reference, rel=1e-6, abs=1e-6)
 

@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lora_scripts.bench import loops
 from lora_scripts.bench.loops import OurLoop, ReferenceLoop
-from lora_scripts.bench.measure import PhaseClock
-from lora_scripts.bench.workspace import BenchSettings, make_images, prepare_base_model, write_config
-
-SETTINGS = BenchSettings(steps=2, warmup=1, batch_size=2, num_images=4, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_loops")
-    make_images(root / "data", SETTINGS.image_count, SETTINGS.image_size)
-    return root, prepare_base_model(root, "tiny")
-
-
-def _run(loop, steps: int) -> list[float]:
-    set_seed(0)
-    clock = PhaseClock(loop.device, sync=False)
-    clock.start()
-    losses = [loop.step(clock).item() for _ in range(steps)]
-    loop.close()
-    return losses
+from lora_scripts.bench.workspace import BenchSettings, write_config
+from tests.bench.conftest import SETTINGS, losses_of
 
 
 def _scalars(loop, tag: str) -> dict[int, float]:
@@ -42,7 +23,7 @@ def _scalars(loop, tag: str) -> dict[int, float]:
 def test_reference_logs_every_step_like_diffusers(workspace):
     root, base_model = workspace
     loop = ReferenceLoop(write_config(root, SETTINGS, base_model, cache=False, reference=True), base_model)
-    losses = _run(loop, 3)
+    losses = losses_of(loop, 3)
     logged = _scalars(loop, "train_loss")
     assert sorted(logged) == [1, 2, 3]
     assert [logged[s] for s in (1, 2, 3)] == pytest.approx(losses, rel=1e-6)
@@ -53,7 +34,7 @@ def test_ours_reads_the_loss_every_logging_steps(workspace):
     root, base_model = workspace
     config = write_config(root, SETTINGS, base_model, cache=True).model_copy(update={"logging_steps": 2})
     loop = OurLoop(config, base_model)
-    losses = _run(loop, 3)
+    losses = losses_of(loop, 3)
     logged = _scalars(loop, "loss")
     # Steps 1-2 read together at step 2; step 3 is still on the device (the next read would log it).
     assert sorted(logged) == [1, 2]
