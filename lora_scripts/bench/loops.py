@@ -56,6 +56,9 @@ class BenchLoop:
     `_compiled`, `_prepare_caches`), in `_loss` and in their bookkeeping (`_after_step`)."""
 
     name = ""
+    # TF32 for matmuls and convolutions, process-wide switches: torch's defaults unless `_speed_up` sets them
+    # (diffusers' script leaves them unless --allow_tf32), applied around each of the loop's steps.
+    tf32 = (False, True)
 
     def __init__(self, config: TrainConfig, base_model: str):
         self.config = config
@@ -98,6 +101,16 @@ class BenchLoop:
         finally:
             self.family.use_wrapped(self.unet, [])
 
+    @contextmanager
+    def backend_flags(self) -> Iterator[None]:
+        """This loop's TF32 switches while it steps (both loops live in one process), the old ones after."""
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
     def close(self) -> None:
         """End the TensorBoard run and the progress bar."""
         self.bar.close()
@@ -122,6 +135,10 @@ class BenchLoop:
 
     def step(self, clock: PhaseClock) -> torch.Tensor:
         """One optimizer step, its phases marked on `clock`; returns the detached loss (a device tensor)."""
+        with self.backend_flags():
+            return self._step(clock)
+
+    def _step(self, clock: PhaseClock) -> torch.Tensor:
         batch = next(self.batches)
         clock.mark("data")
         with self.accelerator.accumulate(self.unet):
@@ -147,15 +164,16 @@ class OurLoop(BenchLoop):
 
     name = "ours"
 
-    def _speed_up(self) -> None:
-        speed_switches(self.family, self.device)
-
-    def _compiled(self, unet: torch.nn.Module) -> torch.nn.Module:
-        return compiled_denoiser(unet, self.config.torch_compile)
-
     def __init__(self, config: TrainConfig, base_model: str):
         super().__init__(config, base_model)
         self.pending = PendingLosses(self.accelerator)
+
+    def _speed_up(self) -> None:
+        speed_switches(self.family, self.device)
+        self.tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    def _compiled(self, unet: torch.nn.Module) -> torch.nn.Module:
+        return compiled_denoiser(unet, self.config.torch_compile)
 
     def _prepare_caches(self, training_set: object) -> dict | None:
         self.text_cache = None

@@ -96,3 +96,28 @@ def test_run_bench_measures_each_loop_alone_then_alternates_the_timed_rounds(mon
     alternating = [(name, r) for r in range(1, runner.TIMED_ROUNDS + 1) for name in ("ours", "reference")]
     assert calls == [("reference", 0), ("ours", 0), *alternating]
     assert report["loops"]["ours"]["mean_loss"] == pytest.approx(report["loops"]["reference"]["mean_loss"])
+
+
+def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch):
+    """TF32 is process-wide and both loops live in one process: ours steps with what train()'s speed
+    switches set (on Ampere+ GPUs: on), the reference with torch's defaults, as diffusers leaves them."""
+    root, base_model = workspace
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    monkeypatch.setattr(matmul, "allow_tf32", False)  # restored by monkeypatch at the end
+    monkeypatch.setattr(cudnn, "allow_tf32", True)
+    monkeypatch.setattr(loops, "speed_switches", lambda family, device: setattr(matmul, "allow_tf32", True))
+    ours = OurLoop(write_config(root, SETTINGS, base_model, cache=True), base_model)
+    reference = ReferenceLoop(
+        write_config(root, SETTINGS, base_model, cache=False, reference=True), base_model
+    )
+    seen = []
+    real_loss = ReferenceLoop._loss
+    monkeypatch.setattr(
+        ReferenceLoop, "_loss", lambda self, *a: seen.append(matmul.allow_tf32) or real_loss(self, *a)
+    )
+    with ours.backend_flags():
+        assert matmul.allow_tf32 is True
+    losses_of(reference, 1)
+    assert seen == [False]
+    assert matmul.allow_tf32 is True  # what was set before the step, put back after it
+    ours.close()
