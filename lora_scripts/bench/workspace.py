@@ -77,7 +77,8 @@ def write_config(
     """A training config over the bench data; `cache` turns latent and text-encoder caching on or off.
 
     `reference`: the optimizer as diffusers' train_text_to_image_lora.py builds it, `torch.optim.AdamW(...)`
-    with torch's own kernel choice (`foreach: None`), instead of ours (fused, else foreach).
+    with torch's own kernel choice (`foreach: None`), instead of ours (fused, else foreach), and its
+    default of no DataLoader workers instead of ours (automatic).
     """
     data_dir = root / "data"
     kind = "reference" if reference else "cached" if cache else "uncached"
@@ -101,6 +102,7 @@ def write_config(
     }
     if reference:
         config["optimizer_args"] = {"foreach": None}
+        config["dataloader_num_workers"] = 0  # diffusers' default: images decoded in the training process
     path = root / f"config_{kind}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     # The base model is not read from the config (sd15 is built in memory), so its path is not checked.

@@ -260,11 +260,14 @@ class TrainConfig(
         0.01,
         ge=0,
     )
-    dataloader_num_workers: Int = field(
+    dataloader_num_workers: Int | None = field(
         "training",
-        "Background processes that load images; 0 loads them in the main process (safest on Windows).",
-        0,
+        "Background processes that load images; 0 loads them in the main process. Left out: on a CUDA GPU "
+        "when images are decoded during training (latents not cached), half the CPU cores per process, at "
+        "most 4, so the GPU does not wait; otherwise 0 (cached latents need no decoding).",
+        None,
         ge=0,
+        default_doc="auto: up to 4 on a GPU without cached latents, else 0",
     )
 
     # --- saving ---

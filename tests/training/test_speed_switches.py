@@ -164,3 +164,25 @@ def test_low_memory_profile_trains_on_a_cpu(tmp_path, tiny_model_dir, dataset_di
         "cache_latents: true",
     ):
         assert line in dumped
+
+
+def test_loader_workers_auto_only_where_a_gpu_would_wait_on_decoding(monkeypatch):
+    """Left out: background loaders on a CUDA GPU when images are decoded every step; none with cached
+    latents or on a CPU; a written value always wins."""
+    from types import SimpleNamespace
+
+    auto, two = SimpleNamespace(dataloader_num_workers=None), SimpleNamespace(dataloader_num_workers=2)
+    cached = {"some request": torch.zeros(1)}
+    monkeypatch.setattr(setup.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup.loader_workers(auto, None) == 0  # a CPU: workers would take its cores from training
+    assert setup.loader_workers(two, None) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setup.loader_workers(auto, cached) == 0  # nothing to decode
+    assert setup.loader_workers(auto, None) == 4  # min(4, 16 // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert setup.loader_workers(auto, None) == 2  # 16 cores shared by 4 processes: 16 // 8
+    monkeypatch.setattr(setup.os, "cpu_count", lambda: 2)
+    assert setup.loader_workers(auto, None) == 0
+    assert setup.loader_workers(SimpleNamespace(dataloader_num_workers=0), None) == 0
