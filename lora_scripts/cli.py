@@ -162,6 +162,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             cache=args.cache,
             gradient_checkpointing=args.gradient_checkpointing,
             torch_compile=args.torch_compile,
+            memory_profile=args.memory_profile,
             device=args.device,
         )
     )
@@ -185,6 +186,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--torch-compile",
         action="store_true",
         help="torch.compile our UNet (warm-up steps then include the compile)",
+    )
+    p.add_argument(
+        "--memory-profile",
+        choices=["default", "low"],
+        default="default",
+        help="low: train()'s small-GPU preset in both loops (steps of 1 image, accumulated)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: the best")

@@ -129,8 +129,8 @@ class BenchLoop:
     def _loss(self, batch: dict, clock: PhaseClock) -> torch.Tensor:
         raise NotImplementedError
 
-    def _after_step(self, loss: torch.Tensor, lrs: list[float]) -> None:
-        """The loop's bookkeeping after an optimizer step (progress bar, logging)."""
+    def _after_step(self, loss: torch.Tensor, lrs: list[float], synced: bool) -> None:
+        """The loop's bookkeeping after a batch (`synced`: an optimizer update was made)."""
         raise NotImplementedError
 
     def step(self, clock: PhaseClock) -> torch.Tensor:
@@ -152,8 +152,9 @@ class BenchLoop:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        self._after_step(loss, lrs)
+        synced = self.accelerator.sync_gradients  # False for the micro-batches of an accumulated update
+        self.global_step += synced
+        self._after_step(loss, lrs, synced)
         clock.mark("optimizer")
         return loss.detach()
 
@@ -199,9 +200,12 @@ class OurLoop(BenchLoop):
         weights = batch["loss_weights"].to(self.device)
         return diffusion_loss(self.family, latents, cond, self.settings, weights)
 
-    def _after_step(self, loss: torch.Tensor, lrs: list[float]) -> None:
-        """train()'s: the loss stays on the device; every `logging_steps` they are read together and logged
-        (the NaN guard also looks at them there; it costs nothing unless a loss is not finite)."""
+    def _after_step(self, loss: torch.Tensor, lrs: list[float], synced: bool) -> None:
+        """train()'s: after an update the loss stays on the device; every `logging_steps` they are read
+        together and logged (the NaN guard also looks at them there; it costs nothing unless a loss is not
+        finite)."""
+        if not synced:
+            return
         self.pending.add(self.global_step, loss, lrs)
         self.bar.update(1)
         if self.global_step % self.config.logging_steps == 0:
@@ -227,9 +231,11 @@ class ReferenceLoop(BenchLoop):
         self.train_loss += avg_loss.item() / self.config.gradient_accumulation_steps
         return loss
 
-    def _after_step(self, loss: torch.Tensor, lrs: list[float]) -> None:
-        """diffusers: the bar and a TensorBoard point every step, then the loss read again for the bar."""
-        self.bar.update(1)
-        self.accelerator.log({"train_loss": self.train_loss}, step=self.global_step)
-        self.train_loss = 0.0
+    def _after_step(self, loss: torch.Tensor, lrs: list[float], synced: bool) -> None:
+        """diffusers: the bar and a TensorBoard point every update, and the loss read again for the bar
+        after every batch."""
+        if synced:
+            self.bar.update(1)
+            self.accelerator.log({"train_loss": self.train_loss}, step=self.global_step)
+            self.train_loss = 0.0
         self.bar.set_postfix(step_loss=loss.detach().item(), lr=self.lr_scheduler.get_last_lr()[0])

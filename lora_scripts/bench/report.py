@@ -19,16 +19,28 @@ def _memory(mb: dict[str, float]) -> str:
     return f"{mb['rss']:.0f} MB RSS"
 
 
+def _batch(s: dict) -> str:
+    """The batch per step, and the accumulation when memory_profile: low split it ("1 x 4 accumulated")."""
+    per_step, accumulated = s.get("images_per_step", s["batch_size"]), s.get("gradient_accumulation_steps", 1)
+    return f"{per_step} x {accumulated} accumulated" if accumulated > 1 else str(per_step)
+
+
 def render_table(report: dict) -> str:
     """Settings, then ours vs reference (images/s, s/step, memory), then the phase breakdown."""
     s = report["settings"]
     ours, ref = report["loops"]["ours"], report["loops"]["reference"]
-    lines = [
-        f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {s['batch_size']}, "
+    checkpointing = s.get("effective_gradient_checkpointing", s["gradient_checkpointing"])
+    header = (
+        f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {_batch(s)}, "
         f"{s['steps']} steps after {s['warmup']} warm-up, precision {s['effective_precision']}, "
-        f"cache {'on' if s['cache'] else 'off'}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}"
-        + (", torch.compile (ours)" if s.get("torch_compile") else ""),
+        f"cache {'on' if s['cache'] else 'off'}, gradient checkpointing {'on' if checkpointing else 'off'}"
+    )
+    if s.get("torch_compile"):
+        header += ", torch.compile (ours)"
+    if s.get("memory_profile") == "low":
+        header += f", memory_profile low ({s.get('effective_optimizer')})"
+    lines = [
+        header,
         f"device {report['device']} ({report['device_name']}), {report['torch_threads']} torch threads",
         "",
         f"{'':<24}{'ours':>14}{'reference':>14}",

@@ -53,6 +53,7 @@ TIMED_ROUNDS = 5
 class AloneFigures:
     """What one loop measures while it is the only model in the process: memory, FLOPs, the fairness loss."""
 
+    images_per_step: int  # the loop's batch size (memory_profile: low splits the asked batch into 1s)
     setup_s: float
     peak_memory_mb: dict[str, float]
     flops_per_step: int | None
@@ -96,7 +97,7 @@ def measure_alone(loop: BenchLoop, settings: BenchSettings, setup_s: float) -> A
     if not reset_peak_memory(loop.device):
         log.info("Peak RSS could not be reset: it covers the whole process.")
     _, mean_loss = timed_round(loop, settings, seed=0)
-    return AloneFigures(setup_s, peak_memory_mb(loop.device), flops, mean_loss)
+    return AloneFigures(loop.config.batch_size, setup_s, peak_memory_mb(loop.device), flops, mean_loss)
 
 
 def instrumented_run(loop: BenchLoop, settings: BenchSettings) -> dict[str, float]:
@@ -128,7 +129,7 @@ def loop_figures(
     return LoopFigures(
         setup_s=alone.setup_s,
         s_per_step=s_per_step,
-        images_per_sec=settings.batch_size / s_per_step,
+        images_per_sec=alone.images_per_step / s_per_step,
         phases=phases,
         instrumented_s_per_step=sum(phases.values()),
         peak_memory_mb=alone.peak_memory_mb,
@@ -204,7 +205,14 @@ def run_bench(settings: BenchSettings) -> dict:
         _collect()
         ours, setup_s = _timed_build(OurLoop, root, settings, base_model)
         ours_alone = measure_alone(ours, settings, setup_s)
-        device, precision = ours.device, ours.accelerator.mixed_precision
+        device = ours.device
+        effective = {  # what the run used (memory_profile: low may have chosen them)
+            "effective_precision": ours.accelerator.mixed_precision,
+            "effective_gradient_checkpointing": ours.config.gradient_checkpointing,
+            "effective_optimizer": ours.config.optimizer_type,
+            "images_per_step": ours.config.batch_size,
+            "gradient_accumulation_steps": ours.config.gradient_accumulation_steps,
+        }
         reference = _build(ReferenceLoop, root, settings, base_model)
         warm_up(reference, settings, count_first=False)
         try:
@@ -217,22 +225,24 @@ def run_bench(settings: BenchSettings) -> dict:
     return build_report(
         settings,
         device,
-        precision,
+        effective,
         loop_figures(ours_alone, ours_s, ours_phases, settings),
         loop_figures(reference_alone, reference_s, reference_phases, settings),
     )
 
 
 def build_report(
-    settings: BenchSettings, device: torch.device, precision: str, ours: LoopFigures, reference: LoopFigures
+    settings: BenchSettings, device: torch.device, effective: dict, ours: LoopFigures, reference: LoopFigures
 ) -> dict:
-    """The JSON-ready report: headline figures first, then per-loop details."""
+    """The JSON-ready report: headline figures first, then per-loop details. `effective`: the settings the
+    run ended up with (effective_precision, images_per_step, ...), merged into "settings"."""
     peak = peak_tflops(device)
     mfu = None
     if peak is not None and ours.flops_per_step is not None:
         mfu = ours.flops_per_step / ours.s_per_step / (peak * 1e12)
     main_memory = ours.peak_memory_mb.get("allocated", ours.peak_memory_mb.get("rss", 0.0))
-    per_image = ours.flops_per_step / settings.batch_size if ours.flops_per_step is not None else None
+    images_per_step = effective.get("images_per_step", settings.batch_size)
+    per_image = ours.flops_per_step / images_per_step if ours.flops_per_step is not None else None
     return {
         "images_per_sec": ours.images_per_sec,
         "s_per_step": ours.s_per_step,
@@ -252,7 +262,7 @@ def build_report(
             **asdict(settings),
             "resolution": settings.image_size,
             "num_images": settings.image_count,
-            "effective_precision": precision,
+            **effective,
         },
         "phases": {"ours": ours.phases, "reference": reference.phases},
         "loops": {"ours": asdict(ours), "reference": asdict(reference)},

@@ -45,6 +45,9 @@ class BenchSettings:
     cache: bool = True
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # our loop only: diffusers' LoRA script has no compile option
+    # "low": train()'s memory_profile in both loops; it chooses precision, checkpointing and the optimizer
+    # unless asked for here, and splits the batch into steps of 1 image with as many accumulated.
+    memory_profile: str = "default"
     device: str = "auto"
     num_images: int | None = None  # None: 4 batches' worth, so a timed run sees several distinct batches
 
@@ -94,14 +97,23 @@ def write_config(
         "learning_rate": 1e-4,
         "mixed_precision": settings.precision,
         "gradient_checkpointing": settings.gradient_checkpointing,
+        "memory_profile": settings.memory_profile,
         "torch_compile": settings.torch_compile and not reference,
         "cache_latents": cache,
         "cache_text_encoder_outputs": cache,
         "output_dir": str(_new_output_dir(root, kind)),
         "seed": 0,
     }
+    if settings.memory_profile == "low":
+        # Keys left out are the preset's to choose (keys written win): precision unless --precision was
+        # given, checkpointing unless --gradient-checkpointing was, and the optimizer (8-bit where it can).
+        if settings.precision == "no":
+            del config["mixed_precision"]
+        if not settings.gradient_checkpointing:
+            del config["gradient_checkpointing"]
     if reference:
-        config["optimizer_args"] = {"foreach": None}
+        if settings.memory_profile != "low":  # (the preset may pick AdamW8bit, which has no foreach)
+            config["optimizer_args"] = {"foreach": None}
         config["dataloader_num_workers"] = 0  # diffusers' default: images decoded in the training process
     path = root / f"config_{kind}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

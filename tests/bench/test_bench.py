@@ -83,8 +83,9 @@ def test_mfu_is_flops_over_time_over_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
     settings = BenchSettings(batch_size=4)
     # 20 TFLOP per step in 0.5 s = 40 TFLOP/s of a 100 TFLOP/s peak.
+    effective = {"effective_precision": "bf16", "images_per_step": 4}
     report = build_report(
-        settings, torch.device("cuda"), "bf16", _figures(0.5, 20 * 10**12), _figures(1.0, 1)
+        settings, torch.device("cuda"), effective, _figures(0.5, 20 * 10**12), _figures(1.0, 1)
     )
     assert report["mfu"] == pytest.approx(0.4)
     assert report["flops_per_image"] == 5 * 10**12

@@ -121,3 +121,38 @@ def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch):
     assert seen == [False]
     assert matmul.allow_tf32 is True  # what was set before the step, put back after it
     ours.close()
+
+
+def test_bench_with_memory_profile_low(capsys):
+    """`--memory-profile low`: train()'s preset in both loops (on a CPU: checkpointing, bf16, AdamW), the
+    asked batch split into steps of 1 image; images/s counts the images a step really takes."""
+    import json
+
+    from lora_scripts.cli import main
+
+    args = ["bench", "--steps", "4", "--warmup", "1", "--batch-size", "2", "--memory-profile", "low"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s = report["settings"]
+    assert s["memory_profile"] == "low" and s["effective_precision"] == "bf16"
+    assert s["effective_gradient_checkpointing"] is True and s["effective_optimizer"] == "AdamW"
+    assert s["images_per_step"] == 1 and s["gradient_accumulation_steps"] == 2
+    for name in ("ours", "reference"):
+        loop = report["loops"][name]
+        assert loop["images_per_sec"] * loop["s_per_step"] == pytest.approx(1.0)
+    # The same draws; in bf16 the cache (encoded in other batches) and the per-step encoding round apart.
+    ours, reference = report["loops"]["ours"]["mean_loss"], report["loops"]["reference"]["mean_loss"]
+    assert ours == pytest.approx(reference, rel=1e-3)
+
+
+def test_memory_profile_low_leaves_the_preset_its_keys(workspace):
+    root, base_model = workspace
+    low = BenchSettings(**{**SETTINGS.__dict__, "memory_profile": "low"})
+    ours = write_config(root, low, base_model, cache=True)
+    reference = write_config(root, low, base_model, cache=False, reference=True)
+    for config in (ours, reference):
+        assert config.gradient_checkpointing and config.mixed_precision == "bf16"
+        assert config.batch_size == 1 and config.gradient_accumulation_steps == SETTINGS.batch_size
+    assert reference.optimizer_args == {}  # no foreach: the preset may choose AdamW8bit
+    asked = BenchSettings(**{**low.__dict__, "precision": "no", "gradient_checkpointing": False})
+    assert write_config(root, asked, base_model, cache=True).mixed_precision == "bf16"  # "no" = not asked
