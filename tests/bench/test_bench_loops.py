@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lora_scripts.bench import loops
+from lora_scripts.bench import loops, runner
 from lora_scripts.bench.loops import OurLoop, ReferenceLoop
 from lora_scripts.bench.workspace import BenchSettings, write_config
+from lora_scripts.cli import main
+from lora_scripts.models.tiny import build_tiny_sd
 from tests.bench.conftest import SETTINGS, losses_of
 
 
@@ -65,11 +69,6 @@ def test_our_loop_gets_train_speed_switches_and_compile(workspace, monkeypatch):
 
 def test_bench_on_a_model_path(tmp_path, capsys):
     """`--model PATH`: the user's own model (a diffusers folder here), loaded by the real loading code."""
-    import json
-
-    from lora_scripts.cli import main
-    from lora_scripts.models.tiny import build_tiny_sd
-
     path = build_tiny_sd(tmp_path / "my-model")
     args = ["bench", "--model", str(path), "--resolution", "64", "--steps", "1", "--warmup", "1"]
     assert main([*args, "--batch-size", "1", "--json"]) == 0
@@ -82,8 +81,6 @@ def test_bench_on_a_model_path(tmp_path, capsys):
 def test_run_bench_measures_each_loop_alone_then_alternates_the_timed_rounds(monkeypatch):
     """Memory and the fairness loss from each loop alone; the timed rounds taken in turn, so that a slow
     stretch of a shared machine falls on both loops."""
-    from lora_scripts.bench import runner
-
     calls: list[tuple[str, int]] = []
     real_round = runner.timed_round
 
@@ -126,9 +123,6 @@ def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch):
 def test_bench_with_memory_profile_low(capsys):
     """`--memory-profile low`: train()'s preset in both loops (on a CPU: checkpointing, bf16, AdamW), the
     asked batch split into steps of 1 image; images/s counts the images a step really takes."""
-    import json
-
-    from lora_scripts.cli import main
 
     args = ["bench", "--steps", "4", "--warmup", "1", "--batch-size", "2", "--memory-profile", "low"]
     assert main([*args, "--json"]) == 0
