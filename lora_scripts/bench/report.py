@@ -50,6 +50,8 @@ def render_table(report: dict) -> str:
         f"{'mean loss (same draws)':<24}{ours['mean_loss']:>14.6f}{ref['mean_loss']:>14.6f}",
         f"peak memory: ours {_memory(ours['peak_memory_mb'])}, reference {_memory(ref['peak_memory_mb'])}",
         f"speedup: {report['speedup']:.2f}x",
+        f"UNet forward + backward: {100 * report['reference_unet_share']:.0f}% of the reference's step; "
+        f"with them unchanged, the rest can give at most {report['speedup_bound_same_unet']:.2f}x",
     ]
     if report["flops_per_image"] is not None:
         flops = report["flops_per_image"]

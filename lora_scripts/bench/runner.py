@@ -243,6 +243,11 @@ def build_report(
     main_memory = ours.peak_memory_mb.get("allocated", ours.peak_memory_mb.get("rss", 0.0))
     images_per_step = effective.get("images_per_step", settings.batch_size)
     per_image = ours.flops_per_step / images_per_step if ours.flops_per_step is not None else None
+    # What the UNet's forward + backward leave to gain: they are the same work in both loops (unless ours
+    # is compiled), so removing everything else from our step could give at most 1 / their share.
+    unet_share = (
+        reference.phases["forward"] + reference.phases["backward"]
+    ) / reference.instrumented_s_per_step
     return {
         "images_per_sec": ours.images_per_sec,
         "s_per_step": ours.s_per_step,
@@ -254,6 +259,8 @@ def build_report(
             "allocated", reference.peak_memory_mb.get("rss", 0.0)
         ),
         "flops_per_image": per_image,
+        "reference_unet_share": unet_share,
+        "speedup_bound_same_unet": 1 / unet_share,
         "mfu": mfu,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -13,6 +13,7 @@ from lora_scripts.bench import runner
 from lora_scripts.bench.loops import OurLoop, ReferenceLoop
 from lora_scripts.bench.measure import PHASES
 from lora_scripts.bench.reference import encode_reference_batch, reference_loss
+from lora_scripts.bench.report import render_table
 from lora_scripts.bench.runner import LoopFigures, build_report
 from lora_scripts.bench.workspace import BenchSettings, write_config
 from lora_scripts.cli import main
@@ -69,6 +70,11 @@ def test_bench_cli_json(capsys):
     assert report["speedup"] == pytest.approx(
         report["loops"]["reference"]["s_per_step"] / report["loops"]["ours"]["s_per_step"]
     )
+    phases = report["phases"]["reference"]
+    assert report["reference_unet_share"] == pytest.approx(
+        (phases["forward"] + phases["backward"]) / report["loops"]["reference"]["instrumented_s_per_step"]
+    )
+    assert 0 < report["reference_unet_share"] < 1
 
 
 def _figures(s_per_step: float, flops: int) -> LoopFigures:
@@ -91,6 +97,23 @@ def test_mfu_is_flops_over_time_over_peak(monkeypatch):
     assert report["flops_per_image"] == 5 * 10**12
     assert report["speedup"] == pytest.approx(2.0)
     assert report["peak_memory_mb"] == 10.0
+    # The reference's UNet forward + backward are 2 of its 5 equal phases: the other 60% is all there is to
+    # save with the same UNet, so the bound is 1 / 0.4.
+    assert report["reference_unet_share"] == pytest.approx(0.4)
+    assert report["speedup_bound_same_unet"] == pytest.approx(2.5)
+
+
+def test_table_shows_speedup_phases_and_the_bound():
+    effective = {"effective_precision": "no", "images_per_step": 4}
+    report = build_report(BenchSettings(), torch.device("cpu"), effective, _figures(0.5, 1), _figures(1.0, 1))
+    table = render_table(report)
+    assert "model tiny, 64², batch 4, 10 steps after 2 warm-up, precision no, cache on" in table
+    assert "speedup: 2.00x" in table
+    assert "40% of the reference's step; with them unchanged, the rest can give at most 2.50x" in table
+    # One row per phase, ours then the reference's (each 1/5 of its step), and the totals.
+    rows = {line[:34].strip(): line[34:].split() for line in table.splitlines()}
+    assert rows["VAE + text encoder / cache read"] == ["0.1000", "0.2000"]
+    assert rows["total (instrumented run)"] == ["0.5000", "1.0000"]
 
 
 def test_bench_rejects_bad_settings(capsys):
