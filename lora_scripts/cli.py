@@ -163,6 +163,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             torch_compile=args.torch_compile,
             memory_profile=args.memory_profile,
+            quantize_base=args.quantize_base,
             device=args.device,
         )
     )
@@ -192,6 +193,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         choices=["default", "low"],
         default="default",
         help="low: train()'s small-GPU preset in both loops (steps of 1 image, accumulated)",
+    )
+    p.add_argument(
+        "--quantize-base",
+        choices=["no", "int8", "float8"],
+        default="no",
+        help="the UNet's frozen weights in 8 bits (config key quantize_base), in both loops",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: the best")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -130,9 +131,25 @@ def _register_cpu_attention_flops() -> None:
 _register_cpu_attention_flops()
 
 
+def _register_quanto_flops() -> None:
+    """quantize_base: quanto multiplies by an 8-bit weight with its own op, `quanto::qbytes_mm(A, B, scales)`
+    (A [..., K] times B [N, K] transposed), which torch's counter does not know; the model's FLOPs are the
+    same as with float weights, so count it as the matmul it is. A no-op until quanto is loaded."""
+    try:
+        qbytes_mm = torch.ops.quanto.qbytes_mm
+    except (AttributeError, RuntimeError):
+        return
+    if qbytes_mm not in flop_registry:
+
+        @register_flop_formula(qbytes_mm)
+        def _qbytes_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * math.prod(a_shape[:-1]) * a_shape[-1] * b_shape[0]
+
+
 def count_flops(run_step: Callable[[], object]) -> int:
     """FLOPs of everything `run_step` runs (forward, backward, optimizer) as torch.utils.flop_counter counts
     them: matmuls, convolutions and attention, the work MFU is measured against."""
+    _register_quanto_flops()
     with FlopCounterMode(display=False) as counter:
         run_step()
     return counter.get_total_flops()

@@ -37,6 +37,8 @@ def render_table(report: dict) -> str:
     )
     if s.get("torch_compile"):
         header += ", torch.compile (ours)"
+    if s.get("quantize_base", "no") != "no":
+        header += f", UNet weights {s['quantize_base']}"
     if s.get("memory_profile") == "low":
         header += f", memory_profile low ({s.get('effective_optimizer')})"
     lines = [

@@ -48,6 +48,7 @@ class BenchSettings:
     # "low": train()'s memory_profile in both loops; it chooses precision, checkpointing and the optimizer
     # unless asked for here, and splits the batch into steps of 1 image with as many accumulated.
     memory_profile: str = "default"
+    quantize_base: str = "no"  # both loops: the same model, as 8-bit weights (config key quantize_base)
     device: str = "auto"
     num_images: int | None = None  # None: 4 batches' worth, so a timed run sees several distinct batches
 
@@ -99,6 +100,7 @@ def write_config(
         "gradient_checkpointing": settings.gradient_checkpointing,
         "memory_profile": settings.memory_profile,
         "torch_compile": settings.torch_compile and not reference,
+        "quantize_base": settings.quantize_base,
         "cache_latents": cache,
         "cache_text_encoder_outputs": cache,
         "output_dir": str(_new_output_dir(root, kind)),

@@ -48,6 +48,7 @@ class SpeedFacts:
     batch_size: int
     gradient_accumulation_steps: int
     torch_compile: bool
+    quantize_base: str
 
 
 def speed_facts(config: TrainConfig) -> SpeedFacts:
@@ -73,6 +74,7 @@ def speed_facts(config: TrainConfig) -> SpeedFacts:
         batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         torch_compile=config.torch_compile,
+        quantize_base=config.quantize_base,
     )
 
 

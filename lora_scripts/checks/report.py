@@ -224,8 +224,16 @@ def _speed_lines(speed: SpeedFacts) -> list[str]:
             f"gradient_checkpointing {'on' if speed.gradient_checkpointing else 'off'}, mixed_precision "
             f"{speed.mixed_precision}, optimizer {speed.optimizer_type}, {batch}",
         ),
+        _row("UNet weights", _unet_weights(speed)),
         _row("torch_compile", "on" if speed.torch_compile else "off"),
     ]
+
+
+def _unet_weights(speed: SpeedFacts) -> str:
+    if speed.quantize_base != "no":
+        return f"{speed.quantize_base} (quantize_base), LoRA in fp32"
+    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[speed.mixed_precision]
+    return f"{dtype} (mixed_precision), LoRA in fp32"
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:

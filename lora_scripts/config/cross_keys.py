@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from lora_scripts.config.schema import TrainConfig
+from lora_scripts.models.quantize import INSTALL_HINT, quanto_available
 
 Problem = tuple[str, str]
 
@@ -18,7 +19,15 @@ Problem = tuple[str, str]
 def cross_key_problems(config: TrainConfig) -> list[Problem]:
     """(key path, problem) for every conflict in `config`."""
     problems: list[Problem] = []
-    rules = (_dataset_rules, _warmup_rules, _crop_and_cache_rules, _bucket_rules, _loss_rules, _safety_rules)
+    rules = (
+        _dataset_rules,
+        _warmup_rules,
+        _crop_and_cache_rules,
+        _bucket_rules,
+        _loss_rules,
+        _safety_rules,
+        _quantize_rules,
+    )
     for rule in rules:
         problems += rule(config)
     problems += _optimizer_rules(config)
@@ -188,6 +197,18 @@ def _safety_rules(config: TrainConfig) -> list[Problem]:
     if _written(config, "save_last_n_states") and not config.save_state:
         problems.append(("save_last_n_states", "has no effect with save_state: false"))
     return problems
+
+
+def _quantize_rules(config: TrainConfig) -> list[Problem]:
+    if config.quantize_base == "no" or quanto_available():
+        return []
+    return [
+        (
+            "quantize_base",
+            f"{config.quantize_base} needs optimum-quanto; install it ({INSTALL_HINT}) or set "
+            "quantize_base: no",
+        )
+    ]
 
 
 def _optimizer_rules(config: TrainConfig) -> list[Problem]:

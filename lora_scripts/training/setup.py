@@ -24,6 +24,7 @@ from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.kohya_import import load_network_weights
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.lora import LoraSpec
+from lora_scripts.models.quantize import quantize_frozen, stored_bytes
 from lora_scripts.training.losses import LossSettings
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from lora_scripts.training.plan import TrainingPlan
@@ -98,6 +99,8 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     for module in family.frozen_modules():
         module.requires_grad_(False)
+        if module is family.denoiser and config.quantize_base != "no":
+            _quantize_denoiser(module, config.quantize_base, weight_dtype)
         module.to(accelerator.device, dtype=weight_dtype)
     targets = LoraTargets(
         unet=_targets(config.target_modules),
@@ -140,6 +143,20 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
             for encoder in family.text_encoders:
                 encoder.gradient_checkpointing_enable()
     return networks
+
+
+def _quantize_denoiser(denoiser: torch.nn.Module, kind: str, weight_dtype: torch.dtype) -> None:
+    """quantize_base: the denoiser's weights to 8 bits where it was loaded (the CPU), before it moves to the
+    device, so the device never holds its full-precision weights; scales and biases in `weight_dtype`."""
+    before = stored_bytes(denoiser.to(dtype=weight_dtype))
+    quantize_frozen(denoiser, kind)
+    log.info(
+        "quantize_base %s: the UNet's frozen weights take %.1f MiB instead of %.1f MiB in %s",
+        kind,
+        stored_bytes(denoiser) / 2**20,
+        before / 2**20,
+        str(weight_dtype).removeprefix("torch."),
+    )
 
 
 def loader_workers(config: TrainConfig, latents: Mapping[LatentRequest, torch.Tensor] | None) -> int:

@@ -150,3 +150,20 @@ def test_memory_profile_low_leaves_the_preset_its_keys(workspace):
     assert reference.optimizer_args == {}  # no foreach: the preset may choose AdamW8bit
     asked = BenchSettings(**{**low.__dict__, "precision": "no", "gradient_checkpointing": False})
     assert write_config(root, asked, base_model, cache=True).mixed_precision == "bf16"  # "no" = not asked
+
+
+def test_quantize_base_applies_to_both_loops(workspace):
+    """--quantize-base: the same 8-bit UNet in both loops (the bench compares the steps on one model), still
+    computing the same losses."""
+    from optimum.quanto import QTensor
+
+    root, base_model = workspace
+    settings = BenchSettings(**{**SETTINGS.__dict__, "quantize_base": "int8"})
+    ours = OurLoop(write_config(root, settings, base_model, cache=True), base_model)
+    reference = ReferenceLoop(
+        write_config(root, settings, base_model, cache=False, reference=True), base_model
+    )
+    for loop in (ours, reference):
+        assert loop.config.quantize_base == "int8"
+        assert isinstance(loop.family.denoiser.conv_in.weight, QTensor)
+    assert losses_of(ours, 2) == pytest.approx(losses_of(reference, 2), rel=1e-6, abs=1e-6)

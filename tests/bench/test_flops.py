@@ -31,3 +31,16 @@ def test_sd15_step_and_encode_flops():
     assert encode / step == pytest.approx(0.66, abs=0.01)
     # Encoding is a convolution stack over the pixels: 4x the pixels, 4x the FLOPs (VAE attention aside).
     assert sd15_encode_flops_per_image(256) == pytest.approx(encode / 4, rel=0.05)
+
+
+def test_an_8_bit_linear_counts_as_the_matmul_it_is():
+    """quantize_base: quanto multiplies by int8 weights with its own op (`quanto::qbytes_mm`); the count must
+    not drop when the weights are quantized (MFU compares against the model's FLOPs)."""
+    from lora_scripts.models.quantize import quantize_frozen
+
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False)).requires_grad_(False)
+    x = torch.randn(4, 10, 32)
+    plain = count_flops(lambda: layer(x))
+    assert plain == 2 * 4 * 10 * 32 * 48
+    quantize_frozen(layer, "int8")
+    assert count_flops(lambda: layer(x)) == plain

@@ -1,0 +1,124 @@
+"""quantize_base: the UNet's frozen weights in 8 bits (optimum-quanto), LoRA trained on top in fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from optimum.quanto import QTensor
+
+from lora_scripts.checks.plan import speed_facts
+from lora_scripts.checks.report import CheckReport, render_text
+from lora_scripts.config import validate_config_dict
+from lora_scripts.errors import UserError
+from lora_scripts.models import quantize
+from lora_scripts.models.family import LoraTargets
+from lora_scripts.models.lora import LoraSpec
+from lora_scripts.models.quantize import quantize_frozen, stored_bytes
+from lora_scripts.models.stable_diffusion import StableDiffusionFamily
+from lora_scripts.models.tiny import build_tiny_sd_components
+
+BASE = {"train_data_dir": "data", "base_model": "m.safetensors", "output_dir": "out"}
+TARGETS = LoraTargets(["to_q", "to_k", "to_v", "to_out.0"], None)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> torch.nn.Module:
+    unet = build_tiny_sd_components(seed=3).unet
+    unet.requires_grad_(False)
+    return unet
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 77, 32, generator=generator)
+    return latents, torch.tensor([10, 500]), hidden
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {
+        name: m.weight
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+    }
+
+
+@pytest.mark.parametrize(("kind", "data_dtype"), [("int8", torch.int8), ("float8", torch.float8_e4m3fn)])
+def test_every_linear_and_conv_weight_is_stored_in_8_bits(tiny_unet, kind, data_dtype):
+    unet = copy.deepcopy(tiny_unet)
+    fp32_bytes = stored_bytes(unet)
+    reference = unet(*_inputs()).sample
+    quantize_frozen(unet, kind)
+    weights = _weights(unet)
+    assert len(weights) > 50  # convs of the resnets, attention and feed-forward linears, time embedding
+    for name, weight in weights.items():
+        assert isinstance(weight, QTensor), name
+        assert weight._data.dtype == data_dtype, name
+        assert weight._scale.shape[0] == weight.shape[0], name  # a scale per output channel
+    # fp32 weights to 1 byte each, plus the scales, biases and norms that stay fp32.
+    ratio = stored_bytes(unet) / fp32_bytes
+    assert 0.25 < ratio < 0.3
+    # The same network, with quantization noise: close to the fp32 output, but not equal to it.
+    quantized = unet(*_inputs()).sample
+    error = ((quantized - reference).norm() / reference.norm()).item()
+    # (float8 e4m3 keeps 3 mantissa bits against int8's 7: ~5x the error on these random weights)
+    assert 0 < error < (0.03 if kind == "int8" else 0.15)
+
+
+def test_lora_on_a_quantized_unet_trains_only_the_lora(tiny_unet):
+    family = StableDiffusionFamily.__new__(StableDiffusionFamily)  # only the UNet is needed here
+    family.unet = copy.deepcopy(tiny_unet)
+    quantize_frozen(family.unet, "int8")
+    frozen = {name: w._data.clone() for name, w in _weights(family.unet).items()}
+    networks = family.add_lora(TARGETS, LoraSpec(rank=4, alpha=4))
+    lora = [p for net in networks for p in net.module.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 and not isinstance(p, QTensor) for p in lora)
+    for p in lora:  # lora_B starts at zero: give it values so that lora_A gets a gradient too
+        torch.nn.init.normal_(p, std=0.05)
+    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    latents, timesteps, hidden = _inputs()
+    losses = []
+    for _ in range(5):
+        loss = F.mse_loss(family.unet(latents, timesteps, hidden).sample, latents)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the LoRA learns through the 8-bit layers
+    for name, weight in _weights(family.unet).items():
+        if name in frozen:  # (the LoRA's own layers are new)
+            assert torch.equal(weight._data, frozen[name]), name
+
+
+def test_stored_bytes_of_plain_tensors():
+    module = torch.nn.Linear(10, 4).to(torch.bfloat16)
+    assert stored_bytes(module) == (10 * 4 + 4) * 2
+
+
+def test_quantize_base_key_and_its_errors(monkeypatch):
+    config = validate_config_dict({**BASE, "quantize_base": "int8"}, "<t>", check_paths=False)
+    assert config.quantize_base == "int8"
+    assert validate_config_dict(BASE, "<t>", check_paths=False).quantize_base == "no"
+    with pytest.raises(UserError, match="quantize_base"):
+        validate_config_dict({**BASE, "quantize_base": "int4"}, "<t>", check_paths=False)
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError) as err:
+        validate_config_dict({**BASE, "quantize_base": "float8"}, "<t>", check_paths=False)
+    assert (
+        "quantize_base: float8 needs optimum-quanto; install it (pip install optimum-quanto) or set "
+        "quantize_base: no" in str(err.value)
+    )
+    validate_config_dict(BASE, "<t>", check_paths=False)  # "no" needs nothing
+
+
+def test_check_shows_the_unet_weights():
+    int8 = validate_config_dict({**BASE, "quantize_base": "int8"}, "<t>", check_paths=False)
+    bf16 = validate_config_dict({**BASE, "mixed_precision": "bf16"}, "<t>", check_paths=False)
+    assert "int8 (quantize_base), LoRA in fp32" in render_text(CheckReport("x.yaml", speed=speed_facts(int8)))
+    assert "bf16 (mixed_precision), LoRA in fp32" in render_text(
+        CheckReport("x.yaml", speed=speed_facts(bf16))
+    )
