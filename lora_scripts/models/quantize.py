@@ -41,11 +41,24 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def quantize_frozen(module: nn.Module, kind: str) -> None:
-    """Replace the weights of the nn.Linear and nn.Conv2d layers inside `module` by `kind` ones ("int8" or
-    "float8", e4m3) with a scale per output channel, in place. Call it on the frozen model before LoRA is
-    added: the LoRA layers added afterwards stay in full precision. Biases and norms keep their dtype."""
+    """Replace the weights of the frozen nn.Linear and nn.Conv2d layers inside `module` by `kind` ones
+    ("int8" or "float8", e4m3) with a scale per output channel, in place. Layers with a trainable parameter
+    (the LoRA's, when it is already added) keep theirs. Biases and norms keep their dtype.
+
+    Call it after LoRA is added: peft builds a conv LoRA's down layer with the type of the layer it wraps,
+    which would be quanto's QConv2d, without weights, on a model quantized first."""
     from optimum.quanto import freeze, qfloat8, qint8, quantize
 
-    weights = {"int8": qint8, "float8": qfloat8}[kind]
-    quantize(module, weights=weights)
+    trainable = [
+        name
+        for name, layer in module.named_modules()
+        if any(p.requires_grad for p in layer.parameters(recurse=False))
+    ]
+    quantize(module, weights={"int8": qint8, "float8": qfloat8}[kind], exclude=trainable or None)
     freeze(module)  # quantize the weights now (quanto otherwise keeps the float ones until the first call)
+    # quanto's quantized weights are new Parameters with requires_grad=True: freeze them again (else the
+    # optimizer would be handed the 8-bit base weights).
+    for layer_name, layer in module.named_modules():
+        if layer_name not in trainable:
+            for param in layer.parameters(recurse=False):
+                param.requires_grad_(False)

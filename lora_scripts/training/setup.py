@@ -95,13 +95,16 @@ def _targets(value: str | tuple[str, ...]) -> list[str] | str:
 
 def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerator) -> list[LoraNetwork]:
     """Freeze the base model (cast to the mixed-precision dtype), add LoRA in fp32 (continuing from
-    `network_weights` if set), report the count."""
+    `network_weights` if set), store the UNet's frozen weights in 8 bits if `quantize_base` asks, report the
+    count."""
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    quantized = config.quantize_base != "no"
     for module in family.frozen_modules():
         module.requires_grad_(False)
-        if module is family.denoiser and config.quantize_base != "no":
-            _quantize_denoiser(module, config.quantize_base, weight_dtype)
-        module.to(accelerator.device, dtype=weight_dtype)
+        if quantized and module is family.denoiser:
+            module.to(dtype=weight_dtype)  # quantized where it was loaded once its LoRA is on, then moved
+        else:
+            module.to(accelerator.device, dtype=weight_dtype)
     targets = LoraTargets(
         unet=_targets(config.target_modules),
         text_encoder=_targets(config.text_encoder_target_modules) if config.train_text_encoder else None,
@@ -119,6 +122,9 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
         for param in net.module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if quantized:
+        _quantize_denoiser(family.denoiser, config.quantize_base, weight_dtype)
+        family.denoiser.to(accelerator.device)
     if config.network_weights is not None:
         report = load_network_weights(networks, Path(config.network_weights))
         log.info(
@@ -146,12 +152,12 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
 
 
 def _quantize_denoiser(denoiser: torch.nn.Module, kind: str, weight_dtype: torch.dtype) -> None:
-    """quantize_base: the denoiser's weights to 8 bits where it was loaded (the CPU), before it moves to the
-    device, so the device never holds its full-precision weights; scales and biases in `weight_dtype`."""
-    before = stored_bytes(denoiser.to(dtype=weight_dtype))
+    """quantize_base: the denoiser's frozen weights to 8 bits, still on the CPU where it was loaded (so the
+    device never holds them in full precision); scales and biases stay in `weight_dtype`, the LoRA in fp32."""
+    before = stored_bytes(denoiser)
     quantize_frozen(denoiser, kind)
     log.info(
-        "quantize_base %s: the UNet's frozen weights take %.1f MiB instead of %.1f MiB in %s",
+        "quantize_base %s: the UNet's weights take %.1f MiB instead of %.1f MiB (frozen ones in %s)",
         kind,
         stored_bytes(denoiser) / 2**20,
         before / 2**20,

@@ -69,29 +69,34 @@ def test_every_linear_and_conv_weight_is_stored_in_8_bits(tiny_unet, kind, data_
 
 
 def test_lora_on_a_quantized_unet_trains_only_the_lora(tiny_unet):
+    """Attention LoRA and LoCon (3x3 convs) added, then the rest quantized: the LoRA layers keep fp32 weights
+    and learn through the 8-bit layers, whose weights do not move."""
     family = StableDiffusionFamily.__new__(StableDiffusionFamily)  # only the UNet is needed here
     family.unet = copy.deepcopy(tiny_unet)
+    networks = family.add_lora(TARGETS, LoraSpec(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
     quantize_frozen(family.unet, "int8")
-    frozen = {name: w._data.clone() for name, w in _weights(family.unet).items()}
-    networks = family.add_lora(TARGETS, LoraSpec(rank=4, alpha=4))
-    lora = [p for net in networks for p in net.module.parameters() if p.requires_grad]
-    assert lora and all(p.dtype == torch.float32 and not isinstance(p, QTensor) for p in lora)
-    for p in lora:  # lora_B starts at zero: give it values so that lora_A gets a gradient too
+    lora = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
+    assert lora == {n: p for net in networks for n, p in net.module.named_parameters() if p.requires_grad}
+    assert any("conv" in n for n in lora) and any("to_q" in n for n in lora)
+    assert all(p.dtype == torch.float32 and not isinstance(p, QTensor) for p in lora.values())
+    base = {n: w for n, w in _weights(family.unet).items() if "lora_" not in n}
+    assert base and all(isinstance(w, QTensor) for w in base.values())
+    frozen = {n: w._data.clone() for n, w in base.items()}
+    for p in lora.values():  # lora_B starts at zero: give it values so that lora_A gets a gradient too
         torch.nn.init.normal_(p, std=0.05)
-    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
     latents, timesteps, hidden = _inputs()
     losses = []
     for _ in range(5):
         loss = F.mse_loss(family.unet(latents, timesteps, hidden).sample, latents)
         loss.backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]  # the LoRA learns through the 8-bit layers
-    for name, weight in _weights(family.unet).items():
-        if name in frozen:  # (the LoRA's own layers are new)
-            assert torch.equal(weight._data, frozen[name]), name
+    for name, weight in base.items():
+        assert torch.equal(weight._data, frozen[name]), name
 
 
 def test_stored_bytes_of_plain_tensors():

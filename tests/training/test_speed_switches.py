@@ -189,23 +189,28 @@ def test_loader_workers_auto_only_where_a_gpu_would_wait_on_decoding(monkeypatch
 
 
 def test_quantize_base_trains_the_same_lora_on_an_8_bit_unet(tmp_path, tiny_model_dir, dataset_dir, caplog):
-    """quantize_base: int8: the UNet's weights in 8 bits, the LoRA file as without it (same keys, shapes and
-    dtypes), and a loss that differs only by the quantization noise."""
+    """quantize_base: int8 with attention LoRA and LoCon: the UNet's frozen weights in 8 bits, the LoRA file
+    as without it (same keys, shapes and dtypes), and a loss that differs only by the quantization noise."""
     from safetensors.torch import load_file
 
+    run = {"max_train_steps": 1, "conv_rank": 4}
     with caplog.at_level("INFO"):
-        quantized = _train(
-            tmp_path / "q", tiny_model_dir, dataset_dir, max_train_steps=1, quantize_base="int8"
-        )
+        quantized = _train(tmp_path / "q", tiny_model_dir, dataset_dir, **run, quantize_base="int8")
     assert (
-        "quantize_base int8: the UNet's frozen weights take 0.8 MiB instead of 3.0 MiB in float32"
-        in caplog.text
+        "quantize_base int8: the UNet's weights take 1.0 MiB instead of 3.3 MiB (frozen ones in float32)"
+        in (caplog.text)
     )
-    plain = _train(tmp_path / "p", tiny_model_dir, dataset_dir, max_train_steps=1)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        plain = _train(tmp_path / "p", tiny_model_dir, dataset_dir, **run)
+    # Only the LoRA trains: quanto's 8-bit weights (new Parameters that require a gradient) are frozen again.
+    assert "Trainable LoRA parameters: 62,848 (lora_unet: 62,848)" in caplog.text
+    assert caplog.text.count("Trainable LoRA parameters") == 1
     assert quantized.last_loss != plain.last_loss
     assert quantized.last_loss == pytest.approx(plain.last_loss, rel=2e-2)
     q_file = load_file(tmp_path / "q" / "out" / "pytorch_lora_weights.safetensors")
     p_file = load_file(tmp_path / "p" / "out" / "pytorch_lora_weights.safetensors")
+    assert any("conv" in key for key in q_file)
     assert {k: (v.shape, v.dtype) for k, v in q_file.items()} == {
         k: (v.shape, v.dtype) for k, v in p_file.items()
     }
