@@ -113,4 +113,7 @@ def _extra(config: TrainConfig, training_set: TrainingSet) -> dict[str, str]:
         "ss_loss_type": config.loss_type,
         "ss_huber_schedule": config.huber_schedule,
         "ss_huber_c": str(config.huber_c),
+        # sd-scripts records its float8 base (--fp8_base) as ss_fp8_base; ours may also be int8.
+        "ss_fp8_base": str(config.quantize_base == "float8"),
+        "ss_quantize_base": config.quantize_base,
     }

@@ -99,6 +99,16 @@ def test_lora_on_a_quantized_unet_trains_only_the_lora(tiny_unet):
         assert torch.equal(weight._data, frozen[name]), name
 
 
+def test_quantizing_is_deterministic(tiny_unet):
+    """A resumed run quantizes the base model again: it must get the very same 8-bit weights and scales,
+    or the resume would not continue the same training."""
+    first, second = copy.deepcopy(tiny_unet), copy.deepcopy(tiny_unet)
+    quantize_frozen(first, "int8")
+    quantize_frozen(second, "int8")
+    for (name, a), b in zip(_weights(first).items(), _weights(second).values(), strict=True):
+        assert torch.equal(a._data, b._data) and torch.equal(a._scale, b._scale), name
+
+
 def test_stored_bytes_of_plain_tensors():
     module = torch.nn.Linear(10, 4).to(torch.bfloat16)
     assert stored_bytes(module) == (10 * 4 + 4) * 2

@@ -193,6 +193,8 @@ def test_quantize_base_trains_the_same_lora_on_an_8_bit_unet(tmp_path, tiny_mode
     as without it (same keys, shapes and dtypes), and a loss that differs only by the quantization noise."""
     from safetensors.torch import load_file
 
+    from lora_scripts.export.lora_file import read_lora_metadata
+
     run = {"max_train_steps": 1, "conv_rank": 4}
     with caplog.at_level("INFO"):
         quantized = _train(tmp_path / "q", tiny_model_dir, dataset_dir, **run, quantize_base="int8")
@@ -215,3 +217,6 @@ def test_quantize_base_trains_the_same_lora_on_an_8_bit_unet(tmp_path, tiny_mode
         k: (v.shape, v.dtype) for k, v in p_file.items()
     }
     assert "quantize_base: int8" in (tmp_path / "q" / "out" / "config.yaml").read_text(encoding="utf-8")
+    meta = read_lora_metadata(tmp_path / "q" / "out" / "out.safetensors")
+    assert meta["ss_quantize_base"] == "int8" and meta["ss_fp8_base"] == "False"
+    assert read_lora_metadata(tmp_path / "p" / "out" / "out.safetensors")["ss_quantize_base"] == "no"
