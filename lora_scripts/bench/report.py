@@ -29,6 +29,7 @@ def render_table(report: dict) -> str:
     """Settings, then ours vs reference (images/s, s/step, memory), then the phase breakdown."""
     s = report["settings"]
     ours, ref = report["loops"]["ours"], report["loops"]["reference"]
+    pairs = report["speedup_per_round"]
     checkpointing = s.get("effective_gradient_checkpointing", s["gradient_checkpointing"])
     header = (
         f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {_batch(s)}, "
@@ -51,7 +52,8 @@ def render_table(report: dict) -> str:
         f"{'setup (load, cache) s':<24}{ours['setup_s']:>14.2f}{ref['setup_s']:>14.2f}",
         f"{'mean loss (same draws)':<24}{ours['mean_loss']:>14.6f}{ref['mean_loss']:>14.6f}",
         f"peak memory: ours {_memory(ours['peak_memory_mb'])}, reference {_memory(ref['peak_memory_mb'])}",
-        f"speedup: {report['speedup']:.2f}x",
+        f"speedup: {report['speedup']:.2f}x (median of {len(pairs)} pairs of rounds, "
+        f"{min(pairs):.2f}-{max(pairs):.2f}x)",
         f"UNet forward + backward: {100 * report['reference_unet_share']:.0f}% of the reference's step; "
         f"with them unchanged, the rest can give at most {report['speedup_bound_same_unet']:.2f}x",
     ]

@@ -37,7 +37,8 @@ class LoopFigures:
     """One loop's measurements. Times in seconds; phases are seconds per step from the instrumented run."""
 
     setup_s: float  # model load, LoRA, caches (not part of the step time)
-    s_per_step: float  # timed run: no device syncs but one at the end
+    s_per_step: float  # the median timed round's (no device syncs but one at each round's end)
+    round_s_per_step: list[float]  # each timed round's, in the order they ran
     images_per_sec: float
     phases: dict[str, float]
     instrumented_s_per_step: float  # == sum(phases): the clock's marks are contiguous
@@ -114,21 +115,23 @@ def interleaved_rounds(
 ) -> tuple[list[float], list[dict[str, float]]]:
     """TIMED_ROUNDS timed rounds of each loop, taken in turn (ours, reference, ours, ...) so that a slower
     stretch of a shared machine or a warming GPU falls on both, then one instrumented run of each; returns
-    each loop's median s/step and its phases."""
+    each loop's s/step in each round, and its phases."""
     times: list[list[float]] = [[] for _ in loops]
     for round_index in range(1, TIMED_ROUNDS + 1):
         for loop, loop_times in zip(loops, times, strict=True):
-            loop_times.append(timed_round(loop, settings, seed=round_index)[0])
+            loop_times.append(timed_round(loop, settings, seed=round_index)[0] / settings.steps)
     phases = [instrumented_run(loop, settings) for loop in loops]
-    return [statistics.median(t) / settings.steps for t in times], phases
+    return times, phases
 
 
 def loop_figures(
-    alone: AloneFigures, s_per_step: float, phases: dict[str, float], settings: BenchSettings
+    alone: AloneFigures, round_s_per_step: list[float], phases: dict[str, float], settings: BenchSettings
 ) -> LoopFigures:
+    s_per_step = statistics.median(round_s_per_step)
     return LoopFigures(
         setup_s=alone.setup_s,
         s_per_step=s_per_step,
+        round_s_per_step=round_s_per_step,
         images_per_sec=alone.images_per_step / s_per_step,
         phases=phases,
         instrumented_s_per_step=sum(phases.values()),
@@ -248,12 +251,17 @@ def build_report(
     unet_share = (
         reference.phases["forward"] + reference.phases["backward"]
     ) / reference.instrumented_s_per_step
+    # The speedup of each pair of rounds run back to back (ours, then the reference): a drift of the machine's
+    # speed over the run moves both rounds of a pair alike, so the median of these is steadier than the
+    # ratio of the two loops' medians.
+    pairs = [r / o for o, r in zip(ours.round_s_per_step, reference.round_s_per_step, strict=True)]
     return {
         "images_per_sec": ours.images_per_sec,
         "s_per_step": ours.s_per_step,
         "reference_images_per_sec": reference.images_per_sec,
         "reference_s_per_step": reference.s_per_step,
-        "speedup": reference.s_per_step / ours.s_per_step,
+        "speedup": statistics.median(pairs),
+        "speedup_per_round": pairs,
         "peak_memory_mb": main_memory,
         "reference_peak_memory_mb": reference.peak_memory_mb.get(
             "allocated", reference.peak_memory_mb.get("rss", 0.0)

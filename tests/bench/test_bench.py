@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -67,9 +68,14 @@ def test_bench_cli_json(capsys):
     assert report["loops"]["ours"]["mean_loss"] == pytest.approx(
         report["loops"]["reference"]["mean_loss"], 1e-6
     )
-    assert report["speedup"] == pytest.approx(
-        report["loops"]["reference"]["s_per_step"] / report["loops"]["ours"]["s_per_step"]
+    ours_rounds = report["loops"]["ours"]["round_s_per_step"]
+    reference_rounds = report["loops"]["reference"]["round_s_per_step"]
+    assert len(ours_rounds) == len(reference_rounds) == runner.TIMED_ROUNDS
+    assert report["speedup_per_round"] == pytest.approx(
+        [r / o for o, r in zip(ours_rounds, reference_rounds, strict=True)]
     )
+    assert report["speedup"] == pytest.approx(statistics.median(report["speedup_per_round"]))
+    assert report["loops"]["ours"]["s_per_step"] == pytest.approx(statistics.median(ours_rounds))
     phases = report["phases"]["reference"]
     assert report["reference_unet_share"] == pytest.approx(
         (phases["forward"] + phases["backward"]) / report["loops"]["reference"]["instrumented_s_per_step"]
@@ -80,7 +86,15 @@ def test_bench_cli_json(capsys):
 def _figures(s_per_step: float, flops: int) -> LoopFigures:
     phases = dict.fromkeys(PHASES, s_per_step / 5)
     return LoopFigures(
-        1.0, s_per_step, 4 / s_per_step, phases, s_per_step, {"allocated": 10.0, "reserved": 12.0}, flops, 0.1
+        setup_s=1.0,
+        s_per_step=s_per_step,
+        round_s_per_step=[s_per_step] * 5,
+        images_per_sec=4 / s_per_step,
+        phases=phases,
+        instrumented_s_per_step=s_per_step,
+        peak_memory_mb={"allocated": 10.0, "reserved": 12.0},
+        flops_per_step=flops,
+        mean_loss=0.1,
     )
 
 
@@ -108,7 +122,7 @@ def test_table_shows_speedup_phases_and_the_bound():
     report = build_report(BenchSettings(), torch.device("cpu"), effective, _figures(0.5, 1), _figures(1.0, 1))
     table = render_table(report)
     assert "model tiny, 64², batch 4, 10 steps after 2 warm-up, precision no, cache on" in table
-    assert "speedup: 2.00x" in table
+    assert "speedup: 2.00x (median of 5 pairs of rounds, 2.00-2.00x)" in table
     assert "40% of the reference's step; with them unchanged, the rest can give at most 2.50x" in table
     # One row per phase, ours then the reference's (each 1/5 of its step), and the totals.
     rows = {line[:34].strip(): line[34:].split() for line in table.splitlines()}

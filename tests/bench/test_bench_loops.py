@@ -84,15 +84,26 @@ def test_run_bench_measures_each_loop_alone_then_alternates_the_timed_rounds(mon
     calls: list[tuple[str, int]] = []
     real_round = runner.timed_round
 
+    # Seconds per step of the timed rounds 1-5: the machine is 3x slower in rounds 2 and 4, and in round 5
+    # it slows down between our round and the reference's.
+    fake = {"ours": [0.010, 0.030, 0.010, 0.030, 0.030], "reference": [0.015, 0.045, 0.015, 0.045, 0.015]}
+
     def spy(loop, settings, seed):
         calls.append((loop.name, seed))
-        return real_round(loop, settings, seed)
+        seconds, loss = real_round(loop, settings, seed)
+        return (fake[loop.name][seed - 1] * settings.steps if seed else seconds), loss
 
     monkeypatch.setattr(runner, "timed_round", spy)
     report = runner.run_bench(SETTINGS)
     alternating = [(name, r) for r in range(1, runner.TIMED_ROUNDS + 1) for name in ("ours", "reference")]
     assert calls == [("reference", 0), ("ours", 0), *alternating]
     assert report["loops"]["ours"]["mean_loss"] == pytest.approx(report["loops"]["reference"]["mean_loss"])
+    # Each loop's s/step is its median round; the speedup is the median of the back-to-back pairs (1.5x in 4
+    # of 5), which the slowdown inside round 5 does not move; the ratio of the medians would say 0.5x.
+    assert report["loops"]["ours"]["s_per_step"] == pytest.approx(0.030)
+    assert report["loops"]["reference"]["s_per_step"] == pytest.approx(0.015)
+    assert report["speedup_per_round"] == pytest.approx([1.5, 1.5, 1.5, 1.5, 0.5])
+    assert report["speedup"] == pytest.approx(1.5)
 
 
 def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch):
