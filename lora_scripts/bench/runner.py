@@ -112,7 +112,7 @@ def instrumented_run(loop: BenchLoop, settings: BenchSettings) -> dict[str, floa
 
 def interleaved_rounds(
     loops: list[BenchLoop], settings: BenchSettings
-) -> tuple[list[float], list[dict[str, float]]]:
+) -> tuple[list[list[float]], list[dict[str, float]]]:
     """TIMED_ROUNDS timed rounds of each loop, taken in turn (ours, reference, ours, ...) so that a slower
     stretch of a shared machine or a warming GPU falls on both, then one instrumented run of each; returns
     each loop's s/step in each round, and its phases."""

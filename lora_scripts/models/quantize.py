@@ -33,8 +33,7 @@ def stored_bytes(module: nn.Module) -> int:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
-    flatten = getattr(type(tensor), "__tensor_flatten__", None)
-    if flatten is None:
+    if not hasattr(type(tensor), "__tensor_flatten__"):
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()  # a tensor subclass (quanto's): the tensors it is made of
     return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
@@ -49,12 +48,12 @@ def quantize_frozen(module: nn.Module, kind: str) -> None:
     which would be quanto's QConv2d, without weights, on a model quantized first."""
     from optimum.quanto import freeze, qfloat8, qint8, quantize
 
-    trainable = [
+    trainable = {
         name
         for name, layer in module.named_modules()
         if any(p.requires_grad for p in layer.parameters(recurse=False))
-    ]
-    quantize(module, weights={"int8": qint8, "float8": qfloat8}[kind], exclude=trainable or None)
+    }
+    quantize(module, weights={"int8": qint8, "float8": qfloat8}[kind], exclude=sorted(trainable) or None)
     freeze(module)  # quantize the weights now (quanto otherwise keeps the float ones until the first call)
     # quanto's quantized weights are new Parameters with requires_grad=True: freeze them again (else the
     # optimizer would be handed the 8-bit base weights).
