@@ -174,7 +174,7 @@ class OurLoop(BenchLoop):
         self.tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
     def _compiled(self, unet: torch.nn.Module) -> torch.nn.Module:
-        return compiled_denoiser(unet, self.config.torch_compile)
+        return compiled_denoiser(unet, self.config.torch_compile, self.device)
 
     def _prepare_caches(self, training_set: object) -> dict | None:
         self.text_cache = None

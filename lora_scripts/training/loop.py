@@ -135,7 +135,7 @@ def train(config: TrainConfig) -> TrainResult:
         *trained, optimizer, dataloader, lr_scheduler
     )
     # DDP syncs gradients only when the wrapped module is the one called.
-    family.use_wrapped(compiled_denoiser(prepared[0], config.torch_compile), prepared[1:])
+    family.use_wrapped(compiled_denoiser(prepared[0], config.torch_compile, accelerator.device), prepared[1:])
     optimizer_name = type(getattr(optimizer, "optimizer", optimizer))
     saver = LoraSaver(
         config.output_dir,
