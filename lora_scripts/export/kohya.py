@@ -19,6 +19,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+# The adapter name every trained network carries (peft's default).
+ADAPTER_NAME = "default"
+
 
 @dataclass(frozen=True)
 class LoraNetwork:
@@ -33,7 +36,7 @@ class LoraNetwork:
     kohya_prefix: str
     module: nn.Module
     name_prefix: str = ""
-    adapter_name: str = "default"
+    adapter_name: str = ADAPTER_NAME
 
     def kohya_name(self, module_path: str) -> str:
         return f"{self.kohya_prefix}_{(self.name_prefix + module_path).replace('.', '_')}"

@@ -9,7 +9,10 @@ text-encoder LoRAs in two ways this avoids:
 - per-module alphas in the text encoder (an sd-scripts MLP alpha that differs from the attention alpha)
   are dropped with a warning, so those layers get the wrong scale.
 The conversion folds each module's `alpha / rank` into `lora_up`, so peft's own scale is exactly 1 and the
-applied update is `w * (alpha / rank) * up @ down`. Diffusers/PEFT-format files go to diffusers unchanged.
+applied update is `w * (alpha / rank) * up @ down`. The UNet part goes to diffusers; the text-encoder part is
+attached through peft itself (`models.lora.attach_lora_weights`), not transformers' `load_adapter`, which
+prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release. Diffusers/PEFT-format
+files go to diffusers unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_scripts.errors import UserError
+from lora_scripts.models.lora import attach_lora_weights, detach_lora
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +66,29 @@ def load_lora(
         state_dict = safetensors.torch.load_file(str(path))
     except Exception as err:  # noqa: BLE001 - damaged files raise several types
         raise UserError(f"LoRA '{label}': '{path}' cannot be read as safetensors ({err}).") from err
+    text_encoder_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in state_dict):
         peft_dict = kohya_to_peft(state_dict, pipe, label)
-        source: dict[str, torch.Tensor] | str = peft_dict
         expected = {key.rsplit(".lora_", 1)[0] for key in peft_dict}
+        source: dict[str, torch.Tensor] | str = {k: v for k, v in peft_dict.items() if k.startswith("unet.")}
+        for stem in sorted(
+            k.removesuffix(".lora_A.weight") for k in peft_dict if k.endswith(".lora_A.weight")
+        ):
+            if stem.startswith("text_encoder."):
+                pair = (peft_dict[f"{stem}.lora_A.weight"], peft_dict[f"{stem}.lora_B.weight"])
+                text_encoder_weights[stem.removeprefix("text_encoder.")] = pair
     else:
         source, expected = str(path), set()  # diffusers reads its own formats (and their metadata) itself
     try:
         with warnings.catch_warnings():
             # peft warns whenever a model gets a second adapter; several LoRAs at once are the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            pipe.load_lora_weights(source, adapter_name=adapter)
+            if text_encoder_weights:  # through peft itself, not transformers' load_adapter
+                attach_lora_weights(pipe.text_encoder, text_encoder_weights, adapter)
+            if isinstance(source, str):
+                pipe.load_lora_weights(source, adapter_name=adapter)
+            elif source:
+                pipe.load_lora_into_unet(source, network_alphas=None, unet=pipe.unet, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -110,6 +126,9 @@ def unload_loras(pipe: StableDiffusionPipeline, loras: list[LoadedLora]) -> None
     """Remove these adapters (and only these) from the pipeline's models."""
     if loras:
         pipe.delete_adapters([lora.adapter for lora in loras])
+        for lora in loras:  # attached through peft, so detached through it (see `load_lora`)
+            if "text_encoder" in lora.components:
+                detach_lora(pipe.text_encoder, lora.adapter)
 
 
 # --- kohya -> PEFT ------------------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ one peft `LoraConfig` per component that gives 3x3 convs (LoCon) their own rank 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from peft import LoraConfig
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import ADAPTER_NAME
 
 # Layer types peft's LoRA can wrap and that sd-scripts' LoRA targets.
 _ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -80,7 +84,7 @@ def matching_module_names(module: nn.Module, targets: Sequence[str]) -> list[str
     return [n for n in adaptable_module_names(module) if any(_matches(n, t) for t in targets)]
 
 
-def _exact(name: str) -> str:
+def exact_pattern(name: str) -> str:
     # peft matches rank_pattern/alpha_pattern keys as regexes against `(.*\.)?(key)$`; escaping the dots
     # and anchoring at the start makes each key select exactly one module path.
     return "^" + re.escape(name)
@@ -115,10 +119,53 @@ def add_lora_adapter(
         r=rank,
         lora_alpha=alpha,
         target_modules=list(dict.fromkeys([*targets, *conv_targets])),
-        rank_pattern={_exact(name): conv_rank for name in conv_targets},
-        alpha_pattern={_exact(name): conv_alpha for name in conv_targets},
+        rank_pattern={exact_pattern(name): conv_rank for name in conv_targets},
+        alpha_pattern={exact_pattern(name): conv_alpha for name in conv_targets},
         lora_dropout=dropout,
         init_lora_weights=True,
     )
-    module.add_adapter(config)
+    # peft injects the layers itself, for a diffusers model, a transformers model or any nn.Module alike:
+    # `add_adapter` of transformers (>= 5.24) refuses peft releases older than one it names, even where
+    # that peft injects LoRA correctly, and diffusers' is this same call behind its own version gate.
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def attach_lora_weights(
+    module: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], adapter: str
+) -> None:
+    """Attach adapter `adapter` to `module` holding the given weights, through peft itself.
+
+    weights: module path → (lora_A [r, in(, kh, kw)], lora_B [out, r(, 1, 1)]) with each module's
+        `alpha / rank` already folded into lora_B, so peft's scale is 1 (alpha = rank per module).
+    Used for a text encoder at generation time: diffusers would go through transformers' `load_adapter`,
+    whose release gates and load report we do not want between a user and their LoRA.
+    """
+    ranks = {path: int(down.shape[0]) for path, (down, _) in weights.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    odd = {exact_pattern(path): rank for path, rank in ranks.items() if rank != common}
+    config = LoraConfig(
+        r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=odd, alpha_pattern=odd
+    )
+    inject_adapter_in_model(config, module, adapter_name=adapter)
+    state = {}
+    for path, (down, up) in weights.items():
+        state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = down, up
+    result = set_peft_model_state_dict(module, state, adapter_name=adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:  # every key names a layer peft has just wrapped; anything else is a bug of ours
+        raise RuntimeError(f"peft did not place {len(unexpected)} LoRA weights, e.g. {unexpected[0]}")
+
+
+def detach_lora(module: nn.Module, adapter: str) -> None:
+    """Remove adapter `adapter` from every peft layer of `module` and from its `peft_config` (which lists the
+    adapters diffusers' `get_list_adapters` and `set_adapters` see). The wrappers stay, as diffusers leaves
+    them; the other adapters are untouched."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.delete_adapter(adapter)
+    configs = getattr(module, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter, None)
+        if not configs:
+            del module.peft_config

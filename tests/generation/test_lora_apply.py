@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
+from peft.tuners.lora import LoraLayer
 
 from lora_scripts.errors import UserError
 from lora_scripts.generation.lora_apply import load_lora, set_lora_weights, unload_loras
 from tests.generation.conftest import make_pipe
+from tests.generation.kohya_files import TEXT_ENCODER, UNET_ATTENTION, make_modules, write_kohya_file
+from tests.helpers.peft_veto import transformers_refuses_peft
 
 TOL = dict(atol=1e-5, rtol=0)
 
@@ -138,3 +141,45 @@ def test_files_for_another_model_or_format_are_refused(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="LyCORIS LoHa files are not supported"):
         load_lora(pipe, loha, adapter="z", label="loha")
     assert not pipe.get_list_adapters()
+
+
+def test_text_encoder_layers_are_attached_through_peft_alone(tiny_dir, tmp_path, capfd):
+    """The text encoder's part of a kohya file goes through peft itself: it loads, scales, fuses exactly and
+    unloads with transformers' adapter API refusing the installed peft (transformers >= 5.24 with peft
+    0.21), each module at its own rank and alpha, and without transformers' load report on the console."""
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    modules = make_modules(pipe, UNET_ATTENTION[:1], TEXT_ENCODER, rank=4, alpha=2.0, seed=5)
+    modules += make_modules(pipe, [], ["encoder.layers.1.mlp.fc1"], rank=2, alpha=8.0, seed=6)
+    path = write_kohya_file(tmp_path / "mixed.safetensors", modules)
+    capfd.readouterr()
+    with transformers_refuses_peft():
+        lora = load_lora(pipe, path, adapter="mixed")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert lora.components == {"unet", "text_encoder"}
+        assert pipe.get_list_adapters() == {"unet": ["mixed"], "text_encoder": ["mixed"]}
+        ranks = {name: layer.r["mixed"] for name, layer in _lora_layers(pipe.text_encoder).items()}
+        assert ranks == {"encoder.layers.0.self_attn.q_proj": 4, "encoder.layers.1.mlp.fc1": 2}
+        set_lora_weights(pipe, [lora], [(0.6, 1.0)])
+        weights = {"unet": 1.0, "text_encoder": 0.6}
+        expected = {(m.component, m.name): weights[m.component] * m.delta() for m in modules}
+        _check(_fused_weights(pipe, [lora]), base, expected)
+
+
+def test_unloading_a_text_encoder_lora_leaves_the_others(tiny_dir, lora_dir, tmp_path):
+    pipe = make_pipe(tiny_dir)
+    modules = make_modules(pipe, [], ["encoder.layers.1.mlp.fc1"], rank=2, alpha=1.0, seed=7)
+    other = write_kohya_file(tmp_path / "te_only.safetensors", modules)
+    with transformers_refuses_peft():
+        ink = load_lora(pipe, lora_dir / "ink_style.safetensors", adapter="ink")
+        te_only = load_lora(pipe, other, adapter="te")
+        assert pipe.get_list_adapters() == {"unet": ["ink"], "text_encoder": ["ink", "te"]}
+        unload_loras(pipe, [ink])
+        assert pipe.get_list_adapters() == {"text_encoder": ["te"]}
+        unload_loras(pipe, [te_only])
+        assert pipe.get_list_adapters() == {}
+        assert not any("ink" in layer.lora_A for layer in _lora_layers(pipe.text_encoder).values())
+
+
+def _lora_layers(module):
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}

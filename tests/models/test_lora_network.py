@@ -21,6 +21,7 @@ from lora_scripts.models.lora_presets import (
 from lora_scripts.models.sd_loading import SDComponents
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 from lora_scripts.models.tiny import build_tiny_sd_components
+from tests.helpers.peft_veto import transformers_refuses_peft
 
 # The tiny UNet: 4 Transformer2DModels (down 0, mid, up 1 × 2), each with proj_in/proj_out (1x1 convs),
 # attn1/attn2 × to_q/to_k/to_v/to_out.0 and ff.net.0.proj/ff.net.2; 8 ResnetBlock2Ds, 1 down- and 1 upsampler.
@@ -251,3 +252,23 @@ def test_lora_spec_rejects_impossible_values(kwargs):
 def test_networks_are_named_for_kohya():
     net = LoraNetwork("lora_te", nn.Linear(2, 2), "text_model.")
     assert net.kohya_name("encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+
+
+def test_both_components_are_adapted_through_peft_whatever_transformers_allows():
+    """transformers >= 5.24's `add_adapter` refuses peft 0.21 (the newest release at the time); peft's own
+    injection does the same work for the text encoder, so training does not depend on that gate."""
+    family = tiny_family()
+    with transformers_refuses_peft():
+        networks = family.add_lora(
+            LoraTargets(unet=["to_q"], text_encoder=["q_proj", "fc1"]), LoraSpec(rank=2, alpha=1.0)
+        )
+    te = {name.removeprefix("text_model."): layer for name, layer in lora_layers(family.text_encoder).items()}
+    assert sorted(te) == [
+        f"encoder.layers.{i}.{m}" for i in range(TE_LAYERS) for m in ("mlp.fc1", "self_attn.q_proj")
+    ]
+    assert all(layer.scaling["default"] == 0.5 for layer in te.values())
+    assert [net.kohya_prefix for net in networks] == ["lora_unet", "lora_te"]
+    trainable = {name for name, p in family.text_encoder.named_parameters() if p.requires_grad}
+    assert {name.removeprefix("text_model.") for name in trainable} == {
+        f"{name}.lora_{ab}.default.weight" for name in te for ab in "AB"
+    }
