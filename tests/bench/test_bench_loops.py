@@ -106,13 +106,22 @@ def test_run_bench_measures_each_loop_alone_then_alternates_the_timed_rounds(mon
     assert report["speedup"] == pytest.approx(1.5)
 
 
-def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch):
+@pytest.fixture
+def tf32_flags():
+    """Restores torch's process-wide TF32 switches after the test. monkeypatch cannot: torch serves
+    `matmul.allow_tf32` through `__getattr__`, so pytest sees no attribute to restore and deletes it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_each_loop_steps_under_its_own_tf32_switches(workspace, monkeypatch, tf32_flags):
     """TF32 is process-wide and both loops live in one process: ours steps with what train()'s speed
     switches set (on Ampere+ GPUs: on), the reference with torch's defaults, as diffusers leaves them."""
     root, base_model = workspace
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    monkeypatch.setattr(matmul, "allow_tf32", False)  # restored by monkeypatch at the end
-    monkeypatch.setattr(cudnn, "allow_tf32", True)
+    matmul.allow_tf32, cudnn.allow_tf32 = False, True  # put back by the tf32_flags fixture
     monkeypatch.setattr(loops, "speed_switches", lambda family, device: setattr(matmul, "allow_tf32", True))
     ours = OurLoop(write_config(root, SETTINGS, base_model, cache=True), base_model)
     reference = ReferenceLoop(
