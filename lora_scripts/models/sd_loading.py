@@ -26,7 +26,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 from lora_scripts.errors import UserError
 from lora_scripts.models.detect import (
@@ -40,6 +40,7 @@ from lora_scripts.models.detect import (
     read_checkpoint,
     unet_context_dim,
 )
+from lora_scripts.models.folder_tokenizer import fit_tokenizer_to_text_encoder, load_folder_tokenizer
 from lora_scripts.models.locate import BaseModelLocation, locate_base_model
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -58,13 +59,16 @@ class SDComponents:
 
     `text_encoder` is a transformers CLIPTextModel; under transformers >= 5.6 it has no `.text_model`
     wrapper, so its modules are named `embeddings.*`, `encoder.layers.N.self_attn.{q,k,v,out}_proj`, ...
+    `tokenizer` is the model's own (CLIPTokenizer, or CLIPTokenizerFast under transformers 4 when the folder
+    has only tokenizer.json); its ids all fit the text encoder's embedding table and its model_max_length
+    its positions.
     `noise_scheduler` is a DDPMScheduler for training (add_noise / get_velocity) with `prediction_type` set.
     """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    tokenizer: PreTrainedTokenizerBase
     noise_scheduler: DDPMScheduler
     version: SDVersion
     prediction_type: PredictionType
@@ -307,13 +311,16 @@ def _assemble(
     prediction_type: PredictionType,
     location: BaseModelLocation,
 ) -> SDComponents:
-    """SDComponents from loaded modules: the tokenizer of `folder` (the shipped CLIP one when it has none)
-    and a training noise scheduler for `prediction_type`."""
+    """SDComponents from loaded modules: the tokenizer of `folder` (the shipped CLIP one when it has no
+    tokenizer folder), checked against the text encoder, and a training noise scheduler for `prediction_type`.
+
+    folder: the diffusers folder, or for a single file the config folder (the shipped one has no tokenizer).
+    """
+    tokenizer_dir = folder / "tokenizer"
     tokenizer = (
-        CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        if (folder / "tokenizer" / "vocab.json").is_file()
-        else load_clip_tokenizer(version)
+        load_folder_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else load_clip_tokenizer(version)
     )
+    fit_tokenizer_to_text_encoder(tokenizer, text_encoder, tokenizer_dir, location.path)
     return SDComponents(
         unet=unet,
         vae=vae,
