@@ -3,6 +3,11 @@
 The data goes to a temporary file beside the target (`.<name>.<random>.tmp`), is flushed to the disk, and
 only then renamed over the target. On any failure the temporary file is removed and the old file, if there
 was one, is untouched.
+
+The saved file has the mode any file the user creates has (0666 less the umask: 0644 under umask 022), so a
+WebUI or ComfyUI running as another user, or in a container, can read the LoRA. Writers do not all keep it:
+safetensors 0.8's `save_file` recreates its file with mode 0600. The mode the temporary file was created with
+is put back after the writer is done.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +38,13 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary_file(path)
     try:
+        # What os.open(..., 0o666) gave: the umask applied (and a folder's default ACL, if any). Read from the
+        # file rather than with os.umask(0)/os.umask(old), which changes the umask of the whole process for
+        # a moment: a file another thread (TensorBoard's writer) creates then would be world-writable.
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # e.g. safetensors' 0600
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -58,7 +70,7 @@ def _new_temporary_file(path: Path) -> Path:
 
     Not tempfile.mkstemp: that creates the file with mode 0600, which the rename would carry over to the
     saved LoRA (unreadable to a WebUI running as another user). os.open's 0666 is reduced by the umask, as
-    for any file the user creates.
+    for any file the user creates; write_atomic keeps that mode whatever the writer does.
     """
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
