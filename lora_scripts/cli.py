@@ -64,7 +64,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     from lora_scripts.checks import check_config_file, render_text, report_to_json
 
-    report = check_config_file(args.config)
+    # Loading the data logs what the report says anyway (images found, samples per epoch); said again on
+    # stderr, a terminal or CI log may show it apart from the report, even below it. Its warnings still show.
+    data_log = logging.getLogger("lora_scripts.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)
+    try:
+        report = check_config_file(args.config)
+    finally:
+        data_log.setLevel(level)
     if args.json:
         print(json.dumps(report_to_json(report), indent=2, ensure_ascii=False))
         return 0 if report.ok else 2
@@ -75,12 +83,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lora_scripts.demo import run_demo
+    from lora_scripts.demo import next_steps_lines, run_demo
 
     result = run_demo(Path(args.dir), steps=args.steps)
     print("Demo LoRA written:")
     for path in result.final_files:
         print(f"  {path}")
+    print("\n".join(next_steps_lines(Path(args.dir), result.final_files[-1])))
     return 0
 
 

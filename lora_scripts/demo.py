@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import random
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -18,6 +20,29 @@ from lora_scripts.models.tiny import build_tiny_sd
 from lora_scripts.training.loop import TrainResult, train
 
 _SUBJECTS = ["mountain peak", "pine tree", "temple", "river", "moon", "bamboo", "boat", "bridge"]
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """What the demo leaves under `root` (`--dir`, default ./demo) for the user to start from."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "tiny-sd"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "ink_painting"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "configs" / "ink_painting_demo.yaml"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.root / "output" / "ink_painting_demo"
 
 
 def draw_ink_image(subject_index: int, seed: int, size: int = 96) -> Image.Image:
@@ -61,22 +86,23 @@ def make_demo_dataset(folder: Path, num_images: int = 8) -> Path:
 
 def write_demo_config(root: Path, steps: int) -> Path:
     """A config like the user's ink_painting.yaml, pointed at the demo model and data."""
+    layout = DemoLayout(root)
     config = {
-        "train_data_dir": str(root / "data" / "ink_painting"),
-        "metadata_path": str(root / "data" / "ink_painting" / "metadata.csv"),
-        "base_model": str(root / "models" / "tiny-sd"),
+        "train_data_dir": str(layout.dataset),
+        "metadata_path": str(layout.dataset / "metadata.csv"),
+        "base_model": str(layout.model),
         "resolution": 64,
         "lora_rank": 8,
         "target_modules": ["to_q", "to_v"],
         "batch_size": 4,
         "max_train_steps": steps,
         "learning_rate": 1e-3,
-        "output_dir": str(root / "output" / "ink_painting_demo"),
+        "output_dir": str(layout.output_dir),
         "save_steps": max(1, steps // 3),
         "seed": 42,
         "overwrite": True,  # running the demo again replaces its run (the old one goes to previous_runs/)
     }
-    path = root / "configs" / "ink_painting_demo.yaml"
+    path = layout.config
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
@@ -84,6 +110,27 @@ def write_demo_config(root: Path, steps: int) -> Path:
 
 def run_demo(root: Path, steps: int = 60) -> TrainResult:
     """Build everything under `root` and train; returns the training result."""
-    build_tiny_sd(root / "models" / "tiny-sd")
-    make_demo_dataset(root / "data" / "ink_painting")
+    layout = DemoLayout(root)
+    build_tiny_sd(layout.model)
+    make_demo_dataset(layout.dataset)
     return train(load_config(write_demo_config(root, steps)))
+
+
+def next_steps_lines(root: Path, lora_file: Path) -> list[str]:
+    """The demo's closing lines: what it left under `root` and the commands that go on from there, with
+    `lora_file` (a LoRA file it trained) named by its path in the prompt."""
+    layout = DemoLayout(root)
+    config = str(layout.config)
+    prompt = f"temple, <lora:{lora_file}:1>, ink wash painting"
+    generate = ["lora-scripts", "generate", "--base-model", str(layout.model), "--prompt", prompt]
+    generate += ["--width", "64", "--height", "64", "--output", str(root / "renders") + "/"]
+    return [
+        f"Left in {root} to start from:",
+        f"  model    {layout.model}  (a tiny SD 1.x-shaped diffusers folder, untrained)",
+        f"  dataset  {layout.dataset}  (PNG images + metadata.csv)",
+        f"  config   {config}",
+        "Check it, train it again (edit the config first), render with the LoRA:",
+        f"  {shlex.join(['lora-scripts', 'check', '--config', config])}",
+        f"  {shlex.join(['lora-scripts', 'train', '--config', config])}",
+        f"  {shlex.join(generate)}",
+    ]

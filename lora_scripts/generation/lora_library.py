@@ -8,6 +8,10 @@ trainer writes it, so `pytorch_lora_weights.safetensors` answers to `<lora:ink_p
 Unlike WebUI, which silently takes the last file of a name, two different files answering to one name are an
 error that lists both; copies of one file (same sshs_model_hash, e.g. `pytorch_lora_weights.safetensors` and
 `<name>.safetensors` of one run) are not.
+
+Not every adapter file in a run's folder is a LoRA to apply: the training states under `<output_dir>/state/`
+hold a `lora.safetensors` under peft's names, for resuming only. Those, and anything in hidden folders
+(half-written states `.tmp-step-*`), are left out of the names.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ logger = logging.getLogger(__name__)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Key fragments of the adapter formats people keep in a LoRA folder (kohya LoRA/LoCon, LyCORIS, PEFT).
 _ADAPTER_KEY_MARKERS = ("lora", "hada_", "lokr_")
+# training/state.py's layout (not imported: generation sits below training): a state folder holds
+# lora.safetensors beside progress.json, and its keys are `<kohya_prefix>/<peft name>`. No LoRA format people
+# apply (kohya, LyCORIS, diffusers, peft) has a "/" in a key, so the keys tell a state's LoRA even copied out.
+_STATE_LORA_FILE = "lora.safetensors"
+_STATE_MARKER_FILE = "progress.json"
+_STATE_KEY_SEPARATOR = "/"
 
 
 @dataclass(frozen=True)
@@ -59,28 +69,53 @@ class LoraFile:
         return self.content_hash()[:12]
 
 
+def _read_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a safetensors file (only the header is read)."""
+    with safetensors.safe_open(str(path), framework="pt") as fh:
+        return list(fh.keys()), dict(fh.metadata() or {})
+
+
 def read_lora_file(path: Path) -> LoraFile:
-    """A LoraFile for `path`; UserError when it is not a readable safetensors file."""
+    """A LoraFile for `path`; UserError when it is not a readable safetensors file or is a training state's
+    LoRA (which only resuming reads)."""
     try:
-        with safetensors.safe_open(str(path), framework="pt") as fh:
-            return LoraFile(path=path, metadata=dict(fh.metadata() or {}))
+        keys, metadata = _read_header(path)
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged header
         raise UserError(f"LoRA file '{path}' cannot be read as safetensors ({err}).") from err
+    if _is_training_state_lora(path, keys):
+        raise UserError(
+            f"LoRA file '{path}' is a training state's copy of the LoRA, kept to resume training; apply one "
+            "of the LoRA files in the run's output_dir instead (<output_name>.safetensors or "
+            "<output_name>-stepXXXXXXXX.safetensors)."
+        )
+    return LoraFile(path=path, metadata=metadata)
+
+
+def _is_training_state_lora(path: Path, keys: Sequence[str]) -> bool:
+    """Whether the file at `path` (tensor names `keys`) is a training state's LoRA, kept to resume a run."""
+    in_state_folder = path.name == _STATE_LORA_FILE and (path.parent / _STATE_MARKER_FILE).is_file()
+    return in_state_folder or any(_STATE_KEY_SEPARATOR in key for key in keys)
 
 
 def _is_adapter_file(path: Path) -> tuple[bool, dict[str, str]]:
-    """Whether `path` holds adapter weights (a base checkpoint in the folder does not), and its metadata.
+    """Whether `path` holds adapter weights to apply (a base checkpoint or a training state's LoRA in the
+    folder does not), and its metadata.
 
     Only the header is read, so scanning a folder of multi-GB checkpoints stays cheap.
     """
     try:
-        with safetensors.safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-            metadata = dict(fh.metadata() or {})
+        keys, metadata = _read_header(path)
     except Exception as err:  # noqa: BLE001
         logger.warning("Skipping %s: not a readable safetensors file (%s)", path, err)
         return False, {}
+    if _is_training_state_lora(path, keys):
+        return False, metadata
     return any(marker in key.lower() for key in keys for marker in _ADAPTER_KEY_MARKERS), metadata
+
+
+def _in_hidden_folder(path: Path, root: Path) -> bool:
+    """Whether a folder between `root` and `path` is hidden (`.tmp-step-*`: a state being written)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
 
 
 def looks_like_path(name: str) -> bool:
@@ -104,6 +139,8 @@ class LoraLibrary:
         files = []
         for folder in folders:
             for path in sorted(Path(folder).rglob("*.safetensors")):
+                if _in_hidden_folder(path, Path(folder)):
+                    continue
                 is_adapter, metadata = _is_adapter_file(path)
                 if is_adapter:
                     files.append(LoraFile(path=path, metadata=metadata))
