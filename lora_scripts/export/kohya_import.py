@@ -9,33 +9,21 @@ own `alpha / rank`. A missing alpha means alpha = rank, as in kohya's loader (an
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork, lora_layers
-from lora_scripts.generation.lora_apply import _UNSUPPORTED_SUFFIXES
+from lora_scripts.export.lora_reader import FileModule, file_modules, read_lora_tensors
 
 log = logging.getLogger(__name__)
 
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-_DIFFUSERS_SUFFIXES = {
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora.down.weight": "down",  # diffusers' LoRACompatibleLinear files (before peft)
-    ".lora.up.weight": "up",
-    ".alpha": "alpha",
-}
 # kohya prefix of a network → the diffusers/peft component name its file keys start with.
 _DIFFUSERS_COMPONENT = {
     "lora_unet": "unet",
@@ -56,18 +44,6 @@ class ImportReport:
     not_in_file: int
 
 
-@dataclass
-class _FileModule:
-    stem: str  # the module's key in the file, without suffix (what messages name)
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
-    alpha: float | None = None
-
-    @property
-    def is_text_encoder(self) -> bool:
-        return self.stem.startswith(("lora_te", "text_encoder"))
-
-
 @dataclass(frozen=True)
 class _Target:
     network: LoraNetwork
@@ -81,8 +57,8 @@ def load_network_weights(
     """Copy the LoRA file at `path` into the adapters of `networks` (in place, no grad), so training continues
     from it. Raises UserError (one sentence per problem, naming `key`) for an unreadable or unsupported file,
     a file for another base model, and ranks or targets that differ from this run's."""
-    tensors, metadata = _read(path, key)
-    found = _match(_file_modules(tensors, metadata, path, key), networks)
+    tensors, metadata = read_lora_tensors(path, key)
+    found = _match(file_modules(tensors, metadata, path, key), networks)
     problems = _structure_messages(path, key, found.foreign, found.shapes, found.duplicates)
     problems += _coverage_messages(path, key, found.uncovered)
     problems += _rank_messages(path, key, found.ranks)
@@ -95,90 +71,6 @@ def load_network_weights(
     )
     log.debug("network_weights %s: %s", path, report)
     return report
-
-
-# --- reading the file ---------------------------------------------------------------------------------------
-
-
-def _read(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        tensors = safetensors.torch.load_file(str(path))
-        with safetensors.safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-    except Exception as err:  # noqa: BLE001 - missing and damaged files raise several types
-        raise UserError(f"{key}: '{path}' cannot be read as a safetensors LoRA file ({err}).") from err
-    return tensors, metadata
-
-
-def _split(name: str) -> tuple[str, str] | None:
-    """`lora_unet_x.lora_down.weight` → (`lora_unet_x`, "down"); None for keys that are not LoRA weights."""
-    suffixes = _KOHYA_SUFFIXES if name.startswith("lora_") else _DIFFUSERS_SUFFIXES
-    for suffix, part in suffixes.items():
-        if name.endswith(suffix):
-            return name.removesuffix(suffix), part
-    return None
-
-
-def _file_modules(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, key: str
-) -> list[_FileModule]:
-    """The file's modules (down, up, alpha), whatever its format."""
-    # The adapter types the generator refuses (LyCORIS, DoRA) have no lora_A/lora_B to continue from either.
-    for suffix, kind in {**_UNSUPPORTED_SUFFIXES, ".lora_magnitude_vector": "DoRA"}.items():
-        if any(name.endswith(suffix) for name in tensors):
-            raise UserError(
-                f"{key}: '{path}' is a {kind} file; training continues only from a plain LoRA or LoCon file."
-            )
-    modules: dict[str, _FileModule] = {}
-    unknown = []
-    for name in sorted(tensors):
-        split = _split(name)
-        if split is None:
-            unknown.append(name)
-            continue
-        stem, part = split
-        module = modules.setdefault(stem, _FileModule(stem))
-        if part == "alpha":
-            module.alpha = float(tensors[name].float().item())
-        else:
-            setattr(module, part, tensors[name])
-    if unknown:
-        raise UserError(
-            f"{key}: '{path}' holds keys that are not LoRA weights (e.g. '{unknown[0]}'); "
-            "give a kohya or diffusers LoRA file."
-        )
-    broken = [m.stem for m in modules.values() if m.down is None or m.up is None]
-    if broken or not modules:
-        detail = f"'{broken[0]}' lacks its down or up weight" if broken else "it holds no LoRA weights"
-        raise UserError(f"{key}: '{path}' is not a complete LoRA file ({detail}); give another file.")
-    diffusers_alphas = _diffusers_alphas(metadata)
-    for module in modules.values():
-        if module.alpha is None and not module.stem.startswith("lora_"):
-            module.alpha = diffusers_alphas(module.stem)
-    return list(modules.values())
-
-
-def _diffusers_alphas(metadata: dict[str, str]):
-    """stem (`unet.<path>`) → the alpha diffusers recorded in `lora_adapter_metadata` (its peft LoraConfig per
-    component: `unet.lora_alpha`, `unet.alpha_pattern`), or None (then alpha = rank)."""
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except json.JSONDecodeError:
-        config = {}
-
-    def alpha_of(stem: str) -> float | None:
-        component, _, module_path = stem.partition(".")
-        patterns = config.get(f"{component}.alpha_pattern") or {}
-        for pattern, alpha in patterns.items():
-            try:
-                if re.match(rf"(.*\.)?({pattern})$", module_path):  # peft's get_pattern_key rule
-                    return float(alpha)
-            except re.error:  # not a pattern peft could have written: ignore it
-                continue
-        alpha = config.get(f"{component}.lora_alpha")
-        return None if alpha is None else float(alpha)
-
-    return alpha_of
 
 
 # --- matching it to our adapters ----------------------------------------------------------------------------
@@ -206,15 +98,15 @@ def _module_index(networks: list[LoraNetwork]) -> dict[str, _Target]:
 class _Matches:
     """The file's modules sorted by what happens to them."""
 
-    matched: list[tuple[_FileModule, _Target]] = field(default_factory=list)
-    foreign: list[_FileModule] = field(default_factory=list)  # no such layer in the base model
-    shapes: list[_FileModule] = field(default_factory=list)  # the base layer has another size
-    duplicates: list[_FileModule] = field(default_factory=list)  # a second entry for one layer
-    uncovered: list[tuple[_FileModule, str]] = field(default_factory=list)  # (module, setting to add it)
-    ranks: dict[str, list[tuple[_FileModule, _Target]]] = field(default_factory=dict)  # by rank key
+    matched: list[tuple[FileModule, _Target]] = field(default_factory=list)
+    foreign: list[FileModule] = field(default_factory=list)  # no such layer in the base model
+    shapes: list[FileModule] = field(default_factory=list)  # the base layer has another size
+    duplicates: list[FileModule] = field(default_factory=list)  # a second entry for one layer
+    uncovered: list[tuple[FileModule, str]] = field(default_factory=list)  # (module, setting to add it)
+    ranks: dict[str, list[tuple[FileModule, _Target]]] = field(default_factory=dict)  # by rank key
 
 
-def _match(modules: list[_FileModule], networks: list[LoraNetwork]) -> _Matches:
+def _match(modules: list[FileModule], networks: list[LoraNetwork]) -> _Matches:
     index = _module_index(networks)
     trained = {"unet": False, "text_encoder": False}
     for net in networks:
@@ -240,7 +132,7 @@ def _match(modules: list[_FileModule], networks: list[LoraNetwork]) -> _Matches:
     return found
 
 
-def _fit(module: _FileModule, target: _Target) -> str | None:
+def _fit(module: FileModule, target: _Target) -> str | None:
     """None when the file's tensors fit the adapter; "shape" when the base layer differs (another model);
     else the config key whose value differs ("lora_rank" or, for a 3x3 conv, "conv_rank")."""
     layer, adapter = target.layer, target.network.adapter_name
@@ -263,7 +155,7 @@ def _fit(module: _FileModule, target: _Target) -> str | None:
     return None
 
 
-def _copy(module: _FileModule, target: _Target) -> bool:
+def _copy(module: FileModule, target: _Target) -> bool:
     """Copy down → lora_A and up → lora_B (times the scale ratio); True when lora_B was rescaled."""
     layer, adapter = target.layer, target.network.adapter_name
     rank = module.down.shape[0]
@@ -282,13 +174,13 @@ def _layers(n: int) -> str:
     return f"{n} layer" if n == 1 else f"{n} layers"
 
 
-def _listed(modules: list[_FileModule]) -> str:
+def _listed(modules: list[FileModule]) -> str:
     names = ", ".join(m.stem for m in modules[:_MAX_LISTED])
     return names + (f" and {len(modules) - _MAX_LISTED} more" if len(modules) > _MAX_LISTED else "")
 
 
 def _structure_messages(
-    path: Path, key: str, foreign: list[_FileModule], shapes: list[_FileModule], duplicates: list[_FileModule]
+    path: Path, key: str, foreign: list[FileModule], shapes: list[FileModule], duplicates: list[FileModule]
 ) -> list[str]:
     problems = []
     if duplicates:
@@ -309,7 +201,7 @@ def _structure_messages(
     return problems
 
 
-def _coverage_messages(path: Path, key: str, uncovered: list[tuple[_FileModule, str]]) -> list[str]:
+def _coverage_messages(path: Path, key: str, uncovered: list[tuple[FileModule, str]]) -> list[str]:
     """Layers the file trains and this run does not, with the settings that would add them."""
     if not uncovered:
         return []
@@ -321,7 +213,7 @@ def _coverage_messages(path: Path, key: str, uncovered: list[tuple[_FileModule, 
     ]
 
 
-def _coverage_hint(module: _FileModule, text_encoder_trained: bool) -> str:
+def _coverage_hint(module: FileModule, text_encoder_trained: bool) -> str:
     """The setting that gives this run a LoRA on the file's `module`."""
     if module.is_text_encoder:
         return "text_encoder_target_modules: kohya" if text_encoder_trained else "train_text_encoder: true"
@@ -330,7 +222,7 @@ def _coverage_hint(module: _FileModule, text_encoder_trained: bool) -> str:
     return "target_modules: kohya (or list these layers in target_modules)"
 
 
-def _rank_messages(path: Path, key: str, ranks: dict[str, list[tuple[_FileModule, _Target]]]) -> list[str]:
+def _rank_messages(path: Path, key: str, ranks: dict[str, list[tuple[FileModule, _Target]]]) -> list[str]:
     problems = []
     for rank_key, pairs in ranks.items():
         module, target = pairs[0]

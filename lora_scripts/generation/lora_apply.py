@@ -8,11 +8,12 @@ text-encoder LoRAs in two ways this avoids:
   automatically infer state dict type";
 - per-module alphas in the text encoder (an sd-scripts MLP alpha that differs from the attention alpha)
   are dropped with a warning, so those layers get the wrong scale.
+Diffusers/PEFT-format files (`unet.<path>.lora_A.weight`, alphas in their metadata) are read the same way
+(export/lora_reader.py); a layout only diffusers knows (attention processors, DoRA) goes to it unchanged.
 The conversion folds each module's `alpha / rank` into `lora_up`, so peft's own scale is exactly 1 and the
 applied update is `w * (alpha / rank) * up @ down`. The UNet part goes to diffusers; the text-encoder part is
 attached through peft itself (`models.lora.attach_lora_weights`), not transformers' `load_adapter`, which
-prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release. Diffusers/PEFT-format
-files go to diffusers unchanged.
+prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release.
 """
 
 from __future__ import annotations
@@ -22,26 +23,22 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.lora_reader import (
+    UNSUPPORTED_SUFFIXES,
+    FileModule,
+    file_modules,
+    read_lora_tensors,
+    split_key,
+)
 from lora_scripts.models.lora import attach_lora_weights, detach_lora
 
 logger = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-# Kohya-layout keys of adapter types diffusers cannot apply to SD 1.x/2.x.
-_UNSUPPORTED_SUFFIXES = {
-    ".hada_w1_a": "LyCORIS LoHa",
-    ".lokr_w1": "LyCORIS LoKr",
-    ".lokr_w1_a": "LyCORIS LoKr",
-    ".lora_mid.weight": "LyCORIS LoCon with Tucker decomposition (lora_mid)",
-    ".dora_scale": "DoRA",
-    ".diff": "LyCORIS full-weight difference",
-    ".on_input": "LyCORIS IA3",
-}
 
 
 @dataclass(frozen=True)
@@ -62,23 +59,21 @@ def load_lora(
     Raises UserError when the file is a format or model family that cannot be applied to this pipeline.
     """
     label = label or path.name
-    try:
-        state_dict = safetensors.torch.load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - damaged files raise several types
-        raise UserError(f"LoRA '{label}': '{path}' cannot be read as safetensors ({err}).") from err
+    tensors, metadata = read_lora_tensors(path, f"LoRA '{label}'")
+    peft_dict = _folded_peft_dict(tensors, metadata, path, pipe, label)
     text_encoder_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in state_dict):
-        peft_dict = kohya_to_peft(state_dict, pipe, label)
+    if peft_dict is None:  # a layout only diffusers knows: it reads it (and its metadata) itself
+        source: dict[str, torch.Tensor] | str = str(path)
+        expected: set[str] = set()
+    else:
         expected = {key.rsplit(".lora_", 1)[0] for key in peft_dict}
-        source: dict[str, torch.Tensor] | str = {k: v for k, v in peft_dict.items() if k.startswith("unet.")}
+        source = {k: v for k, v in peft_dict.items() if k.startswith("unet.")}
         for stem in sorted(
             k.removesuffix(".lora_A.weight") for k in peft_dict if k.endswith(".lora_A.weight")
         ):
             if stem.startswith("text_encoder."):
                 pair = (peft_dict[f"{stem}.lora_A.weight"], peft_dict[f"{stem}.lora_B.weight"])
                 text_encoder_weights[stem.removeprefix("text_encoder.")] = pair
-    else:
-        source, expected = str(path), set()  # diffusers reads its own formats (and their metadata) itself
     try:
         with warnings.catch_warnings():
             # peft warns whenever a model gets a second adapter; several LoRAs at once are the point here.
@@ -134,6 +129,23 @@ def unload_loras(pipe: StableDiffusionPipeline, loras: list[LoadedLora]) -> None
 # --- kohya -> PEFT ------------------------------------------------------------------------------------------
 
 
+def _folded_peft_dict(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    path: Path,
+    pipe: StableDiffusionPipeline,
+    label: str,
+) -> dict[str, torch.Tensor] | None:
+    """The file as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`, `text_encoder.…`)
+    for this pipeline's modules, fp32, each module's `alpha / rank` folded into lora_B; None for a layout
+    only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not know)."""
+    if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in tensors):
+        return kohya_to_peft(tensors, pipe, label)
+    if not all(key.startswith(("unet.", "text_encoder.")) and split_key(key) for key in tensors):
+        return None
+    return _diffusers_to_peft(file_modules(tensors, metadata, path, f"LoRA '{label}'"), pipe, label)
+
+
 def kohya_to_peft(
     state_dict: dict[str, torch.Tensor], pipe: StableDiffusionPipeline, label: str
 ) -> dict[str, torch.Tensor]:
@@ -145,16 +157,14 @@ def kohya_to_peft(
     with `text_model.` whatever the transformers version (sd-scripts' convention). LoCon conv layers keep
     their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
     """
-    for suffix, kind in _UNSUPPORTED_SUFFIXES.items():
+    for suffix, kind in UNSUPPORTED_SUFFIXES.items():
         if any(key.endswith(suffix) for key in state_dict):
             raise UserError(f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them).")
     modules = {
         "unet": _kohya_module_index(pipe.unet, text_model_prefix=False),
         "text_encoder": _kohya_module_index(pipe.text_encoder, text_model_prefix=True),
     }
-    peft: dict[str, torch.Tensor] = {}
-    missing: list[str] = []
-    wrong_shape: list[str] = []
+    folded = _Folded()
     for key in sorted(state_dict):
         if not key.endswith(".lora_down.weight"):
             continue
@@ -162,24 +172,78 @@ def kohya_to_peft(
         prefix = next((p for p in KOHYA_PREFIXES if stem.startswith(p)), None)
         component = KOHYA_PREFIXES[prefix] if prefix else None
         found = modules[component].get(stem.removeprefix(prefix)) if component else None
-        if found is None:
-            missing.append(stem)
-            continue
+        down, up = state_dict[key], state_dict[f"{stem}.lora_up.weight"]
+        alpha = state_dict[f"{stem}.alpha"].item() if f"{stem}.alpha" in state_dict else None
+        folded.add(stem, component, found, down, up, alpha)
+    return folded.result(label)
+
+
+def _diffusers_to_peft(
+    modules: list[FileModule], pipe: StableDiffusionPipeline, label: str
+) -> dict[str, torch.Tensor]:
+    """A diffusers/peft file's modules -> the same folded PEFT keys as `kohya_to_peft`. Text-encoder names are
+    matched with or without `text_model.` (transformers 5's CLIPTextModel has no such submodule)."""
+    names = {
+        "unet": _module_names(pipe.unet),
+        "text_encoder": _module_names(pipe.text_encoder),
+    }
+    folded = _Folded()
+    for module in modules:
+        component, _, name = module.stem.partition(".")
+        candidates = (name, name.removeprefix("text_model."), f"text_model.{name}")
+        found = next(((n, names[component][n]) for n in candidates if n in names[component]), None)
+        folded.add(module.stem, component, found, module.down, module.up, module.alpha)
+    return folded.result(label)
+
+
+class _Folded:
+    """PEFT keys collected module by module, with the modules that do not fit this base model."""
+
+    def __init__(self) -> None:
+        self.peft: dict[str, torch.Tensor] = {}
+        self.missing: list[str] = []
+        self.wrong_shape: list[str] = []
+
+    def add(
+        self,
+        stem: str,
+        component: str | None,
+        found: tuple[str, torch.nn.Module] | None,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        alpha: float | None,
+    ) -> None:
+        """File module `stem` (down, up, alpha; None = rank) onto `found` = (module name, module) of
+        `component`, or noted as missing / of another size."""
+        if found is None or component is None:
+            self.missing.append(stem)
+            return
         module_name, module = found
-        down = state_dict[key].to(torch.float32)
-        up = state_dict[f"{stem}.lora_up.weight"].to(torch.float32)
+        down, up = down.to(torch.float32), up.to(torch.float32)
         rank = down.shape[0]
-        alpha = state_dict[f"{stem}.alpha"].item() if f"{stem}.alpha" in state_dict else rank
+        alpha = rank if alpha is None else alpha
         if isinstance(module, torch.nn.Conv2d) and down.dim() == 2:  # a 1x1 conv stored as a matrix
             down, up = down[:, :, None, None], up[:, :, None, None]
         if not _fits(module, down, up):
-            wrong_shape.append(stem)
-            continue
-        peft[f"{component}.{module_name}.lora_A.weight"] = down
-        peft[f"{component}.{module_name}.lora_B.weight"] = up * (alpha / rank)
-    if missing or wrong_shape:
-        raise UserError(_mismatch_message(label, missing, wrong_shape, len(peft) // 2))
-    return peft
+            self.wrong_shape.append(stem)
+            return
+        self.peft[f"{component}.{module_name}.lora_A.weight"] = down
+        self.peft[f"{component}.{module_name}.lora_B.weight"] = up * (alpha / rank)
+
+    def result(self, label: str) -> dict[str, torch.Tensor]:
+        if self.missing or self.wrong_shape:
+            raise UserError(_mismatch_message(label, self.missing, self.wrong_shape, len(self.peft) // 2))
+        return self.peft
+
+
+def _module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{module name: module} for the Linear and Conv2d layers of `model`, a peft-wrapped layer under its own
+    name (not `<name>.base_layer`)."""
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name:
+            names[name.removesuffix(".base_layer")] = module
+    return names
 
 
 def _kohya_module_index(
@@ -191,10 +255,7 @@ def _kohya_module_index(
     wrapper around `<name>.base_layer`; it is listed under `<name>`, so a further adapter joins the wrapper.
     """
     index = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
-            continue
-        name = name.removesuffix(".base_layer")
+    for name, module in _module_names(model).items():
         kohya = f"text_model.{name}" if text_model_prefix and not name.startswith("text_model.") else name
         index[kohya.replace(".", "_")] = (name, module)
     return index

@@ -183,3 +183,48 @@ def test_unloading_a_text_encoder_lora_leaves_the_others(tiny_dir, lora_dir, tmp
 
 def _lora_layers(module):
     return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_a_diffusers_file_with_text_encoder_layers_applies_its_metadata_alphas(tiny_dir, tmp_path):
+    """A file saved by diffusers' own `save_lora_weights` (peft names, alphas only in its
+    `lora_adapter_metadata`): both components at alpha / rank, the text encoder's through peft alone."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    source = make_pipe(tiny_dir)
+    torch.manual_seed(0)
+    configs = {
+        "unet": LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
+        "text_encoder": LoraConfig(
+            r=2, lora_alpha=8, target_modules=["q_proj", "fc1"], init_lora_weights=False
+        ),
+    }
+    for component, config in configs.items():
+        inject_adapter_in_model(config, getattr(source, component))
+    layers = {c: _lora_layers(getattr(source, c)) for c in configs}
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(source.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(source.text_encoder),
+        unet_lora_adapter_metadata=configs["unet"].to_dict(),
+        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict(),
+    )
+    expected = {
+        (component, name): 0.5 * (configs[component].lora_alpha / configs[component].r) * _delta(layer)
+        for component in configs
+        for name, layer in layers[component].items()
+    }
+    assert {c for c, _ in expected} == {"unet", "text_encoder"}
+
+    pipe = make_pipe(tiny_dir)
+    base = _base_weights(pipe)
+    with transformers_refuses_peft():
+        lora = load_lora(pipe, tmp_path / "pytorch_lora_weights.safetensors", adapter="diffusers")
+        assert lora.components == {"unet", "text_encoder"}
+        set_lora_weights(pipe, [lora], [(0.5, 0.5)])
+        _check(_fused_weights(pipe, [lora]), base, expected)
+
+
+def _delta(layer) -> torch.Tensor:
+    return layer.lora_B["default"].weight.detach() @ layer.lora_A["default"].weight.detach()

@@ -1,0 +1,138 @@
+"""Reading a LoRA file into its modules (down, up, alpha), whatever its layout: kohya/sd-scripts keys
+(`lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`, LoCon's 4-D convs) and diffusers/peft keys
+(`unet.<path>.lora_A.weight`, `text_encoder.<path>.lora_B.weight`, the older `….lora.down.weight`, alphas in
+`.alpha` keys or in diffusers' `lora_adapter_metadata`). `network_weights` and `generate` read through it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from lora_scripts.errors import UserError
+
+# Kohya-layout keys of adapter types that neither training nor generation can apply to SD 1.x/2.x.
+UNSUPPORTED_SUFFIXES = {
+    ".hada_w1_a": "LyCORIS LoHa",
+    ".lokr_w1": "LyCORIS LoKr",
+    ".lokr_w1_a": "LyCORIS LoKr",
+    ".lora_mid.weight": "LyCORIS LoCon with Tucker decomposition (lora_mid)",
+    ".dora_scale": "DoRA",
+    ".diff": "LyCORIS full-weight difference",
+    ".on_input": "LyCORIS IA3",
+}
+
+_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_DIFFUSERS_SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",  # diffusers' LoRACompatibleLinear files (before peft)
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+
+
+@dataclass
+class FileModule:
+    """One adapted layer of a file: down [r, in(, kh, kw)], up [out, r(, 1, 1)] as stored (any dtype), and
+    its alpha (None: the file has none, so alpha = rank as in kohya's and diffusers' loaders)."""
+
+    stem: str  # the module's key in the file, without suffix (what messages name)
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.stem.startswith(("lora_te", "text_encoder"))
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def read_lora_tensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the safetensors file at `path`; UserError naming `key` when unreadable."""
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - missing and damaged files raise several types
+        raise UserError(f"{key}: '{path}' cannot be read as a safetensors LoRA file ({err}).") from err
+    return tensors, metadata
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """`lora_unet_x.lora_down.weight` → (`lora_unet_x`, "down"); None for keys that are not LoRA weights."""
+    suffixes = _KOHYA_SUFFIXES if name.startswith("lora_") else _DIFFUSERS_SUFFIXES
+    for suffix, part in suffixes.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), part
+    return None
+
+
+def file_modules(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, key: str
+) -> list[FileModule]:
+    """The file's modules (down, up, alpha), whatever its format."""
+    # The adapter types the generator refuses (LyCORIS, DoRA) have no lora_A/lora_B to continue from either.
+    for suffix, kind in {**UNSUPPORTED_SUFFIXES, ".lora_magnitude_vector": "DoRA"}.items():
+        if any(name.endswith(suffix) for name in tensors):
+            raise UserError(
+                f"{key}: '{path}' is a {kind} file; training continues only from a plain LoRA or LoCon file."
+            )
+    modules: dict[str, FileModule] = {}
+    unknown = []
+    for name in sorted(tensors):
+        split = split_key(name)
+        if split is None:
+            unknown.append(name)
+            continue
+        stem, part = split
+        module = modules.setdefault(stem, FileModule(stem))
+        if part == "alpha":
+            module.alpha = float(tensors[name].float().item())
+        else:
+            setattr(module, part, tensors[name])
+    if unknown:
+        raise UserError(
+            f"{key}: '{path}' holds keys that are not LoRA weights (e.g. '{unknown[0]}'); "
+            "give a kohya or diffusers LoRA file."
+        )
+    broken = [m.stem for m in modules.values() if m.down is None or m.up is None]
+    if broken or not modules:
+        detail = f"'{broken[0]}' lacks its down or up weight" if broken else "it holds no LoRA weights"
+        raise UserError(f"{key}: '{path}' is not a complete LoRA file ({detail}); give another file.")
+    diffusers_alphas = _diffusers_alphas(metadata)
+    for module in modules.values():
+        if module.alpha is None and not module.stem.startswith("lora_"):
+            module.alpha = diffusers_alphas(module.stem)
+    return list(modules.values())
+
+
+def _diffusers_alphas(metadata: dict[str, str]):
+    """stem (`unet.<path>`) → the alpha diffusers recorded in `lora_adapter_metadata` (its peft LoraConfig per
+    component: `unet.lora_alpha`, `unet.alpha_pattern`), or None (then alpha = rank)."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError:
+        config = {}
+
+    def alpha_of(stem: str) -> float | None:
+        component, _, module_path = stem.partition(".")
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        for pattern, alpha in patterns.items():
+            try:
+                if re.match(rf"(.*\.)?({pattern})$", module_path):  # peft's get_pattern_key rule
+                    return float(alpha)
+            except re.error:  # not a pattern peft could have written: ignore it
+                continue
+        alpha = config.get(f"{component}.lora_alpha")
+        return None if alpha is None else float(alpha)
+
+    return alpha_of
