@@ -2,6 +2,9 @@
 
 A metadata CSV is read keeping the exact text of every row, so that adding captions rewrites the file with
 each existing row byte for byte (quoting, spacing, line endings, extra columns, a BOM) and only appends.
+Captions are read as training reads them (data/captions.py): a hand-edited `a.png,ink, misty` row has the
+caption `ink, misty` (with a warning), and a row whose caption cannot be told from its other fields stops
+the run before anything is written.
 Replacing captions (`overwrite`) or dropping rows (`prune`) first copies the old file to `<name>.bak`.
 Every write is atomic. `convert_captions` turns one form into the other under the same rules.
 """
@@ -10,17 +13,20 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import posixpath
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from lora_scripts.data import find_images
+from lora_scripts.data.captions import ExtraFields, RecordingLines
 from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic
+
+logger = logging.getLogger(__name__)
 
 FILE_NAME_COLUMN = "file_name"
 TEXT_COLUMN = "text"
@@ -28,7 +34,10 @@ TEXT_COLUMN = "text"
 
 @dataclass(frozen=True)
 class CsvRow:
-    """One record of a metadata CSV: its exact text (line endings included) and its parsed cells."""
+    """One record of a metadata CSV: its exact text (line endings included) and its parsed cells.
+
+    A `file_name,text` row with commas outside quotes has the cells [file_name, the rest of the row].
+    """
 
     raw: str
     cells: list[str]
@@ -74,13 +83,13 @@ def read_metadata_csv(path: Path) -> MetadataCsv | None:
     if not text.strip():
         return None
     # newline="" keeps "\r\n" and lets csv see newlines inside quoted captions, as the data module reads.
-    lines = _RecordingLines(io.StringIO(text, newline=""))
+    lines = RecordingLines(io.StringIO(text, newline=""))
     reader = csv.reader(lines, strict=True, skipinitialspace=True)
     records: list[CsvRow] = []
     try:
         for cells in reader:
-            records.append(CsvRow(raw="".join(lines.taken), cells=cells, line=lines.first_line))
-            lines.start_record()
+            line = lines.first_line
+            records.append(CsvRow(raw=lines.take(), cells=cells, line=line))
     except csv.Error as exc:
         raise UserError(
             f"{path} line {lines.first_line}: not valid CSV ({exc}); put a caption containing commas in "
@@ -94,30 +103,29 @@ def read_metadata_csv(path: Path) -> MetadataCsv | None:
             f"{path}: the header has no {' and no '.join(repr(c) for c in missing)} column; make the first "
             "row name the columns file_name,text (or move the file away to start a new one)."
         )
-    return MetadataCsv(path=path, header_raw=header.raw, columns=columns, rows=rows)
+    return MetadataCsv(
+        path=path, header_raw=header.raw, columns=columns, rows=_whole_captions(path, columns, rows)
+    )
 
 
-class _RecordingLines:
-    """Feeds csv.reader line by line and keeps the lines of the current record, i.e. its exact text."""
-
-    def __init__(self, lines: Iterator[str]) -> None:
-        self._lines = lines
-        self._line_no = 0
-        self.taken: list[str] = []
-        self.first_line = 1
-
-    def __iter__(self) -> _RecordingLines:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._lines)
-        self._line_no += 1
-        self.taken.append(line)
-        return line
-
-    def start_record(self) -> None:
-        self.taken = []
-        self.first_line = self._line_no + 1
+def _whole_captions(path: Path, columns: list[str], rows: list[CsvRow]) -> list[CsvRow]:
+    """`rows` with a caption that has commas outside quotes put back together (and a warning); UserError
+    for rows whose caption cannot be told from the other fields. `raw` is never changed."""
+    extra = ExtraFields(path, columns)
+    out = []
+    for row in rows:
+        if extra.overflows(row.cells):
+            name = _cell(row.cells, columns.index(FILE_NAME_COLUMN)).strip()
+            caption = extra.caption(row.line, name, row.raw)
+            if caption is not None:  # the header is exactly file_name,text
+                row = CsvRow(raw=row.raw, cells=[row.cells[0], caption], line=row.line)
+        out.append(row)
+    error, warning = extra.error(), extra.warning()
+    if error is not None:
+        raise UserError(error)
+    if warning is not None:
+        logger.warning("%s", warning)
+    return out
 
 
 def render_metadata_csv(

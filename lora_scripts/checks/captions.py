@@ -1,4 +1,5 @@
-"""Facts about the captions: what CLIP will not read, how consistent the wording is, the trigger word.
+"""Facts about the captions: what CLIP will not read, how consistent the wording is, the trigger word, and
+metadata.csv rows whose caption has commas outside double quotes.
 
 SD 1.x/2.x's text encoder reads 77 positions: a start token, 75 caption tokens and an end token. Training
 cuts every caption there (as every SD trainer does), so words past the 75th token teach nothing; a trigger
@@ -11,10 +12,15 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from lora_scripts.config import TrainConfig
+from lora_scripts.config.datasets import dataset_settings
 from lora_scripts.data import CaptionedImage, caption_words, tag_frequency
+from lora_scripts.data.captions import metadata_warnings
+from lora_scripts.data.training_set import validation_spec
 from lora_scripts.models.sd_loading import load_clip_tokenizer
 
 CLIP_CAPTION_TOKENS = 75  # 77 positions minus the start and end tokens
@@ -109,3 +115,13 @@ def trigger_pattern(trigger_word: str) -> re.Pattern[str]:
 def _tokens_before(tokenizer: PreTrainedTokenizerBase, caption: str, position: int) -> int:
     """CLIP tokens of `caption[:position]`: where a word starting at `position` lands."""
     return len(tokenizer(caption[:position], add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def metadata_csv_warnings(config: TrainConfig) -> list[str]:
+    """Warnings about the metadata CSVs the run reads (its datasets' and validation_data_dir's), each file
+    once: rows whose caption has commas outside double quotes, which training takes whole."""
+    paths = [d.metadata_path for d in dataset_settings(config)]
+    if config.validation_data_dir is not None:
+        paths.append(validation_spec(config).metadata_path)
+    files = dict.fromkeys(Path(path) for path in paths if path is not None)
+    return [warning for path in files for warning in metadata_warnings(path)]
