@@ -1,7 +1,7 @@
 """Turn the facts of a check into warnings: one sentence each, naming the files and what to do.
 
-Warnings never stop training; `check` prints them and `train` logs them, with the same words. The one
-error made here, an output_dir holding another run, stops both.
+Warnings never stop training; `check` prints them and `train` logs them, with the same words. The errors
+made here, about output_dir (in use, not writable, holding another run), stop both.
 """
 
 from __future__ import annotations
@@ -110,11 +110,16 @@ def plan_warnings(config: TrainConfig, plan: PlanFacts) -> list[str]:
 
 
 def output_problems(outputs: OutputFacts, config: TrainConfig) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about a run already in output_dir, in the words `train` stops with.
+    """(errors, warnings) about output_dir, in the words `train` stops with.
 
-    An earlier run is an error unless `overwrite` or `resume` says what to do with it
-    (training/output_dir.py); with `overwrite` a warning says where its files go.
+    A training running in it (its lock, training/run_lock.py) is an error, and then the only one: the files
+    there are that run's. So is a folder that cannot be created or written. An earlier run is an error unless
+    `overwrite` or `resume` says what to do with it (training/output_dir.py); with `overwrite` a warning says
+    where its files go.
     """
+    in_use = outputs.lock.problem(outputs.output_dir) if outputs.lock is not None else None
+    if in_use is not None:
+        return [in_use], []
     resuming = will_resume(outputs.output_dir, config.resume)
     problem = output_dir_problem(
         outputs.output_dir,

@@ -25,11 +25,14 @@ from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targe
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
 from lora_scripts.models.sd_loading import folder_config, shipped_config_dir, version_from_unet_config
-from lora_scripts.training.output_dir import run_files
+from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
+from lora_scripts.training.run_lock import LockStatus, lock_status
 from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, step_file_name
 
 CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
+FOLDER_PARTS = ("unet", "vae", "text_encoder")  # what training loads from a diffusers folder
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the loader's weight files (models/sd_loading.py)
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
         config_dir = location.path
         unet_config = folder_config(UNet2DConditionModel, config_dir, "unet")
         version = version_from_unet_config(unet_config, config_dir)
+        _check_folder_weights(config_dir)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
@@ -213,6 +217,38 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
         if text_encoder is not None and te_targets is not None:
             te_count = add_lora_adapter(text_encoder, te_targets, config.lora_rank, alpha)
     return NetworkFacts(location.kind, version, config_dir, config.lora_rank, alpha, unet_count, te_count)
+
+
+def _check_folder_weights(folder: Path) -> None:
+    """Each part of a diffusers folder that training loads has its config and weight files, and every
+    .safetensors header reads (a truncated file fails here): an incomplete download is found before training
+    touches output_dir, without reading a weight."""
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    for part in FOLDER_PARTS:
+        if not (folder / part / "config.json").is_file():
+            problems.append(
+                f"base_model: '{folder}' has no {part}/config.json; it is not a complete SD model."
+            )
+            continue
+        weights = sorted(p for p in (folder / part).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        if not weights:
+            problems.append(
+                f"base_model: '{folder}' has no weights in {part}/ (no .safetensors or .bin file); the "
+                "download may be incomplete, so download it again."
+            )
+        for path in (p for p in weights if p.suffix == ".safetensors"):
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every problem
+                problems.append(
+                    f"base_model: '{path}' is not a readable .safetensors file ({err}); it may be truncated "
+                    "or corrupt, so download it again."
+                )
+    if problems:
+        raise UserError(problems)
 
 
 def _listed(targets: str | tuple[str, ...]) -> str | list[str]:
@@ -256,7 +292,8 @@ def _checkpoint_shapes(path: Path) -> dict[str, Any]:
     """Key -> object with `.shape` of a single-file checkpoint.
 
     For .safetensors only the header is read (names and shapes), so a 4 GB file costs milliseconds. A
-    pickled .ckpt has no such header and is read whole (read_checkpoint, which also words every error).
+    .ckpt has no such header: one in PyTorch's zip format is memory-mapped (its tensors are not read), an
+    older one is read whole. Anything unreadable goes to read_checkpoint, which words every error.
     """
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
@@ -266,7 +303,27 @@ def _checkpoint_shapes(path: Path) -> dict[str, Any]:
                 return {key: _Shape(tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
         except Exception:  # noqa: BLE001 - unreadable: read_checkpoint raises the loader's UserError for it
             pass
+    else:
+        mapped = _mapped_checkpoint(path)
+        if mapped is not None:
+            return mapped
     return dict(read_checkpoint(path))
+
+
+def _mapped_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The tensors of a zip-format checkpoint, memory-mapped (weights_only, as read_checkpoint loads it);
+    None when it is not one, or not a dict of tensors."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an old format, a text file, pickled objects: read_checkpoint says which
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return None
+    return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
 
 
 @dataclass(frozen=True)
@@ -281,10 +338,14 @@ class OutputFacts:
     config_file: str
     logging_dir: Path
     existing_files: list[str]  # config.yaml, *.safetensors, state/, logs/, sample/ already there: a run
+    exists: bool = False  # False: train creates it (and its missing parents)
+    writable_problem: str | None = None  # why it cannot be created or written (an error); None: it can
+    lock: LockStatus | None = None  # the lock file of a run in it (training/run_lock.py); None: no lock file
 
 
 def output_facts(config: TrainConfig, total_steps: int | None) -> OutputFacts:
-    """The files train() will write for `config` (resolved) and what already lies in output_dir."""
+    """The files train() will write for `config` (resolved), what already lies in output_dir, whether it can
+    be written, and whether a run holds it. Nothing is written (see `writable_problem`)."""
     name = config.output_name or config.resolved().output_name
     assert name is not None
     step_files = None
@@ -302,4 +363,7 @@ def output_facts(config: TrainConfig, total_steps: int | None) -> OutputFacts:
         config_file=CONFIG_FILE_NAME,
         logging_dir=config.logging_dir or config.output_dir / "logs",
         existing_files=existing,
+        exists=config.output_dir.is_dir(),
+        writable_problem=writable_problem(config.output_dir),
+        lock=lock_status(config.output_dir),
     )

@@ -14,8 +14,10 @@ from lora_scripts.checks.captions import CLIP_CAPTION_TOKENS, CaptionReport
 from lora_scripts.checks.findings import named
 from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
 from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts, SpeedFacts
+from lora_scripts.training.run_lock import LockStatus
 
 JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may appear at any time)
+LOCK_HOLDER_KEYS = ("pid", "host", "started", "command")  # null when the lock file is unreadable
 _SHOWN = 4  # items listed per line of the text view (the JSON lists all)
 _TOP_SHOWN = 8  # most frequent tags and words shown
 _SD_VERSION_NAMES = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x"}
@@ -176,7 +178,17 @@ def _outputs_json(outputs: OutputFacts | None) -> dict[str, Any] | None:
         "config_file": outputs.config_file,
         "logging_dir": str(outputs.logging_dir),
         "existing_files": outputs.existing_files,
+        "exists": outputs.exists,
+        "writable": outputs.writable_problem is None,
+        "lock": _lock_json(outputs.lock),
     }
+
+
+def _lock_json(lock: LockStatus | None) -> dict[str, Any] | None:
+    if lock is None:
+        return None
+    holder = asdict(lock.holder) if lock.holder is not None else dict.fromkeys(LOCK_HOLDER_KEYS)
+    return {"file": str(lock.path), "state": lock.state, **holder}
 
 
 # --- text ---------------------------------------------------------------------------------------------------
@@ -358,7 +370,7 @@ def _network_lines(network: NetworkFacts) -> list[str]:
 
 
 def _output_lines(outputs: OutputFacts) -> list[str]:
-    lines = ["", f"Output: {outputs.output_dir}"]
+    lines = ["", f"Output: {outputs.output_dir}", _row("folder", _folder_state(outputs))]
     if outputs.step_files is not None:
         steps = outputs.step_files
         shown = steps if len(steps) <= 3 else [steps[0], steps[1], "...", steps[-1]]
@@ -369,3 +381,20 @@ def _output_lines(outputs: OutputFacts) -> list[str]:
     if outputs.existing_files:
         lines.append(_row("already there", named(outputs.existing_files, _SHOWN) + " (an earlier run)"))
     return lines
+
+
+def _folder_state(outputs: OutputFacts) -> str:
+    """One line: whether output_dir can take the run (the errors below say why not)."""
+    lock = outputs.lock
+    holder = lock.holder if lock is not None else None
+    if lock is not None and lock.state != "stale":
+        who = f"pid {holder.pid} on host '{holder.host}', started {holder.started}" if holder else "unknown"
+        kind = "in use by another training" if lock.state == "in_use" else "locked from another machine"
+        return f"{kind} ({who}; see the error below)"
+    if outputs.writable_problem is not None:
+        return "cannot be written (see the error below)"
+    state = "exists, writable" if outputs.exists else "new, writable (made when training starts)"
+    if lock is not None:
+        ended = f" (pid {holder.pid})" if holder else ""
+        state += f"; the lock left by an ended training{ended} is taken over"
+    return state

@@ -1,17 +1,18 @@
 """Run the checks: all of them for `lora-scripts check`, the cheap ones before every `train`.
 
 Blocking problems (an invalid config, dataset problems, a base model or target layers training cannot use,
-an output_dir holding another run) are errors; everything else is a warning. `train` raises the same
-UserError `check` lists as errors.
+an output_dir that cannot be written, is in use by another training or holds another run) are errors;
+everything else is a warning. `train` raises the same UserError `check` lists as errors.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from lora_scripts.checks.captions import analyze_captions
+from lora_scripts.checks.captions import analyze_captions, metadata_csv_warnings
 from lora_scripts.checks.findings import caption_warnings, image_warnings, output_problems, plan_warnings
 from lora_scripts.checks.images import analyze_images
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts, speed_facts
@@ -62,7 +63,8 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     output_errors, output_notes = output_problems(outputs, config)
     errors += output_errors
 
-    warnings = image_warnings(images, config.resolution) if images else []
+    warnings = metadata_csv_warnings(config)
+    warnings += image_warnings(images, config.resolution) if images else []
     warnings += caption_warnings(captions) if captions else []
     warnings += plan_warnings(config, plan) if plan else []
     warnings += output_notes
@@ -111,25 +113,37 @@ def _image_names(datasets: list[DatasetSettings], training_set: TrainingSet | No
     return Path(), names
 
 
-def check_before_training(config: TrainConfig) -> TrainingSet:
+def check_before_training(config: TrainConfig, *, base_model: bool = False) -> TrainingSet:
     """The run's training set, after the checks that cost seconds; what `train` runs first.
 
-    Raises the UserError `check` reports for a dataset with blocking problems or an output_dir holding
-    another run (unless overwrite/resume), and logs each warning. The base model is not looked at here:
-    train() loads it next, and its target-layer check words its errors as `check` does. Nothing is written.
+    Raises the UserError `check` reports for a dataset with blocking problems, for an output_dir that cannot
+    be written, is in use by another training or holds another run (unless overwrite/resume), and, with
+    `base_model`, for a base model or target layers training cannot use (`network_facts`: headers and
+    configs, no weights); every problem at once. Logs each warning. Nothing is written.
     """
     datasets = dataset_settings(config)
     # Every process sees output_dir as it was: launchers start them together, before anything is written.
-    output_errors, output_notes = output_problems(output_facts(config, None), config)
+    outputs = output_facts(config, None)
+    if os.environ.get("RANK", "0") != "0":
+        # Only the main process takes the lock, maybe already, for this very run: it alone checks it.
+        outputs = replace(outputs, lock=None)
+    output_errors, output_notes = output_problems(outputs, config)
+    model_errors: list[str] = []
+    if base_model:
+        try:
+            network_facts(config)
+        except UserError as err:
+            model_errors = err.messages
     try:
         training_set = training_set_for(config)
     except UserError as err:
-        raise UserError(err.messages + output_errors) from None
-    if output_errors:
-        raise UserError(output_errors)
+        raise UserError(err.messages + model_errors + output_errors) from None
+    if model_errors or output_errors:
+        raise UserError(model_errors + output_errors)
     items = [item for item in training_set.images if not item.is_reg]
     root, names = _image_names(datasets, training_set)
-    warnings = image_warnings(analyze_images(root, names, config.resolution), config.resolution)
+    warnings = metadata_csv_warnings(config)
+    warnings += image_warnings(analyze_images(root, names, config.resolution), config.resolution)
     warnings += caption_warnings(analyze_captions(items, config.trigger_word))
     # No accelerator exists yet; launchers (torchrun, accelerate launch) say the process count and rank in
     # the environment. Steps shrink with more processes, and one copy of each warning is enough.

@@ -1,7 +1,9 @@
 """`train()`: the whole run, readable top to bottom.
 
-Order matters for the user: the config, the dataset and the state to resume from are checked before any
-model loads and before anything is written, so a mistake costs seconds and leaves no half-made output folder.
+Order matters for the user: the config, the dataset, the base model (its headers and configs), output_dir
+(writable, not in use) and the state to resume from are checked before any model loads and before anything is
+written, so a mistake costs seconds and leaves no half-made output folder; then output_dir is locked
+(training/run_lock.py) and only then is an earlier run moved aside (`overwrite`).
 
 A run never loses its work: every `save_steps` it saves a LoRA file and the full training state
 (training/state.py); Ctrl-C or SIGTERM finish the step and save both (training/interrupt.py); `resume`
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -26,6 +29,7 @@ from lora_scripts.checks import check_before_training
 from lora_scripts.config import TrainConfig, dump_config
 from lora_scripts.data.dataset import EpochBatchSampler
 from lora_scripts.data.text_cache import TextEncoderCache
+from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
@@ -36,6 +40,7 @@ from lora_scripts.training.nan_guard import NanGuard
 from lora_scripts.training.noise import zero_terminal_snr
 from lora_scripts.training.output_dir import STATE_FOLDER, prepare_output_dir
 from lora_scripts.training.run_info import run_metadata
+from lora_scripts.training.run_lock import output_dir_lock
 from lora_scripts.training.sampling import TrainingSampler
 from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver, step_file_name
 from lora_scripts.training.setup import (
@@ -78,20 +83,35 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA as `config` says and write its files under `config.output_dir`."""
     if os.environ.get("RANK", "0") != "0":  # launched as a second process: one copy of each message is enough
         logging.getLogger("lora_scripts").setLevel(logging.WARNING)
-    training_set = check_before_training(config)  # raises check's UserError, logs warnings, writes nothing
+    # The data, the base model (headers and configs) and output_dir: check's UserError, nothing written.
+    training_set = check_before_training(config, base_model=True)
     resume_from = resume_state(config)
     accelerator = make_accelerator(config)
     if resume_from is not None:  # a config that cannot continue the run stops here, before any model loads
         check_resume(resume_from, config, training_set, accelerator.num_processes)
-    if accelerator.is_main_process:
-        prepare_output_dir(
-            config.output_dir,
-            overwrite=config.overwrite,
-            resuming=resume_from is not None,
-            resume_requested=config.resume is not None,
-        )
-    accelerator.wait_for_everyone()
-    sampler = TrainingSampler(config, accelerator)  # reads the sample prompts before any model loads
+    sampler = TrainingSampler(config, accelerator)  # reads the sample prompts: a bad file stops here too
+    # One run at a time in output_dir: locked before anything is written there (overwrite's move included),
+    # unlocked however the run ends. Only the main process writes there, so only it takes the lock.
+    with output_dir_lock(config.output_dir, enabled=accelerator.is_main_process):
+        if accelerator.is_main_process:
+            prepare_output_dir(
+                config.output_dir,
+                overwrite=config.overwrite,
+                resuming=resume_from is not None,
+                resume_requested=config.resume is not None,
+            )
+        accelerator.wait_for_everyone()
+        return _train_in(config, accelerator, training_set, resume_from, sampler)
+
+
+def _train_in(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    training_set: TrainingSet,
+    resume_from: Path | None,
+    sampler: TrainingSampler,
+) -> TrainResult:
+    """The run itself, from loading the model on, in a checked, prepared and locked output_dir."""
     set_seed(config.seed)
     family = load_family(
         config.base_model,
@@ -281,9 +301,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     accelerator.wait_for_everyone()
     final_files: list[Path] = []
-    if stopped_by is not None:
-        log.info("Stopped at step %d (%s).", progress.global_step, stopped_by)
-    elif accelerator.is_main_process:
+    # A stopped run is reported by the caller (the CLI prints the step, the LoRA file and how to resume).
+    if stopped_by is None and accelerator.is_main_process:
         final_files = saver.save_final(progress.global_step, progress.epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
     accelerator.end_training()

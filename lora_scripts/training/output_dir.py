@@ -5,12 +5,17 @@ such a folder again would silently replace its LoRA files and mix two runs' Tens
 does exactly that), so a new run stops there, before anything is written, unless the config says what to do:
 `resume` continues the run, `overwrite: true` first moves its files into
 `<output_dir>/previous_runs/<YYYYmmdd-HHMMSS>/`. Nothing is ever deleted here.
+
+A folder that cannot be created or written is refused too (`writable_problem`), before any model loads; that
+two runs never share a folder is training/run_lock.py's part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -73,6 +78,9 @@ def output_dir_problem(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"output_dir: '{output_dir}' is a file, not a folder; choose a folder for the run's files."
+    unwritable = writable_problem(output_dir)
+    if unwritable is not None:
+        return unwritable
     if resuming or overwrite:
         return None
     existing = run_files(output_dir)
@@ -91,6 +99,49 @@ def output_dir_problem(
     else:
         ways = f"set overwrite: true to replace it ({backup}; it has no saved state to resume)"
     return f"output_dir: '{output_dir}' already holds a run ({shown}); {ways}, or choose another output_dir."
+
+
+def writable_problem(output_dir: Path) -> str | None:
+    """Why `output_dir` cannot be created or written, or None when it can; creates nothing that stays.
+
+    Looks at the nearest folder of the path that exists (output_dir itself, or the parent its missing folders
+    would be made in): it must be a folder (a file there is named), writable (`os.access`), and must really
+    accept a new folder: an empty hidden one is made in it and removed at once, which catches what
+    `os.access` cannot see (running as root, /proc or /sys, read-only bind mounts, network disks).
+    """
+    output_dir = Path(output_dir)
+    existing = next((p for p in [output_dir, *output_dir.parents] if p.exists() or p.is_symlink()), None)
+    if existing is None:
+        return None  # not even the working directory exists; the OS error will say more
+    if not existing.is_dir():
+        return (
+            f"output_dir: '{output_dir}' cannot be created, because '{existing}' is a file, not a folder; "
+            "choose another output_dir, or move that file away."
+        )
+    where = "" if existing == output_dir else f" in '{existing}'"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"output_dir: '{output_dir}' cannot be written{where} ({_denied_reason(existing)}); choose an "
+            "output_dir on a writable disk."
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".lora-scripts-write-test-", dir=existing)
+    except OSError as err:
+        return (
+            f"output_dir: '{output_dir}' cannot be written{where} (a test folder could not be made: "
+            f"{err.strerror or err}); choose an output_dir on a writable disk."
+        )
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return None
+
+
+def _denied_reason(folder: Path) -> str:
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs on Windows
+        read_only = False
+    return "read-only file system" if read_only else "permission denied"
 
 
 def prepare_output_dir(
