@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lora_scripts.data import find_images
-from lora_scripts.data.captions import ExtraFields, RecordingLines
+from lora_scripts.data.csv_rows import ExtraFields, RecordingLines
 from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic
 

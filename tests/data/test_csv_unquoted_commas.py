@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_scripts.data.captions import caption_after_file_name, collect_dataset, metadata_warnings
+from lora_scripts.data.captions import collect_dataset, metadata_warnings
+from lora_scripts.data.csv_rows import caption_after_file_name
 from lora_scripts.errors import UserError
 from tests.data.imagefiles import write_image
 
