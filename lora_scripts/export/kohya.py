@@ -7,12 +7,15 @@ Layout per adapted module (e.g. UNet `down_blocks.0.attentions.0.transformer_blo
 Convs (1x1 proj_in/proj_out of SD 1.x; LoCon's 3x3 resnet and sampler convs) keep 4-D weights:
     lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight  [r, in, 3, 3]
     lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight    [out, r, 1, 1]
+SDXL's UNet modules go by their sgm paths instead, as sd-scripts writes them (export/sdxl_keys.py):
+    lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight
 The file holds nothing else: diffusers converts a kohya file only when every key has these prefixes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,19 +30,39 @@ ADAPTER_NAME = "default"
 class LoraNetwork:
     """One model component carrying a peft LoRA adapter, and how its modules are named in kohya files.
 
-    `kohya_prefix` is "lora_unet" or "lora_te" (SDXL: "lora_te1"/"lora_te2"). `name_prefix` is prepended to
-    the module path before the dots become underscores: transformers ≥ 5's CLIPTextModel has no `.text_model`
-    submodule, but A1111 and ComfyUI only recognise `lora_te_text_model_…` keys, so the text encoder's
-    family passes "text_model." when its module paths lack it.
+    `kohya_prefix` is "lora_unet" or "lora_te" (SDXL: "lora_te1"/"lora_te2"). A module's kohya name is the
+    prefix, "_", and its `kohya_path` with dots made underscores. The kohya path is the module path with
+    `name_prefix` prepended (transformers ≥ 5's CLIPTextModel has no `.text_model` submodule, but A1111 and
+    ComfyUI only recognise `lora_te_text_model_…` keys: see `clip_name_prefix`), or, when given, `key_map` of
+    the module path: a layout whose files name modules otherwise than the model does (SDXL's UNet: sgm paths,
+    export/sdxl_keys.py). One or the other, not both.
     """
 
     kohya_prefix: str
     module: nn.Module
     name_prefix: str = ""
     adapter_name: str = ADAPTER_NAME
+    key_map: Callable[[str], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_map is not None and self.name_prefix:
+            raise ValueError("LoraNetwork takes a name_prefix or a key_map, not both")
+
+    def kohya_path(self, module_path: str) -> str:
+        """The dotted path kohya files name the module at `module_path` of `module` by."""
+        if self.key_map is not None:
+            return self.key_map(module_path)
+        return self.name_prefix + module_path
 
     def kohya_name(self, module_path: str) -> str:
-        return f"{self.kohya_prefix}_{(self.name_prefix + module_path).replace('.', '_')}"
+        return f"{self.kohya_prefix}_{self.kohya_path(module_path).replace('.', '_')}"
+
+
+def clip_name_prefix(text_encoder: nn.Module) -> str:
+    """The `name_prefix` a transformers CLIP text encoder needs for kohya names: "text_model." when its
+    module paths lack it (transformers ≥ 5's CLIPTextModel), else "" (CLIPTextModelWithProjection, and
+    CLIPTextModel before transformers 5)."""
+    return "" if hasattr(text_encoder, "text_model") else "text_model."
 
 
 def lora_layers(network: LoraNetwork) -> list[tuple[str, LoraLayer]]:

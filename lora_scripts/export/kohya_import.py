@@ -78,7 +78,8 @@ def load_network_weights(
 
 def _module_index(networks: list[LoraNetwork]) -> dict[str, _Target]:
     """Every name a file may give each Linear/Conv2d of the networks: kohya (`lora_te_text_model_…` and
-    without `text_model_`) and diffusers (`text_encoder.text_model.…` and without `text_model.`)."""
+    without `text_model_`; SDXL's UNet by sgm path, as sd-scripts writes it, and by diffusers path) and
+    diffusers (`text_encoder.text_model.…` and without `text_model.`)."""
     index: dict[str, _Target] = {}
     for net in networks:
         component = _DIFFUSERS_COMPONENT.get(net.kohya_prefix, net.kohya_prefix)
@@ -87,10 +88,13 @@ def _module_index(networks: list[LoraNetwork]) -> dict[str, _Target]:
                 continue
             path = name.removesuffix(".base_layer")  # peft keeps the original layer as `<path>.base_layer`
             target = _Target(net, path, net.module.get_submodule(path))
-            full = net.name_prefix + path
+            full = net.name_prefix + path  # the diffusers layout's path
             for dotted in {full, full.removeprefix("text_model.")}:
                 index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = target
                 index[f"{component}.{dotted}"] = target
+            kohya = net.kohya_path(path)  # == full unless the network has a key_map
+            for dotted in {kohya, kohya.removeprefix("text_model.")}:
+                index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = target
     return index
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lora_scripts.errors import UserError
-from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.lora import LoraSpec, add_lora_adapter
@@ -125,10 +125,7 @@ class StableDiffusionFamily(ModelFamily):
         networks = [LoraNetwork("lora_unet", self.unet)]
         if te_targets is not None:
             add_lora_adapter(self.text_encoder, te_targets, spec.rank, spec.alpha, dropout=spec.dropout)
-            has_text_model = hasattr(self.text_encoder, "text_model")
-            networks.append(
-                LoraNetwork("lora_te", self.text_encoder, "" if has_text_model else "text_model.")
-            )
+            networks.append(LoraNetwork("lora_te", self.text_encoder, clip_name_prefix(self.text_encoder)))
             self.trains_text_encoder = True
         return networks
 

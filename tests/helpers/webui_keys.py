@@ -13,6 +13,16 @@ Ported (logic kept line for line where it matters, trimmed to the SD 1.x / 2.x p
 
 Both loaders see the model as the CompVis/LDM single-file layout; `meta_sd_model` builds it on the meta
 device from our shipped SD 1.5 / SD 2.1 configs via tests/helpers/compvis.py, so only names and shapes exist.
+
+SDXL (`meta_sdxl_model`): the UNet in the sgm layout (tests/helpers/sd_scripts_sdxl.py, sd-scripts' copy of
+it), CLIP ViT-L as `conditioner.embedders.0.transformer.*` and OpenCLIP bigG as
+`conditioner.embedders.1.model.*` (q/k/v fused in `attn.in_proj_weight`), as in sd_xl_base_1.0.safetensors.
+A1111 names the modules of each embedder's `wrapped` module `{i}_{name}`
+(`assign_network_names_to_compvis_modules`' is_sdxl branch); ComfyUI
+adds the `clip_g` branch of `model_lora_keys_clip` (lora_te2_… once clip_l is present). Forge (backend/,
+2.x) resolves keys with ComfyUI's `model_lora_keys_unet` / `model_lora_keys_clip`
+(packages_3rdparty/comfyui_lora_collection/lora.py, stored commit 5e1dcd35) on the same sgm UNet and
+clip_l / clip_g names, so the ComfyUI port stands for it too.
 """
 
 from __future__ import annotations
@@ -25,10 +35,11 @@ from typing import Literal
 
 import torch
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lora_scripts.models.sd_loading import shipped_config_dir
+from lora_scripts.models.sd_loading import ASSETS_DIR, shipped_config_dir
 from tests.helpers.compvis import clip_text_to_compvis, open_clip_text_to_compvis, unet_to_compvis
+from tests.helpers.sd_scripts_sdxl import SdxlUNet2DConditionModel, meta_sgm_unet
 
 # ---------------------------------------------------------------------------------------------------------
 # The full SD 1.5 / SD 2.1 models, on the meta device
@@ -55,6 +66,45 @@ def meta_sd_model(version: Literal["sd_v1", "sd_v2"]) -> MetaSDModel:
         **to_text(text_encoder.state_dict()),
     }
     return MetaSDModel(unet, text_encoder, compvis)
+
+
+# The text encoders of stabilityai/stable-diffusion-xl-base-1.0 (text_encoder/, text_encoder_2/ config.json):
+# OpenAI CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both with CLIP's 49408-token vocabulary and 77 positions.
+SDXL_CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    projection_dim=768, hidden_act="quick_gelu",
+)  # fmt: skip
+SDXL_CLIP_BIG_G = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    projection_dim=1280, hidden_act="gelu",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetaSDXLModel:
+    unet: UNet2DConditionModel  # diffusers, from the shipped sdxl/unet config
+    text_encoder: CLIPTextModel  # CLIP ViT-L (lora_te1)
+    text_encoder_2: CLIPTextModelWithProjection  # OpenCLIP bigG in transformers' layout (lora_te2)
+    sgm_unet: SdxlUNet2DConditionModel  # sd-scripts' sgm-layout UNet
+    checkpoint: dict[str, torch.Tensor]  # sd_xl_base_1.0.safetensors' UNet and text-encoder keys and shapes
+
+
+def meta_sdxl_model() -> MetaSDXLModel:
+    """Fresh meta-device SDXL base modules, and the single-file checkpoint layout they have."""
+    with torch.device("meta"):
+        config = UNet2DConditionModel.load_config(ASSETS_DIR / "sdxl" / "unet")
+        unet = UNet2DConditionModel.from_config(config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_CLIP_L))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_BIG_G))
+    sgm_unet = meta_sgm_unet()
+    clip_l = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    big_g = open_clip_text_to_compvis(text_encoder_2.state_dict(), add_unused_final_block=False)
+    checkpoint = {
+        **{f"model.diffusion_model.{k}": v for k, v in sgm_unet.state_dict().items()},
+        **{f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in clip_l.items()},
+        **{k.replace("cond_stage_model.", "conditioner.embedders.1.", 1): v for k, v in big_g.items()},
+    }
+    return MetaSDXLModel(unet, text_encoder, text_encoder_2, sgm_unet, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +239,37 @@ def a1111_layers_from_compvis(keys: Iterable[str]) -> A1111Layers:
         for depth in range(len(module) + 1):
             names.add("_".join(module[:depth]))
     return A1111Layers(frozenset(names), frozenset(fused))
+
+
+def a1111_layers_from_sdxl(keys: Iterable[str]) -> A1111Layers:
+    """`assign_network_names_to_compvis_modules` for SDXL, from an SDXL checkpoint's key names.
+
+    `sd_model.model.named_modules()` as for SD 1.x (`diffusion_model_…`); then, for each conditioner embedder
+    `i` with a `wrapped` module (0: FrozenCLIPEmbedder, 1: FrozenOpenCLIPEmbedder2; whose paths are the
+    checkpoint's after `conditioner.embedders.{i}.`), `f"{i}_{name}"` for each of its named modules.
+    """
+    names: set[str] = set()
+    fused: set[str] = set()
+    for key in keys:
+        embedder = re.match(r"conditioner\.embedders\.(\d+)\.(.+)", key)
+        if key.startswith("model."):
+            prefix, parts = "", key.removeprefix("model.").split(".")
+        elif embedder:
+            prefix, parts = f"{embedder[1]}_", embedder[2].split(".")
+        else:
+            continue
+        module = parts[:-1]
+        if parts[-1] == "in_proj_weight":
+            fused.add(prefix + "_".join(module))
+        for depth in range(len(module) + 1):
+            names.add(prefix + "_".join(module[:depth]))
+    return A1111Layers(frozenset(names), frozenset(fused))
+
+
+@cache
+def a1111_sdxl_layers() -> A1111Layers:
+    """The WebUI layer mapping of SDXL base."""
+    return a1111_layers_from_sdxl(meta_sdxl_model().checkpoint)
 
 
 @cache
@@ -509,11 +590,13 @@ LORA_CLIP_MAP = {
 
 # ComfyUI builds its own text encoder from a fixed config and converts the checkpoint into it:
 # comfy/sd1_clip_config.json (12 layers) for SD 1.x, comfy/text_encoders/sd2_clip_config.json (24 layers; the
-# OpenCLIP-H tower including the block SD 2 skips) for SD 2.x. Its state dict keys are these.
-COMFYUI_CLIP_LAYERS = {"clip_l": 12, "clip_h": 24}
+# OpenCLIP-H tower including the block SD 2 skips) for SD 2.x; SDXL has clip_l (12) and clip_g
+# (comfy/clip_config_bigg.json, 32 layers). Its state dict keys are these.
+COMFYUI_CLIP_LAYERS = {"clip_l": 12, "clip_h": 24, "clip_g": 32}
+ClipKind = Literal["clip_l", "clip_h", "clip_g"]
 
 
-def comfyui_clip_state_dict_keys(text_encoder_kind: Literal["clip_l", "clip_h"]) -> set[str]:
+def comfyui_clip_state_dict_keys(text_encoder_kind: ClipKind) -> set[str]:
     layers = COMFYUI_CLIP_LAYERS[text_encoder_kind]
     return {
         f"{text_encoder_kind}.transformer.text_model.encoder.layers.{b}.{c}.{p}"
@@ -524,8 +607,9 @@ def comfyui_clip_state_dict_keys(text_encoder_kind: Literal["clip_l", "clip_h"])
 
 
 def model_lora_keys_clip(sdk: set[str], key_map: dict[str, str]) -> dict[str, str]:
-    """`comfy.lora.model_lora_keys_clip` (the clip_h / clip_l branches; clip_g is SDXL's)."""
+    """`comfy.lora.model_lora_keys_clip` (the clip_h / clip_l / clip_g branches)."""
     text_model_lora_key = "lora_te_text_model_encoder_layers_{}_{}"
+    clip_l_present = False
     for b in range(32):
         for c in LORA_CLIP_MAP:
             k = f"clip_h.transformer.text_model.encoder.layers.{b}.{c}.weight"
@@ -538,7 +622,18 @@ def model_lora_keys_clip(sdk: set[str], key_map: dict[str, str]) -> dict[str, st
             if k in sdk:
                 key_map[text_model_lora_key.format(b, LORA_CLIP_MAP[c])] = k
                 key_map[f"lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k  # SDXL base
+                clip_l_present = True
                 key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k  # diffusers lora
+
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk:
+                if clip_l_present:
+                    key_map[f"lora_te2_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k  # SDXL base
+                    key_map[f"text_encoder_2.text_model.encoder.layers.{b}.{c}"] = k  # diffusers lora
+                else:  # SDXL refiner (clip_g alone), Stable Cascade
+                    key_map[text_model_lora_key.format(b, LORA_CLIP_MAP[c])] = k
+                    key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k  # diffusers lora
+                    key_map[f"lora_prior_te_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
     return key_map
 
 
@@ -571,15 +666,13 @@ class ComfyUIModel:
     state_dict_keys: frozenset[str]  # a patch whose target is missing here is dropped by add_patches
 
 
-def comfyui_key_map(
-    compvis: dict[str, torch.Tensor], text_encoder_kind: Literal["clip_l", "clip_h"]
-) -> ComfyUIModel:
+def comfyui_key_map(compvis: dict[str, torch.Tensor], *text_encoder_kinds: ClipKind) -> ComfyUIModel:
     """The key map `load_lora_for_models` builds for a checkpoint: UNet config detected from its
     `model.diffusion_model.*` tensors (as comfy.sd.load_checkpoint_guess_config does), clip keys from the
-    text encoder ComfyUI builds for the model type."""
+    text encoders ComfyUI builds for the model type (SDXL: clip_l and clip_g)."""
     unet_config = comfyui_detect_unet_config(compvis, "model.diffusion_model.")
     unet_sdk = {k.removeprefix("model.") for k in compvis if k.startswith("model.diffusion_model.")}
-    clip_sdk = comfyui_clip_state_dict_keys(text_encoder_kind)
+    clip_sdk = set().union(*(comfyui_clip_state_dict_keys(kind) for kind in text_encoder_kinds))
     key_map = model_lora_keys_unet(unet_sdk, unet_config, {})
     key_map = model_lora_keys_clip(clip_sdk, key_map)
     return ComfyUIModel(key_map, frozenset(unet_sdk | clip_sdk))
@@ -588,6 +681,11 @@ def comfyui_key_map(
 @cache
 def comfyui_model(version: Literal["sd_v1", "sd_v2"]) -> ComfyUIModel:
     return comfyui_key_map(meta_sd_model(version).compvis, "clip_h" if version == "sd_v2" else "clip_l")
+
+
+@cache
+def comfyui_sdxl_model() -> ComfyUIModel:
+    return comfyui_key_map(meta_sdxl_model().checkpoint, "clip_l", "clip_g")
 
 
 def comfyui_dropped(keys: Iterable[str], model: ComfyUIModel) -> dict[str, str]:
