@@ -1,7 +1,9 @@
-"""Read a single-file (CompVis/LDM layout) checkpoint and tell what it is: SD 1.x or 2.x, epsilon or v-pred.
+"""Read a single-file checkpoint and tell what it is: SD 1.x, 2.x or SDXL base, epsilon or v-pred.
 
 A single file carries no config, so everything here is inferred from key names and tensor shapes, the same
-way AUTOMATIC1111's WebUI and kohya's sd-scripts do it, so a file that works there works here.
+way AUTOMATIC1111's WebUI and kohya's sd-scripts do it, so a file that works there works here. SD 1.x/2.x
+files use the CompVis/LDM layout, SDXL files Stability's sgm layout (the same UNet names, the text encoders
+under `conditioner.embedders.N.`); every other family is named in a one-sentence refusal.
 """
 
 from __future__ import annotations
@@ -9,20 +11,32 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from lora_scripts.errors import UserError
 
 SDVersion = Literal["sd_v1", "sd_v2"]
+# What a single file can be loaded as: an SD version, or an SDXL base model (loads; not trainable yet).
+ModelVersion = Literal["sd_v1", "sd_v2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 stored in transformers' layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14 stored in open_clip's layout
+SGM_PREFIX = "conditioner.embedders."  # SDXL (base and refiner): the text encoders, numbered
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L/14, transformers' layout
+SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG/14, open_clip's layout
+SGM_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP ViT-bigG/14 only
+VAE_PREFIX = "first_stage_model."
 # Community v-prediction checkpoints (kohya sd-scripts, NoobAI, ...) mark themselves with an empty tensor.
 V_PRED_KEY = "v_pred"
+
+# The end of every "this family is not supported" sentence; the SDXL family changes it when it lands.
+TRAINABLE = "lora-scripts trains SD 1.x and 2.x models (SDXL base models load but cannot be trained yet)"
+# conv_in input channels of the image-conditioned variants that share the text-to-image UNet layout.
+_CONDITIONED_VARIANTS = {5: "depth-to-image", 7: "4x upscaler", 8: "instruct-pix2pix", 9: "inpainting"}
 
 logger = logging.getLogger(__name__)
 
@@ -85,47 +99,99 @@ def _refuse_text_file(path: Path) -> None:
         )
 
 
-def detect_sd_version(state_dict: dict[str, torch.Tensor], path: Path) -> SDVersion:
-    """SD 1.x or 2.x from the text encoder's layout; anything else is refused with one sentence.
+def detect_sd_version(state_dict: dict[str, Any], path: Path) -> SDVersion:
+    """SD 1.x or 2.x, what training accepts today; SDXL and anything else is refused with one sentence.
 
-    The text encoder is the reliable signal: SD 2.x replaced CLIP with OpenCLIP, whose weights keep
-    open_clip's names (`cond_stage_model.model.*`). The UNet's cross-attention width (768 vs 1024) is checked
-    separately against the config in use, so a non-standard (e.g. tiny test) architecture can still load.
+    `state_dict` values need only a `.shape` (the check command passes a safetensors header's shapes).
     """
-    keys = state_dict.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
+    version = detect_model_version(state_dict, path)
+    if version == "sdxl":
         raise UserError(
             f"base_model: '{path}' is an SDXL checkpoint, which is not supported yet; use an SD 1.x or 2.x "
             "model."
         )
+    return version
+
+
+def detect_model_version(state_dict: dict[str, Any], path: Path) -> ModelVersion:
+    """SD 1.x, 2.x or SDXL base from the text encoders' layout; anything else is refused with one sentence.
+
+    The text encoders are the reliable signal: SD 2.x replaced CLIP with OpenCLIP, whose weights keep
+    open_clip's names (`cond_stage_model.model.*`), and SDXL's sgm layout keeps them under
+    `conditioner.embedders.*`. The UNet's cross-attention width (768 / 1024 / 2048) is checked separately
+    against the config in use, so a non-standard (e.g. tiny test) architecture can still load. Values need
+    only a `.shape`.
+    """
+    keys = state_dict.keys()
     if any(k.startswith("lora_") or ".lora_down." in k for k in keys):
         raise UserError(
             f"base_model: '{path}' is a LoRA, not a base model; point base_model at the Stable Diffusion "
             "checkpoint the LoRA was trained on."
         )
-    if not any(k.startswith(LDM_UNET_PREFIX + "input_blocks.") for k in keys):
+    other = _other_family(keys)
+    if other is not None:
         raise UserError(
-            f"base_model: '{path}' is not a Stable Diffusion 1.x/2.x checkpoint (it has no "
+            f"base_model: '{path}' is {other}; {TRAINABLE}, and other model families are not supported yet."
+        )
+    is_sgm = _has(keys, SGM_PREFIX)
+    if is_sgm and not _has(keys, SGM_PREFIX + "1.") and _has(keys, SGM_REFINER_PREFIX):
+        raise UserError(
+            f"base_model: '{path}' is an SDXL refiner checkpoint, which is not supported yet; {TRAINABLE}."
+        )
+    if not is_sgm and not _has(keys, LDM_UNET_PREFIX + "input_blocks."):
+        raise UserError(
+            f"base_model: '{path}' is not a Stable Diffusion 1.x/2.x or SDXL checkpoint (it has no "
             f"'{LDM_UNET_PREFIX}input_blocks.*' UNet weights); other model families are not supported yet."
         )
-    conv_in = state_dict.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != 4:
+    if is_sgm:
+        version: ModelVersion | None = "sdxl"
+    elif _has(keys, OPEN_CLIP_PREFIX):
+        version = "sd_v2"
+    elif _has(keys, CLIP_PREFIX):
+        version = "sd_v1"
+    else:
+        version = None
+    _refuse_conditioned_variant(state_dict, path, version)
+    if version is None:
         raise UserError(
-            f"base_model: '{path}' has a {conv_in.shape[1]}-channel UNet input (an inpainting or "
-            "instruct-pix2pix model), which is not supported yet; use the plain text-to-image checkpoint."
+            f"base_model: '{path}' has no text encoder weights ('cond_stage_model.*'); use a full SD 1.x/2.x "
+            "checkpoint, not a UNet-only file."
         )
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
-        return "sd_v2"
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
-        return "sd_v1"
+    return version
+
+
+def _has(keys: Any, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _other_family(keys: Any) -> str | None:
+    """'a FLUX checkpoint' etc. for the diffusion transformers users most often mistake for SD, else None."""
+    for prefix in ("", LDM_UNET_PREFIX):
+        if _has(keys, prefix + "joint_blocks."):
+            return "a Stable Diffusion 3 checkpoint"
+        if _has(keys, prefix + "double_blocks.") or _has(keys, prefix + "single_blocks."):
+            return "a FLUX checkpoint"
+    return None
+
+
+def _refuse_conditioned_variant(state_dict: dict[str, Any], path: Path, version: ModelVersion | None) -> None:
+    """Inpainting, instruct-pix2pix, ...: a UNet whose conv_in takes image channels besides the 4 latents."""
+    conv_in = state_dict.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None or len(conv_in.shape) != 4 or conv_in.shape[1] == 4:
+        return  # (only a real [out, in, 3, 3] conv tells the channel count)
+    channels = int(conv_in.shape[1])
+    family = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL", None: ""}[version]
+    what = " ".join(part for part in (family, _CONDITIONED_VARIANTS.get(channels, ""), "model") if part)
+    article = "a" if what[0] in "d4m" else "an"  # a depth-/4x/model; an SD/SDXL/inpainting/instruct-pix2pix
     raise UserError(
-        f"base_model: '{path}' has no text encoder weights ('cond_stage_model.*'); use a full SD 1.x/2.x "
-        "checkpoint, not a UNet-only file."
+        f"base_model: '{path}' is {article} {what} ({channels}-channel UNet input), which is not supported "
+        f"yet; lora-scripts trains text-to-image models, so use the plain {family or 'text-to-image'} "
+        "checkpoint."
     )
 
 
 def unet_context_dim(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """Width of the text embeddings the UNet cross-attends to (768 for SD 1.x, 1024 for SD 2.x) if known."""
+    """Width of the text embeddings the UNet cross-attends to (SD 1.x 768, 2.x 1024, SDXL 2048) if known."""
     for key, value in state_dict.items():
         if key.startswith(LDM_UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
             return int(value.shape[1])

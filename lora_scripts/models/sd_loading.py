@@ -6,7 +6,8 @@ configs, so we ship the SD 1.5 / 2.1-base configs and the CLIP tokenizer in `mod
 the weights with diffusers' own LDM -> diffusers key mapping; nothing is ever fetched from the hub.
 
 Every module comes back in fp32 on CPU, in eval mode, with requires_grad False: the training code decides
-what to move, cast and unfreeze.
+what to move, cast and unfreeze. The building blocks (config checks, the LDM UNet/VAE conversion, strict
+tensor assignment, folder components) are public because `sdxl_loading` loads SDXL with them too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lora_scripts.errors import UserError
 from lora_scripts.models.detect import (
     LDM_UNET_PREFIX,
     OPEN_CLIP_PREFIX,
+    ModelVersion,
     PredictionType,
     SDVersion,
     detect_sd_version,
@@ -75,17 +77,22 @@ class SDComponents:
     location: BaseModelLocation
 
 
-def shipped_config_dir(version: SDVersion) -> Path:
+def shipped_config_dir(version: ModelVersion) -> Path:
     """The diffusers-layout config folder we ship for `version` (configs only, no weights)."""
     return ASSETS_DIR / version
 
 
 def load_clip_tokenizer(version: SDVersion) -> CLIPTokenizer:
     """The CLIP BPE tokenizer shared by SD 1.x and 2.x, with the version's pad token; model_max_length 77."""
-    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, pad_token=PAD_TOKENS[version])
+    return clip_tokenizer(PAD_TOKENS[version])
 
 
-def scheduler_config_of(folder: Path, version: SDVersion) -> dict[str, Any]:
+def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
+    """The shipped CLIP BPE tokenizer (OpenAI's and OpenCLIP's are the same) padding with `pad_token`."""
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, pad_token=pad_token)
+
+
+def scheduler_config_of(folder: Path, version: ModelVersion) -> dict[str, Any]:
     """The noise schedule's config from `folder/scheduler`, else the shipped one of `version`."""
     has_scheduler = (folder / "scheduler" / "scheduler_config.json").is_file()
     return DDPMScheduler.load_config(
@@ -135,31 +142,39 @@ def _load_single_file(
     state_dict = read_checkpoint(path)
     version = detect_sd_version(state_dict, path)
     cfg_dir = Path(config_dir) if config_dir is not None else shipped_config_dir(version)
-    for sub in ("unet", "vae", "text_encoder"):
+    require_configs(cfg_dir, ("unet", "vae", "text_encoder"))
+
+    # None: SD 2.x without a marker, decided by the UNet
+    prediction_type = marked_prediction_type(state_dict, v_parameterization)
+    if prediction_type is None and version == "sd_v1":
+        prediction_type = "epsilon"
+    unet, prediction_type = _unet_from_ldm(
+        state_dict, cfg_dir, path, prediction_type, adapt_sd2_v=config_dir is None and version == "sd_v2"
+    )
+    vae = vae_from_ldm(state_dict, cfg_dir, path)
+    text_encoder = _text_encoder_from_ldm(state_dict, cfg_dir, version, path)
+
+    scheduler_config = scheduler_config_of(cfg_dir, version)
+    return _assemble(unet, vae, text_encoder, cfg_dir, version, scheduler_config, prediction_type, location)
+
+
+def require_configs(cfg_dir: Path, subfolders: tuple[str, ...]) -> None:
+    """A single file's config folder (base_model_config) has each `subfolder/config.json`; else UserError."""
+    for sub in subfolders:
         if not (cfg_dir / sub / "config.json").is_file():
             raise UserError(
                 f"base_model_config: '{cfg_dir}' has no {sub}/config.json; "
                 "give a folder of diffusers-layout configs."
             )
 
-    prediction_type: PredictionType | None = None  # None: SD 2.x without a marker, decided by the UNet
+
+def marked_prediction_type(
+    state_dict: dict[str, torch.Tensor], v_parameterization: bool | None
+) -> PredictionType | None:
+    """The explicit setting, else v-prediction when the file marks itself so; None when neither says."""
     if v_parameterization is not None:
-        prediction_type = "v_prediction" if v_parameterization else "epsilon"
-    elif has_v_pred_key(state_dict):
-        prediction_type = "v_prediction"
-    elif version == "sd_v1":
-        prediction_type = "epsilon"
-    unet, prediction_type = _unet_from_ldm(
-        state_dict, cfg_dir, path, prediction_type, adapt_sd2_v=config_dir is None and version == "sd_v2"
-    )
-
-    vae_config = AutoencoderKL.load_config(cfg_dir, subfolder="vae", local_files_only=True)
-    vae_weights = _as_fp32(convert_ldm_vae_checkpoint(state_dict, vae_config))
-    vae = _build_and_load(lambda: AutoencoderKL.from_config(vae_config), vae_weights, path, "VAE")
-    text_encoder = _text_encoder_from_ldm(state_dict, cfg_dir, version, path)
-
-    scheduler_config = scheduler_config_of(cfg_dir, version)
-    return _assemble(unet, vae, text_encoder, cfg_dir, version, scheduler_config, prediction_type, location)
+        return "v_prediction" if v_parameterization else "epsilon"
+    return "v_prediction" if has_v_pred_key(state_dict) else None
 
 
 def _unet_from_ldm(
@@ -176,29 +191,53 @@ def _unet_from_ldm(
     The UNet's tensors are removed from `state_dict` to free the half-precision copies early.
     """
     unet_config = dict(UNet2DConditionModel.load_config(cfg_dir, subfolder="unet", local_files_only=True))
-    context_dim = unet_context_dim(state_dict)
-    if context_dim is not None and context_dim != unet_config["cross_attention_dim"]:
-        raise UserError(
-            f"base_model: '{path}' has a UNet with {context_dim}-wide cross-attention, but the config in "
-            f"'{cfg_dir}' expects {unet_config['cross_attention_dim']}; it is not a standard SD 1.x/2.x "
-            "model, so convert it to a diffusers folder and load that instead."
-        )
-    weights = _as_fp32(convert_ldm_unet_checkpoint(state_dict, unet_config))
-    _drop_prefix(state_dict, LDM_UNET_PREFIX)
+    weights = ldm_unet_weights(state_dict, unet_config, cfg_dir, path)
 
     def build() -> UNet2DConditionModel:
         if adapt_sd2_v and prediction_type == "v_prediction":
             return UNet2DConditionModel.from_config({**unet_config, **SD2_V_UNET_OVERRIDES})
         return UNet2DConditionModel.from_config(unet_config)
 
-    unet = _build_and_load(build, weights, path, "UNet")
+    unet = build_and_load(build, weights, path, "UNet")
     if prediction_type is None:
         is_v = is_v_prediction_unet(unet, context_dim=unet_config["cross_attention_dim"])
         prediction_type = "v_prediction" if is_v else "epsilon"
         logger.info("%s: SD 2.x prediction type found by test inference: %s", path.name, prediction_type)
         if is_v and adapt_sd2_v:  # rebuild with the 768-v config around the same tensors (no copy)
-            unet = _build_and_load(build, weights, path, "UNet")
+            unet = build_and_load(build, weights, path, "UNet")
     return unet, prediction_type
+
+
+def ldm_unet_weights(
+    state_dict: dict[str, torch.Tensor],
+    unet_config: dict[str, Any],
+    cfg_dir: Path,
+    path: Path,
+    *,
+    family: str = "SD 1.x/2.x",
+) -> dict[str, torch.Tensor]:
+    """The `model.diffusion_model.*` UNet (LDM and sgm layout alike) as diffusers fp32 tensors.
+
+    Refuses a cross-attention width other than the config's (a config for another model); the UNet's
+    tensors are removed from `state_dict` to free the half-precision copies early.
+    """
+    context_dim = unet_context_dim(state_dict)
+    if context_dim is not None and context_dim != unet_config["cross_attention_dim"]:
+        raise UserError(
+            f"base_model: '{path}' has a UNet with {context_dim}-wide cross-attention, but the config in "
+            f"'{cfg_dir}' expects {unet_config['cross_attention_dim']}; it is not a standard {family} "
+            "model, so convert it to a diffusers folder and load that instead."
+        )
+    weights = _as_fp32(convert_ldm_unet_checkpoint(state_dict, unet_config))
+    _drop_prefix(state_dict, LDM_UNET_PREFIX)
+    return weights
+
+
+def vae_from_ldm(state_dict: dict[str, torch.Tensor], cfg_dir: Path, path: Path) -> AutoencoderKL:
+    """The `first_stage_model.*` VAE (LDM and sgm layout alike) built from `cfg_dir/vae`, in fp32."""
+    vae_config = AutoencoderKL.load_config(cfg_dir, subfolder="vae", local_files_only=True)
+    vae_weights = _as_fp32(convert_ldm_vae_checkpoint(state_dict, vae_config))
+    return build_and_load(lambda: AutoencoderKL.from_config(vae_config), vae_weights, path, "VAE")
 
 
 def _text_encoder_from_ldm(
@@ -211,24 +250,35 @@ def _text_encoder_from_ldm(
         converted = convert_ldm_clip_checkpoint(state_dict)
     else:
         converted = convert_open_clip_checkpoint(model, state_dict, prefix=OPEN_CLIP_PREFIX)
-    # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older versions still wrap it. Load the
-    # un-prefixed weights into whichever module holds embeddings/encoder/final_layer_norm.
-    target = getattr(model, "text_model", model)
-    weights = {key.removeprefix("text_model."): value for key, value in converted.items()}
-    num_layers = config.num_hidden_layers
-    for key in list(weights):
-        parts = key.split(".")
-        # position_ids is a non-persistent buffer in recent transformers; SD 2.x stores all 24 OpenCLIP
-        # blocks but uses the output of the 23rd (the "penultimate layer"), so the config has one fewer.
-        if key.endswith("position_ids") or (
-            key.startswith("encoder.layers.") and int(parts[2]) >= num_layers
-        ):
-            del weights[key]
-    _load_into(target, _as_fp32(weights), path, "text encoder")
+    load_text_encoder_weights(model, converted, path, "text encoder")
     return model
 
 
-def _build_and_load(
+def load_text_encoder_weights(
+    model: torch.nn.Module, converted: dict[str, torch.Tensor], path: Path, component: str
+) -> None:
+    """Assign diffusers' converted CLIP weights (`text_model.*`, `text_projection.weight`) strictly.
+
+    transformers >= 5.6 flattened CLIPTextModel (no `.text_model`) while CLIPTextModelWithProjection and
+    older versions still wrap it, so the `text_model.` prefix is fitted to the model's own names. Dropped:
+    `position_ids` (a non-persistent buffer in recent transformers) and blocks past the config's depth (SD
+    2.x stores all 24 OpenCLIP blocks but uses the 23rd's output, the "penultimate layer").
+    """
+    wrapped = any(key.startswith("text_model.") for key in model.state_dict())
+    num_layers = model.config.num_hidden_layers
+    weights = {}
+    for key, value in converted.items():
+        bare = key.removeprefix("text_model.")
+        parts = bare.split(".")
+        if bare.endswith("position_ids") or (
+            bare.startswith("encoder.layers.") and int(parts[2]) >= num_layers
+        ):
+            continue
+        weights[f"text_model.{bare}" if wrapped and not bare.startswith("text_projection.") else bare] = value
+    _load_into(model, _as_fp32(weights), path, component)
+
+
+def build_and_load(
     build: Any, weights: dict[str, torch.Tensor], path: Path, component: str
 ) -> torch.nn.Module:
     """Instantiate `build()` without allocating (meta parameters), then assign `weights` strictly."""
@@ -276,10 +326,7 @@ def _drop_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> None:
 
 def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool | None) -> SDComponents:
     path = location.path
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"base_model: '{path / 'model_index.json'}' is not valid JSON ({err}).") from err
+    index = read_model_index(path)
     if "text_encoder_2" in index or "transformer" in index:
         raise UserError(
             f"base_model: '{path}' is not an SD 1.x/2.x model (SDXL, SD3, Flux, ...), which is not supported "
@@ -288,17 +335,29 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     unet_config = folder_config(UNet2DConditionModel, path, "unet")
     version = version_from_unet_config(unet_config, path)
 
-    unet = _folder_component(UNet2DConditionModel, path, "unet")
-    vae = _folder_component(AutoencoderKL, path, "vae")
-    text_encoder = _folder_component(CLIPTextModel, path, "text_encoder")
+    unet = folder_component(UNet2DConditionModel, path, "unet")
+    vae = folder_component(AutoencoderKL, path, "vae")
+    text_encoder = folder_component(CLIPTextModel, path, "text_encoder")
     scheduler_config = scheduler_config_of(path, version)
-    if v_parameterization is not None:
-        prediction_type: PredictionType = "v_prediction" if v_parameterization else "epsilon"
-    else:
-        prediction_type = (
-            "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
-        )
+    prediction_type = folder_prediction_type(scheduler_config, v_parameterization)
     return _assemble(unet, vae, text_encoder, path, version, scheduler_config, prediction_type, location)
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    """A diffusers folder's model_index.json; UserError naming the file when it is not valid JSON."""
+    try:
+        return json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"base_model: '{path / 'model_index.json'}' is not valid JSON ({err}).") from err
+
+
+def folder_prediction_type(
+    scheduler_config: dict[str, Any], v_parameterization: bool | None
+) -> PredictionType:
+    """The explicit setting, else what the folder's scheduler config says (epsilon unless v_prediction)."""
+    if v_parameterization is not None:
+        return "v_prediction" if v_parameterization else "epsilon"
+    return "v_prediction" if scheduler_config.get("prediction_type") == "v_prediction" else "epsilon"
 
 
 def _assemble(
@@ -364,7 +423,7 @@ def folder_config(cls: Any, path: Path, subfolder: str) -> dict[str, Any]:
         ) from err
 
 
-def _folder_component(cls: Any, path: Path, subfolder: str) -> torch.nn.Module:
+def folder_component(cls: Any, path: Path, subfolder: str) -> torch.nn.Module:
     """`cls.from_pretrained(path, subfolder=...)` offline, in fp32; fp16-only folders use the fp16 variant."""
     folder = path / subfolder
     if not folder.is_dir():

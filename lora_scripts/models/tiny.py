@@ -1,9 +1,9 @@
-"""A tiny, deterministic, SD-shaped model for the demo and the tests (~2.6 M parameters, builds in < 1 s).
+"""Tiny, deterministic, SD- and SDXL-shaped models for the demo and the tests (a few M parameters, < 1 s).
 
-It has every structural feature the trainer touches in a real SD model: CrossAttn down/up blocks whose
+They have every structural feature the trainer touches in a real model: CrossAttn down/up blocks whose
 attention layers are named `to_q/to_k/to_v/to_out.0` inside `transformer_blocks`, a VAE that downsamples 8x
-into 4 latent channels with SD's scaling factor, and a CLIPTextModel with the full 49408-token vocabulary and
-77 positions, so the real CLIP tokenizer works with it. Only the widths and depths are small.
+into 4 latent channels with the real scaling factor, and CLIP text encoders with the full 49408-token
+vocabulary and 77 positions, so the real CLIP tokenizer works with them. Only the widths and depths are small.
 """
 
 from __future__ import annotations
@@ -14,18 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lora_scripts.models.detect import PredictionType, SDVersion
+from lora_scripts.models.detect import ModelVersion, PredictionType, SDVersion
 from lora_scripts.models.sd_loading import (
     CLIP_TOKENIZER_DIR,
     PAD_TOKENS,
+    clip_tokenizer,
     load_clip_tokenizer,
     shipped_config_dir,
 )
+from lora_scripts.models.sdxl_loading import SDXL_PAD_TOKENS
 
 TINY_CONTEXT_DIM = 32  # text encoder width == UNet cross-attention width, as in SD (768 / 1024)
+# SDXL: the UNet cross-attends to both encoders' penultimate states side by side (768 + 1280 = 2048), and
+# its text_time embedding reads te2's pooled projection plus 6 size/crop numbers of 256 sinusoids each.
+TINY_SDXL_TE1_DIM, TINY_SDXL_TE2_DIM, TINY_SDXL_POOLED_DIM, TINY_SDXL_TIME_DIM = 32, 48, 40, 8
 
 
 @dataclass
@@ -66,33 +71,9 @@ def build_tiny_sd_components(
             use_linear_projection=is_v2,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
+        vae = _tiny_vae(scaling_factor=0.18215)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=TINY_CONTEXT_DIM,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                vocab_size=49408,
-                hidden_act="gelu" if is_v2 else "quick_gelu",
-                projection_dim=TINY_CONTEXT_DIM,
-                # Same special ids as the SD configs (eos 2 selects CLIP's argmax pooling, like SD).
-                bos_token_id=0,
-                eos_token_id=2,
-                pad_token_id=1,
-            )
+            _tiny_clip_config(TINY_CONTEXT_DIM, 2, "gelu" if is_v2 else "quick_gelu", TINY_CONTEXT_DIM)
         )
     scheduler_config = PNDMScheduler.load_config(shipped_config_dir(version), subfolder="scheduler")
     scheduler = PNDMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
@@ -113,16 +94,125 @@ def build_tiny_sd(
     tiny.vae.save_pretrained(out_dir / "vae")
     tiny.text_encoder.save_pretrained(out_dir / "text_encoder")
     tiny.scheduler.save_pretrained(out_dir / "scheduler")
-    # Copy the tokenizer files verbatim (save_pretrained would rewrite them in a version-dependent format).
-    tokenizer_dir = out_dir / "tokenizer"
+    _write_clip_tokenizer(out_dir / "tokenizer", PAD_TOKENS[version])
+    _copy_model_index(version, out_dir)
+    return out_dir
+
+
+@dataclass
+class TinySDXL:
+    """The in-memory tiny SDXL base model: fp32 CPU modules in train mode (as freshly constructed)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: EulerDiscreteScheduler
+
+
+def build_tiny_sdxl_components(seed: int = 0, *, prediction_type: PredictionType = "epsilon") -> TinySDXL:
+    """Build the tiny SDXL model in memory with weights fixed by `seed` (the caller's RNG is left untouched).
+
+    SDXL's structure at small widths: no attention in the first level, several transformer layers per
+    attention block (1 and 2 here; SDXL's 1, 2, 10), linear proj_in/proj_out, a text_time add-embedding, a
+    CLIP-L-like quick_gelu te1 and a bigG-like gelu te2 with a text projection (different widths so a swap
+    cannot go unnoticed). Latents are (B, 4, H/8, W/8); the UNet's sample_size is 8 (64 px).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),  # head counts, 16-wide heads (SDXL: 5, 10, 20 of 64)
+            cross_attention_dim=TINY_SDXL_TE1_DIM + TINY_SDXL_TE2_DIM,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+            projection_class_embeddings_input_dim=TINY_SDXL_POOLED_DIM + 6 * TINY_SDXL_TIME_DIM,
+            norm_num_groups=32,
+        )
+        vae = _tiny_vae(scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(_tiny_clip_config(TINY_SDXL_TE1_DIM, 2, "quick_gelu", TINY_SDXL_TE1_DIM))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_clip_config(TINY_SDXL_TE2_DIM, 3, "gelu", TINY_SDXL_POOLED_DIM)
+        )
+    scheduler_config = EulerDiscreteScheduler.load_config(shipped_config_dir("sdxl"), subfolder="scheduler")
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config, prediction_type=prediction_type)
+    tokenizer, tokenizer_2 = (clip_tokenizer(SDXL_PAD_TOKENS[name]) for name in ("tokenizer", "tokenizer_2"))
+    return TinySDXL(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)
+
+
+def build_tiny_sdxl(out_dir: Path, *, seed: int = 0, prediction_type: PredictionType = "epsilon") -> Path:
+    """Write the tiny SDXL model as a diffusers folder (loadable by StableDiffusionXLPipeline); return it.
+
+    The same seed gives the same bytes on every run (same torch/diffusers/transformers versions).
+    """
+    out_dir = Path(out_dir)
+    tiny = build_tiny_sdxl_components(seed, prediction_type=prediction_type)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        getattr(tiny, name).save_pretrained(out_dir / name)
+    for name, pad_token in SDXL_PAD_TOKENS.items():
+        _write_clip_tokenizer(out_dir / name, pad_token)
+    _copy_model_index("sdxl", out_dir)
+    return out_dir
+
+
+def _tiny_vae(*, scaling_factor: float) -> AutoencoderKL:
+    """SD's VAE layout (4 levels, 8x down, 4 latent channels) at widths 8-32; force_upcast (the default)
+    as SDXL's config sets it."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_clip_config(width: int, layers: int, hidden_act: str, projection_dim: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim,
+        # Same special ids as the SD configs (eos 2 selects CLIP's argmax pooling, like SD).
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def _write_clip_tokenizer(tokenizer_dir: Path, pad_token: str) -> None:
+    """Copy the shipped tokenizer files verbatim (save_pretrained would rewrite them in a version-dependent
+    format), with `pad_token` set in its two JSON files when it is not the shipped one."""
     shutil.copytree(CLIP_TOKENIZER_DIR, tokenizer_dir, dirs_exist_ok=True)
-    if PAD_TOKENS[version] != "<|endoftext|>":
+    if pad_token != "<|endoftext|>":
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             content = json.loads((tokenizer_dir / name).read_text(encoding="utf-8"))
-            content["pad_token"] = PAD_TOKENS[version]
+            content["pad_token"] = pad_token
             (tokenizer_dir / name).write_text(
                 json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
+
+
+def _copy_model_index(version: ModelVersion, out_dir: Path) -> None:
     model_index = json.loads((shipped_config_dir(version) / "model_index.json").read_text(encoding="utf-8"))
     (out_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
-    return out_dir
