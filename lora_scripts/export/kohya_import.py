@@ -16,21 +16,19 @@ from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
-from torch import nn
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork, lora_layers
-from lora_scripts.export.lora_reader import FileModule, file_modules, read_lora_tensors
+from lora_scripts.export.lora_reader import (
+    FileModule,
+    ModuleRef,
+    file_modules,
+    module_index,
+    read_lora_tensors,
+)
 
 log = logging.getLogger(__name__)
 
-# kohya prefix of a network → the diffusers/peft component name its file keys start with.
-_DIFFUSERS_COMPONENT = {
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
-}
 _MAX_LISTED = 5
 
 
@@ -42,13 +40,6 @@ class ImportReport:
     loaded: int
     rescaled: int
     not_in_file: int
-
-
-@dataclass(frozen=True)
-class _Target:
-    network: LoraNetwork
-    path: str  # module path in network.module
-    layer: nn.Module  # a peft LoraLayer, or the plain Linear/Conv2d when this run does not adapt it
 
 
 def load_network_weights(
@@ -76,42 +67,20 @@ def load_network_weights(
 # --- matching it to our adapters ----------------------------------------------------------------------------
 
 
-def _module_index(networks: list[LoraNetwork]) -> dict[str, _Target]:
-    """Every name a file may give each Linear/Conv2d of the networks: kohya (`lora_te_text_model_…` and
-    without `text_model_`; SDXL's UNet by sgm path, as sd-scripts writes it, and by diffusers path) and
-    diffusers (`text_encoder.text_model.…` and without `text_model.`)."""
-    index: dict[str, _Target] = {}
-    for net in networks:
-        component = _DIFFUSERS_COMPONENT.get(net.kohya_prefix, net.kohya_prefix)
-        for name, layer in net.module.named_modules():
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)) or ".lora_" in name:
-                continue
-            path = name.removesuffix(".base_layer")  # peft keeps the original layer as `<path>.base_layer`
-            target = _Target(net, path, net.module.get_submodule(path))
-            full = net.name_prefix + path  # the diffusers layout's path
-            for dotted in {full, full.removeprefix("text_model.")}:
-                index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = target
-                index[f"{component}.{dotted}"] = target
-            kohya = net.kohya_path(path)  # == full unless the network has a key_map
-            for dotted in {kohya, kohya.removeprefix("text_model.")}:
-                index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = target
-    return index
-
-
 @dataclass
 class _Matches:
     """The file's modules sorted by what happens to them."""
 
-    matched: list[tuple[FileModule, _Target]] = field(default_factory=list)
+    matched: list[tuple[FileModule, ModuleRef]] = field(default_factory=list)
     foreign: list[FileModule] = field(default_factory=list)  # no such layer in the base model
     shapes: list[FileModule] = field(default_factory=list)  # the base layer has another size
     duplicates: list[FileModule] = field(default_factory=list)  # a second entry for one layer
     uncovered: list[tuple[FileModule, str]] = field(default_factory=list)  # (module, setting to add it)
-    ranks: dict[str, list[tuple[FileModule, _Target]]] = field(default_factory=dict)  # by rank key
+    ranks: dict[str, list[tuple[FileModule, ModuleRef]]] = field(default_factory=dict)  # by rank key
 
 
 def _match(modules: list[FileModule], networks: list[LoraNetwork]) -> _Matches:
-    index = _module_index(networks)
+    index = module_index(networks)
     trained = {"unet": False, "text_encoder": False}
     for net in networks:
         trained["text_encoder" if net.kohya_prefix.startswith("lora_te") else "unet"] = True
@@ -136,7 +105,7 @@ def _match(modules: list[FileModule], networks: list[LoraNetwork]) -> _Matches:
     return found
 
 
-def _fit(module: FileModule, target: _Target) -> str | None:
+def _fit(module: FileModule, target: ModuleRef) -> str | None:
     """None when the file's tensors fit the adapter; "shape" when the base layer differs (another model);
     else the config key whose value differs ("lora_rank" or, for a 3x3 conv, "conv_rank")."""
     layer, adapter = target.layer, target.network.adapter_name
@@ -159,7 +128,7 @@ def _fit(module: FileModule, target: _Target) -> str | None:
     return None
 
 
-def _copy(module: FileModule, target: _Target) -> bool:
+def _copy(module: FileModule, target: ModuleRef) -> bool:
     """Copy down → lora_A and up → lora_B (times the scale ratio); True when lora_B was rescaled."""
     layer, adapter = target.layer, target.network.adapter_name
     rank = module.down.shape[0]
@@ -226,7 +195,7 @@ def _coverage_hint(module: FileModule, text_encoder_trained: bool) -> str:
     return "target_modules: kohya (or list these layers in target_modules)"
 
 
-def _rank_messages(path: Path, key: str, ranks: dict[str, list[tuple[FileModule, _Target]]]) -> list[str]:
+def _rank_messages(path: Path, key: str, ranks: dict[str, list[tuple[FileModule, ModuleRef]]]) -> list[str]:
     problems = []
     for rank_key, pairs in ranks.items():
         module, target = pairs[0]

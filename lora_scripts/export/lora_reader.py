@@ -1,7 +1,8 @@
 """Reading a LoRA file into its modules (down, up, alpha), whatever its layout: kohya/sd-scripts keys
 (`lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`, LoCon's 4-D convs) and diffusers/peft keys
 (`unet.<path>.lora_A.weight`, `text_encoder.<path>.lora_B.weight`, the older `….lora.down.weight`, alphas in
-`.alpha` keys or in diffusers' `lora_adapter_metadata`). `network_weights` and `generate` read through it.
+`.alpha` keys or in diffusers' `lora_adapter_metadata`), and finding the layer each module belongs to by
+every name a file may give it (`module_index`). `network_weights` and `generate` read through it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraNetwork
 
 # Kohya-layout keys of adapter types that neither training nor generation can apply to SD 1.x/2.x.
 UNSUPPORTED_SUFFIXES = {
@@ -28,6 +31,13 @@ UNSUPPORTED_SUFFIXES = {
     ".on_input": "LyCORIS IA3",
 }
 
+# kohya prefix of a network → the diffusers/peft component name its file keys start with.
+DIFFUSERS_COMPONENT = {
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+}
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down",
@@ -136,3 +146,46 @@ def _diffusers_alphas(metadata: dict[str, str]):
         return None if alpha is None else float(alpha)
 
     return alpha_of
+
+
+# --- finding the layers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """A Linear/Conv2d of a network's module that a file's module names."""
+
+    network: LoraNetwork
+    path: str  # module path in network.module
+    layer: nn.Module  # a peft LoraLayer, or the plain Linear/Conv2d when it carries no adapter
+
+    @property
+    def component(self) -> str:
+        """The diffusers component name (`unet`, `text_encoder`, `text_encoder_2`)."""
+        return DIFFUSERS_COMPONENT.get(self.network.kohya_prefix, self.network.kohya_prefix)
+
+
+def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef]:
+    """Every stem a file may give each Linear/Conv2d of the networks (`FileModule.stem`): kohya
+    (`lora_te_text_model_…` and without `text_model_`; SDXL's UNet by sgm path, as sd-scripts writes it, and
+    by diffusers path) and diffusers (`text_encoder.text_model.…` and without `text_model.`).
+
+    Built from the live modules, so kohya's ambiguous underscores (`to_out_0` vs `to.out.0`) resolve to the
+    names the model really has. A layer already wrapped by peft is listed under its own path, not
+    `<path>.base_layer`, so a file's module reaches the wrapper.
+    """
+    index: dict[str, ModuleRef] = {}
+    for net in networks:
+        for name, layer in net.module.named_modules():
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)) or ".lora_" in name:
+                continue
+            path = name.removesuffix(".base_layer")  # peft keeps the original layer as `<path>.base_layer`
+            ref = ModuleRef(net, path, net.module.get_submodule(path))
+            full = net.name_prefix + path  # the diffusers layout's path
+            for dotted in {full, full.removeprefix("text_model.")}:
+                index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = ref
+                index[f"{ref.component}.{dotted}"] = ref
+            kohya = net.kohya_path(path)  # == full unless the network has a key_map
+            for dotted in {kohya, kohya.removeprefix("text_model.")}:
+                index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = ref
+    return index

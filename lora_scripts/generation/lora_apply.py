@@ -27,18 +27,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
 from lora_scripts.export.lora_reader import (
     UNSUPPORTED_SUFFIXES,
     FileModule,
+    ModuleRef,
     file_modules,
+    module_index,
     read_lora_tensors,
     split_key,
 )
 from lora_scripts.models.lora import attach_lora_weights, detach_lora
 
 logger = logging.getLogger(__name__)
-
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ def unload_loras(pipe: StableDiffusionPipeline, loras: list[LoadedLora]) -> None
 # --- kohya -> PEFT ------------------------------------------------------------------------------------------
 
 
+def pipeline_networks(pipe: StableDiffusionPipeline) -> list[LoraNetwork]:
+    """The pipeline's models as the networks LoRA files name (`lora_unet`, `lora_te`), for `module_index`.
+    `lora_te1` is the same text encoder: a few SD 1.x files use SDXL's first-encoder prefix."""
+    prefix = clip_name_prefix(pipe.text_encoder)
+    return [
+        LoraNetwork("lora_unet", pipe.unet),
+        LoraNetwork("lora_te", pipe.text_encoder, prefix),
+        LoraNetwork("lora_te1", pipe.text_encoder, prefix),
+    ]
+
+
 def _folded_peft_dict(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
@@ -138,61 +150,24 @@ def _folded_peft_dict(
 ) -> dict[str, torch.Tensor] | None:
     """The file as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`, `text_encoder.…`)
     for this pipeline's modules, fp32, each module's `alpha / rank` folded into lora_B; None for a layout
-    only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not know)."""
-    if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in tensors):
-        return kohya_to_peft(tensors, pipe, label)
-    if not all(key.startswith(("unet.", "text_encoder.")) and split_key(key) for key in tensors):
-        return None
-    return _diffusers_to_peft(file_modules(tensors, metadata, path, f"LoRA '{label}'"), pipe, label)
+    only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not know).
 
-
-def kohya_to_peft(
-    state_dict: dict[str, torch.Tensor], pipe: StableDiffusionPipeline, label: str
-) -> dict[str, torch.Tensor]:
-    """Kohya keys (`lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`) -> diffusers' PEFT keys
-    (`unet.<path>.lora_A.weight`, `.lora_B.weight`) for this pipeline's modules, in fp32.
-
-    `<path>` is the module's dotted name with '.' replaced by '_', which is ambiguous (`to_out_0` vs
-    `to.out.0`), so it is matched against the names the models actually have. Text-encoder names are written
-    with `text_model.` whatever the transformers version (sd-scripts' convention). LoCon conv layers keep
+    Kohya names are `<path>` with '.' replaced by '_', which is ambiguous (`to_out_0` vs `to.out.0`), so
+    they are matched against the names the models actually have (`module_index`). LoCon conv layers keep
     their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
     """
-    for suffix, kind in UNSUPPORTED_SUFFIXES.items():
-        if any(key.endswith(suffix) for key in state_dict):
-            raise UserError(f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them).")
-    modules = {
-        "unet": _kohya_module_index(pipe.unet, text_model_prefix=False),
-        "text_encoder": _kohya_module_index(pipe.text_encoder, text_model_prefix=True),
-    }
+    if any(key.startswith("lora_") for key in tensors):  # kohya / sd-scripts / LyCORIS layout
+        for suffix, kind in UNSUPPORTED_SUFFIXES.items():
+            if any(key.endswith(suffix) for key in tensors):
+                raise UserError(
+                    f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them)."
+                )
+    elif not all(key.startswith(("unet.", "text_encoder.")) and split_key(key) for key in tensors):
+        return None
+    index = module_index(pipeline_networks(pipe))
     folded = _Folded()
-    for key in sorted(state_dict):
-        if not key.endswith(".lora_down.weight"):
-            continue
-        stem = key.removesuffix(".lora_down.weight")
-        prefix = next((p for p in KOHYA_PREFIXES if stem.startswith(p)), None)
-        component = KOHYA_PREFIXES[prefix] if prefix else None
-        found = modules[component].get(stem.removeprefix(prefix)) if component else None
-        down, up = state_dict[key], state_dict[f"{stem}.lora_up.weight"]
-        alpha = state_dict[f"{stem}.alpha"].item() if f"{stem}.alpha" in state_dict else None
-        folded.add(stem, component, found, down, up, alpha)
-    return folded.result(label)
-
-
-def _diffusers_to_peft(
-    modules: list[FileModule], pipe: StableDiffusionPipeline, label: str
-) -> dict[str, torch.Tensor]:
-    """A diffusers/peft file's modules -> the same folded PEFT keys as `kohya_to_peft`. Text-encoder names are
-    matched with or without `text_model.` (transformers 5's CLIPTextModel has no such submodule)."""
-    names = {
-        "unet": _module_names(pipe.unet),
-        "text_encoder": _module_names(pipe.text_encoder),
-    }
-    folded = _Folded()
-    for module in modules:
-        component, _, name = module.stem.partition(".")
-        candidates = (name, name.removeprefix("text_model."), f"text_model.{name}")
-        found = next(((n, names[component][n]) for n in candidates if n in names[component]), None)
-        folded.add(module.stem, component, found, module.down, module.up, module.alpha)
+    for module in file_modules(tensors, metadata, path, f"LoRA '{label}'"):
+        folded.add(module, index.get(module.stem))
     return folded.result(label)
 
 
@@ -204,61 +179,27 @@ class _Folded:
         self.missing: list[str] = []
         self.wrong_shape: list[str] = []
 
-    def add(
-        self,
-        stem: str,
-        component: str | None,
-        found: tuple[str, torch.nn.Module] | None,
-        down: torch.Tensor,
-        up: torch.Tensor,
-        alpha: float | None,
-    ) -> None:
-        """File module `stem` (down, up, alpha; None = rank) onto `found` = (module name, module) of
-        `component`, or noted as missing / of another size."""
-        if found is None or component is None:
-            self.missing.append(stem)
+    def add(self, module: FileModule, ref: ModuleRef | None) -> None:
+        """The file's `module` onto the layer `ref` names, or noted as missing / of another size."""
+        if ref is None:
+            self.missing.append(module.stem)
             return
-        module_name, module = found
-        down, up = down.to(torch.float32), up.to(torch.float32)
+        layer = getattr(ref.layer, "base_layer", ref.layer)  # a layer that carries an adapter already
+        down, up = module.down.to(torch.float32), module.up.to(torch.float32)
         rank = down.shape[0]
-        alpha = rank if alpha is None else alpha
-        if isinstance(module, torch.nn.Conv2d) and down.dim() == 2:  # a 1x1 conv stored as a matrix
+        alpha = rank if module.alpha is None else module.alpha
+        if isinstance(layer, torch.nn.Conv2d) and down.dim() == 2:  # a 1x1 conv stored as a matrix
             down, up = down[:, :, None, None], up[:, :, None, None]
-        if not _fits(module, down, up):
-            self.wrong_shape.append(stem)
+        if not _fits(layer, down, up):
+            self.wrong_shape.append(module.stem)
             return
-        self.peft[f"{component}.{module_name}.lora_A.weight"] = down
-        self.peft[f"{component}.{module_name}.lora_B.weight"] = up * (alpha / rank)
+        self.peft[f"{ref.component}.{ref.path}.lora_A.weight"] = down
+        self.peft[f"{ref.component}.{ref.path}.lora_B.weight"] = up * (alpha / rank)
 
     def result(self, label: str) -> dict[str, torch.Tensor]:
         if self.missing or self.wrong_shape:
             raise UserError(_mismatch_message(label, self.missing, self.wrong_shape, len(self.peft) // 2))
         return self.peft
-
-
-def _module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """{module name: module} for the Linear and Conv2d layers of `model`, a peft-wrapped layer under its own
-    name (not `<name>.base_layer`)."""
-    names = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name:
-            names[name.removesuffix(".base_layer")] = module
-    return names
-
-
-def _kohya_module_index(
-    model: torch.nn.Module, *, text_model_prefix: bool
-) -> dict[str, tuple[str, torch.nn.Module]]:
-    """{kohya name without prefix: (module name, module)} for the Linear and Conv2d layers of `model`.
-
-    A layer that already carries a peft adapter (a LoRA loaded before, or the one being trained) is a peft
-    wrapper around `<name>.base_layer`; it is listed under `<name>`, so a further adapter joins the wrapper.
-    """
-    index = {}
-    for name, module in _module_names(model).items():
-        kohya = f"text_model.{name}" if text_model_prefix and not name.startswith("text_model.") else name
-        index[kohya.replace(".", "_")] = (name, module)
-    return index
 
 
 def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
