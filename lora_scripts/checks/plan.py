@@ -24,7 +24,12 @@ from lora_scripts.models.lora import add_lora_adapter
 from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
-from lora_scripts.models.sd_loading import folder_config, shipped_config_dir, version_from_unet_config
+from lora_scripts.models.sd_loading import (
+    folder_config,
+    require_configs,
+    shipped_config_dir,
+    version_from_unet_config,
+)
 from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
@@ -163,12 +168,7 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
     if location.kind == "single_file":
         version = detect_sd_version(_checkpoint_shapes(location.path), location.path)
         config_dir = Path(config.base_model_config or shipped_config_dir(version))
-        for sub in ("unet", "vae", "text_encoder"):
-            if not (config_dir / sub / "config.json").is_file():
-                raise UserError(
-                    f"base_model_config: '{config_dir}' has no {sub}/config.json; "
-                    "give a folder of diffusers-layout configs."
-                )
+        require_configs(config_dir, FOLDER_PARTS)
         unet_config = dict(
             UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
         )
