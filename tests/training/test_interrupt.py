@@ -17,6 +17,7 @@ import torch
 from lora_scripts.cli import main
 from lora_scripts.training.interrupt import FaultInjection, resume_command, stop_on_signals
 from lora_scripts.training.state import latest_state, list_states, read_progress
+from tests.helpers.ports import free_port
 from tests.training.conftest import make_dataset, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,10 +148,10 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes(tmp_path
     data = tmp_path / "data"
     make_dataset(data, n=8)  # 4 batches of 2, 2 per process: 2 steps per epoch
     reference = _config(tmp_path / "ref", tiny_model_dir, data, max_train_steps=5)
-    assert _torchrun(reference, 29531, None).returncode == 0
+    assert _torchrun(reference, free_port(), None).returncode == 0
     config = _config(tmp_path, tiny_model_dir, data, max_train_steps=5)
 
-    proc = _torchrun(config, 29533, "sigint@3:1")  # rank 1 only
+    proc = _torchrun(config, free_port(), "sigint@3:1")  # rank 1 only
     assert proc.returncode != 0  # both processes end with 130
     assert proc.stdout.count("Stopped at step 3 (a signal to another process)") == 1  # rank 0 prints
     state = tmp_path / "out" / "state" / "step-00000003"
@@ -158,7 +159,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes(tmp_path
     assert read_progress(state)["num_processes"] == 2
     assert [p.name for p in list_states(state.parent)] == ["step-00000002", "step-00000003"]
 
-    proc = _torchrun(config, 29535, None, "--resume", "auto")
+    proc = _torchrun(config, free_port(), None, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Done: 5 steps") == 1
     a = safetensors.torch.load_file(tmp_path / "ref" / "out" / "out.safetensors")

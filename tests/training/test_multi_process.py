@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lora_scripts.demo import draw_ink_image
 from lora_scripts.export.lora_file import read_lora_metadata
+from tests.helpers.ports import free_port
 from tests.training.conftest import make_dataset, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def test_two_processes_share_the_steps_and_save_once(tmp_path, tiny_model_dir):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
     ]
     proc = subprocess.run(
         [*torchrun, str(REPO / "train.py"), "--config", str(cfg)],
@@ -99,7 +100,7 @@ def test_accelerate_launch_with_buckets_and_repeats(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", "29519", "-m", "lora_scripts", "train", "--config", str(cfg)]
+    launch += ["--main_process_port", str(free_port()), "-m", "lora_scripts", "train", "--config", str(cfg)]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # resolution 96, steps 16: buckets (64,128) (80,112) (96,96) (112,80) (128,64); 96x64 (ratio 1.5) goes to
