@@ -39,5 +39,5 @@ def test_each_tested_floor_is_pyprojects_lower_bound():
 
 def test_ci_installs_the_floors_and_runs_the_suite_on_them():
     script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    install = script.index("-r .ci/oldest.txt")
+    install = script.index('fresh_install "$work/oldest" -c .ci/oldest.txt')
     assert "python -m pytest" in script[install:]
