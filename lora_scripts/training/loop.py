@@ -232,6 +232,7 @@ def _train_in(
     clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for module in prepared:
         module.train()
+    del module  # the loop's name would keep a DDP wrapper alive past the end of the run (see below)
     with stop_on_signals() as stop, trackers_closed_on_error(accelerator):
         while progress.global_step < plan.max_train_steps and stopped_by is None and not stopped_early:
             rolled_back = False
@@ -305,6 +306,13 @@ def _train_in(
     if stopped_by is None and accelerator.is_main_process:
         final_files = saver.save_final(progress.global_step, progress.epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
+    # DDP's wrappers go before the process group does. Freed after it, a wrapper's Reducer drops the group's
+    # last reference while holding the GIL, and gloo's destructor waits for a worker thread that needs the GIL
+    # to free a collective's tensors: the process hangs at the end of the run (torch issue #56297). Freed
+    # here, the group's last reference goes with destroy_process_group, which releases the GIL.
+    family.use_wrapped(unet, trained[1:])
+    prepared.clear()
+    accelerator.free_memory()
     accelerator.end_training()
     return TrainResult(
         progress.global_step,

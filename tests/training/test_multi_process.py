@@ -44,8 +44,10 @@ def test_two_processes_share_the_steps_and_save_once(tmp_path, tiny_model_dir):
         "--master_port",
         str(free_port()),
     ]
+    # train.py under a probe of the process group's teardown (see the assertion below).
+    probe = REPO / "tests" / "helpers" / "ddp_teardown_probe.py"
     proc = subprocess.run(
-        [*torchrun, str(REPO / "train.py"), "--config", str(cfg)],
+        [*torchrun, str(probe), "--config", str(cfg)],
         env=env,
         capture_output=True,
         text=True,
@@ -56,6 +58,9 @@ def test_two_processes_share_the_steps_and_save_once(tmp_path, tiny_model_dir):
     assert proc.stderr.count("8 images (0 regularization), 8 samples/epoch, 2 batches/epoch per process") == 1
     assert proc.stderr.count("effective batch size 4 (batch_size 2 x gradient_accumulation_steps 1 x 2") == 1
     assert proc.stdout.count("Done: 4 steps") == 1
+    # DDP's wrappers are freed before the process group, or a run can hang at its end (loop.py).
+    for rank in (0, 1):
+        assert f"rank {rank}: 0 DDP wrappers alive at destroy_process_group" in proc.stdout
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "ddp_v1-step00000002.safetensors",
         "ddp_v1-step00000004.safetensors",
