@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import Protocol
 
 from lora_scripts.data import find_images
-from lora_scripts.data.csv_rows import ExtraFields, RecordingLines
+from lora_scripts.data.csv_rows import FILE_NAME_COLUMN, TEXT_COLUMN, ExtraFields, RecordingLines
 from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
-
-FILE_NAME_COLUMN = "file_name"
-TEXT_COLUMN = "text"
 
 
 @dataclass(frozen=True)
