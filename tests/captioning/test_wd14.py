@@ -20,6 +20,7 @@ from lora_scripts.captioning.wd14 import (
 from lora_scripts.data import load_rgb
 from lora_scripts.errors import UserError
 from tests.captioning.wd14_fixture import EXPECTED, IMAGE_SIZE, TAGS, write_tiny_wd14
+from tests.helpers.hub_cache import hub_snapshot
 
 COLOURS = {"black": (0, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
 
@@ -186,14 +187,7 @@ def test_model_with_a_fixed_batch_size_runs_in_chunks(tmp_path: Path) -> None:
 
 
 def test_hub_id_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-tagger"
-    write_tiny_wd14(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    write_tiny_wd14(hub_snapshot(tmp_path, monkeypatch, "someone/tiny-tagger"))
     monkeypatch.chdir(tmp_path)  # so "someone/tiny-tagger" is not a folder
     assert load_wd14("someone/tiny-tagger").caption([plain("red")]) == [EXPECTED["red"]]
 

@@ -44,6 +44,7 @@ from tests.helpers.webui_keys import (
     comfyui_detect_unet_config,
     comfyui_dropped,
     comfyui_sdxl_model,
+    materialise_lora_weights,
     meta_sd_model,
     meta_sdxl_model,
 )
@@ -212,15 +213,6 @@ def test_text_encoder_names_equal_sd_scripts():
     assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in names["lora_te2"]
 
 
-def _materialise_lora_weights(module: nn.Module) -> None:
-    # Only the small LoRA A/B layers get real storage; the base model stays on the meta device.
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            for adapter_layers in (layer.lora_A, layer.lora_B):
-                for linear in adapter_layers.values():
-                    linear.to_empty(device="cpu")
-
-
 def test_exported_file_has_sd_scripts_names():
     # End to end on the writer: peft injection (kohya presets + LoCon) → kohya_state_dict.
     model = meta_sdxl_model()  # fresh modules: adapters go in
@@ -230,7 +222,7 @@ def test_exported_file_has_sd_scripts_names():
         add_lora_adapter(text_encoder, _kohya_text_encoder_layers(text_encoder), 2, 1.0)
     networks = sdxl_networks(model.unet, [model.text_encoder, model.text_encoder_2])
     for network in networks:
-        _materialise_lora_weights(network.module)
+        materialise_lora_weights(network.module)
     state_dict = kohya_state_dict(networks)
     names = sorted({key.split(".", 1)[0] for key in state_dict})
     assert (

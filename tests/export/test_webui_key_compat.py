@@ -10,8 +10,7 @@ from functools import cache
 
 import pytest
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
-from torch import nn
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from lora_scripts.export.kohya import LoraNetwork, count_modules, kohya_state_dict
 from lora_scripts.models.family import LoraTargets
@@ -29,6 +28,7 @@ from tests.helpers.webui_keys import (
     comfyui_detect_unet_config,
     comfyui_dropped,
     comfyui_model,
+    materialise_lora_weights,
     meta_sd_model,
 )
 
@@ -231,15 +231,6 @@ def test_text_encoder_keys_without_text_model_are_dropped(version):
     assert set(comfyui_dropped(names, comfyui_model(version))) == set(names)
 
 
-def _materialise_lora_weights(module: nn.Module) -> None:
-    # Only the small LoRA A/B layers get real storage; the base model stays on the meta device.
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            for adapter_layers in (layer.lora_A, layer.lora_B):
-                for linear in adapter_layers.values():
-                    linear.to_empty(device="cpu")
-
-
 def _meta_family(version: str) -> StableDiffusionFamily:
     model = meta_sd_model(version)  # fresh modules: add_lora mutates them
     components = SDComponents(
@@ -259,7 +250,7 @@ def _exported_names(family: StableDiffusionFamily, targets: LoraTargets, spec: L
     """add_lora (peft injection) → kohya_state_dict: the module names of the file we would write."""
     networks = family.add_lora(targets, spec)
     for network in networks:
-        _materialise_lora_weights(network.module)
+        materialise_lora_weights(network.module)
     state_dict = kohya_state_dict(networks)
     names = sorted({k.split(".", 1)[0] for k in state_dict})
     assert count_modules(state_dict) == len(names)

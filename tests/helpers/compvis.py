@@ -208,6 +208,12 @@ def write_compvis_checkpoint(
         layers_per_block=unet.config.layers_per_block,
         text_encoder=text_encoder_kind,
     )
+    return save_checkpoint(path, state, extra)
+
+
+def save_checkpoint(path: Path | str, state: dict[str, torch.Tensor], extra: dict | None = None) -> Path:
+    """`state` (plus `extra` keys) as a single-file checkpoint: .safetensors, else a Lightning-style .ckpt
+    (`{"state_dict": ..., "global_step": 1}`), as the files users download are."""
     state = {key: value.detach().contiguous() for key, value in {**state, **(extra or {})}.items()}
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -16,6 +16,7 @@ import torch
 from tests.helpers.compvis import (
     clip_text_to_compvis,
     open_clip_text_to_compvis,
+    save_checkpoint,
     unet_to_compvis,
     vae_to_compvis,
 )
@@ -92,12 +93,4 @@ def write_sgm_checkpoint(
     )
     if dtype is not None:
         state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    state = {key: value.detach().contiguous() for key, value in {**state, **(extra or {})}.items()}
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, path)
-    else:
-        torch.save({"state_dict": state, "global_step": 1}, path)
-    return path
+    return save_checkpoint(path, state, extra)

@@ -699,3 +699,14 @@ def comfyui_dropped(keys: Iterable[str], model: ComfyUIModel) -> dict[str, str]:
         elif target not in model.state_dict_keys:
             dropped[key] = f"maps to {target}, which the model does not have"
     return dropped
+
+
+def materialise_lora_weights(module: torch.nn.Module) -> None:
+    """Give only the small LoRA A/B layers real storage; the base model stays on the meta device."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for adapter_layers in (layer.lora_A, layer.lora_B):
+                for linear in adapter_layers.values():
+                    linear.to_empty(device="cpu")

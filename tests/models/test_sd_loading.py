@@ -15,6 +15,7 @@ from lora_scripts.models import sd_loading
 from lora_scripts.models.sd_loading import SDComponents, load_sd_components
 from lora_scripts.models.tiny import TinySD, build_tiny_sd, build_tiny_sd_components
 from tests.helpers.compvis import to_compvis_state_dict, write_compvis_checkpoint
+from tests.helpers.hub_cache import hub_snapshot
 
 
 def assert_same_weights(
@@ -180,14 +181,7 @@ def test_corrupt_folder_weights_name_the_folder(tmp_path, tiny_sd_dir):
 
 def test_cached_hub_id_loads_offline(tmp_path, monkeypatch, tiny_sd_dir, tiny_sd):
     """A hub id counts when its snapshot is in the local cache (laid out as huggingface_hub writes it)."""
-    import huggingface_hub.constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-sd"
-    shutil.copytree(tiny_sd_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    shutil.copytree(tiny_sd_dir, hub_snapshot(tmp_path, monkeypatch, "someone/tiny-sd"))
     loaded = load_sd_components("someone/tiny-sd")
     assert loaded.location.kind == "hub_cache"
     assert_same_weights(loaded, tiny_sd)

@@ -30,6 +30,7 @@ from lora_scripts.models.tiny import (
     build_tiny_sdxl_components,
 )
 from tests.helpers.compvis import to_compvis_state_dict
+from tests.helpers.hub_cache import hub_snapshot
 from tests.helpers.sgm import to_sgm_state_dict, write_sgm_checkpoint
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -290,14 +291,7 @@ def test_v_prediction_folder_without_tokenizer_folders(tmp_path, tiny_sdxl):
 
 
 def test_cached_hub_id_loads_offline(tmp_path, monkeypatch, tiny_sdxl_dir, tiny_sdxl):
-    import huggingface_hub.constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
-    shutil.copytree(tiny_sdxl_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    shutil.copytree(tiny_sdxl_dir, hub_snapshot(tmp_path, monkeypatch, "someone/tiny-sdxl"))
     loaded = load_sdxl_components("someone/tiny-sdxl")
     assert loaded.location.kind == "hub_cache"
     assert_same_weights(loaded, tiny_sdxl)
