@@ -85,11 +85,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lora_scripts.demo import next_steps_lines, run_demo
 
-    result = run_demo(Path(args.dir), steps=args.steps)
+    result = run_demo(Path(args.dir), steps=args.steps, family=args.family)
     print("Demo LoRA written:")
     for path in result.final_files:
         print(f"  {path}")
-    print("\n".join(next_steps_lines(Path(args.dir), result.final_files[-1])))
+    print("\n".join(next_steps_lines(Path(args.dir), result.final_files[-1], args.family)))
     return 0
 
 
@@ -182,11 +182,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time our training step against a diffusers-style reference loop")
-    p.add_argument("--model", default="tiny", help="tiny (default), sd15 (random weights) or a model PATH")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (default), tiny-sdxl, sd15 or sdxl (full-size architectures, random weights) or a model "
+        "PATH; SDXL models are measured without the reference loop (it is diffusers' SD 1.x/2.x script)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per loop (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
-    p.add_argument("--resolution", type=int, help="image size (default 64 for tiny, 512 otherwise)")
+    p.add_argument(
+        "--resolution", type=int, help="image size (default 64 for the tiny models, 1024 for SDXL, else 512)"
+    )
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default="no", help="mixed precision")
     p.add_argument(
         "--cache", action=argparse.BooleanOptionalAction, default=True, help="our latent/text caching"
@@ -276,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default="./demo", help="folder for the demo model, data and output")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument(
+        "--family",
+        choices=("sd", "sdxl"),
+        default="sd",
+        help="shape of the tiny base model: sd (SD 1.x, the default) or sdxl",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help=generate_args.HELP)

@@ -1,7 +1,8 @@
 """`lora-scripts demo`: the whole workflow on a fresh machine, with no download.
 
-Builds a tiny SD-1.x-shaped base model (deterministic), draws a small "ink painting" dataset with a
-metadata.csv, writes a config and trains it through the same `train()` as a real run.
+Builds a tiny base model (deterministic; SD-1.x-shaped, or SDXL-shaped with `--family sdxl`), draws a small
+"ink painting" dataset with a metadata.csv, writes a config and trains it through the same `train()` as a
+real run.
 """
 
 from __future__ import annotations
@@ -9,17 +10,44 @@ from __future__ import annotations
 import csv
 import random
 import shlex
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
 from lora_scripts.config import load_config
-from lora_scripts.models.tiny import build_tiny_sd
+from lora_scripts.models.tiny import build_tiny_sd, build_tiny_sdxl
 from lora_scripts.training.loop import TrainResult, train
 
 _SUBJECTS = ["mountain peak", "pine tree", "temple", "river", "moon", "bamboo", "boat", "bridge"]
+
+
+@dataclass(frozen=True)
+class DemoFamily:
+    """What differs between the demos of two model families: the tiny model and the run's names."""
+
+    build_model: Callable[[Path], Path]  # writes the tiny model as a diffusers folder
+    model_folder: str  # under <root>/models/
+    model_description: str  # for the closing lines
+    run_name: str  # the config's file stem and the output folder
+    config: dict[str, Any] = field(default_factory=dict)  # keys added to the shared demo config
+
+
+DEMO_FAMILIES: dict[str, DemoFamily] = {
+    "sd": DemoFamily(build_tiny_sd, "tiny-sd", "a tiny SD 1.x-shaped diffusers folder", "ink_painting_demo"),
+    # SDXL trains CLIP ViT-L's LoRA too but leaves OpenCLIP bigG frozen (rate 0): the file gets lora_unet_
+    # and lora_te1_ keys, no lora_te2_.
+    "sdxl": DemoFamily(
+        build_tiny_sdxl,
+        "tiny-sdxl",
+        "a tiny SDXL-shaped diffusers folder",
+        "ink_painting_demo_sdxl",
+        {"train_text_encoder": True, "text_encoder_lr": [5e-4, 0]},
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -27,10 +55,11 @@ class DemoLayout:
     """What the demo leaves under `root` (`--dir`, default ./demo) for the user to start from."""
 
     root: Path
+    family: str = "sd"  # a key of DEMO_FAMILIES
 
     @property
     def model(self) -> Path:
-        return self.root / "models" / "tiny-sd"
+        return self.root / "models" / DEMO_FAMILIES[self.family].model_folder
 
     @property
     def dataset(self) -> Path:
@@ -38,11 +67,11 @@ class DemoLayout:
 
     @property
     def config(self) -> Path:
-        return self.root / "configs" / "ink_painting_demo.yaml"
+        return self.root / "configs" / f"{DEMO_FAMILIES[self.family].run_name}.yaml"
 
     @property
     def output_dir(self) -> Path:
-        return self.root / "output" / "ink_painting_demo"
+        return self.root / "output" / DEMO_FAMILIES[self.family].run_name
 
 
 def draw_ink_image(subject_index: int, seed: int, size: int = 96) -> Image.Image:
@@ -84,9 +113,9 @@ def make_demo_dataset(folder: Path, num_images: int = 8) -> Path:
     return csv_path
 
 
-def write_demo_config(root: Path, steps: int) -> Path:
+def write_demo_config(root: Path, steps: int, family: str = "sd") -> Path:
     """A config like the user's ink_painting.yaml, pointed at the demo model and data."""
-    layout = DemoLayout(root)
+    layout = DemoLayout(root, family)
     config = {
         "train_data_dir": str(layout.dataset),
         "metadata_path": str(layout.dataset / "metadata.csv"),
@@ -101,6 +130,7 @@ def write_demo_config(root: Path, steps: int) -> Path:
         "save_steps": max(1, steps // 3),
         "seed": 42,
         "overwrite": True,  # running the demo again replaces its run (the old one goes to previous_runs/)
+        **DEMO_FAMILIES[family].config,
     }
     path = layout.config
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,25 +138,26 @@ def write_demo_config(root: Path, steps: int) -> Path:
     return path
 
 
-def run_demo(root: Path, steps: int = 60) -> TrainResult:
-    """Build everything under `root` and train; returns the training result."""
-    layout = DemoLayout(root)
-    build_tiny_sd(layout.model)
+def run_demo(root: Path, steps: int = 60, family: str = "sd") -> TrainResult:
+    """Build everything under `root` for `family` (a key of DEMO_FAMILIES) and train; returns the training
+    result."""
+    layout = DemoLayout(root, family)
+    DEMO_FAMILIES[family].build_model(layout.model)
     make_demo_dataset(layout.dataset)
-    return train(load_config(write_demo_config(root, steps)))
+    return train(load_config(write_demo_config(root, steps, family)))
 
 
-def next_steps_lines(root: Path, lora_file: Path) -> list[str]:
+def next_steps_lines(root: Path, lora_file: Path, family: str = "sd") -> list[str]:
     """The demo's closing lines: what it left under `root` and the commands that go on from there, with
     `lora_file` (a LoRA file it trained) named by its path in the prompt."""
-    layout = DemoLayout(root)
+    layout = DemoLayout(root, family)
     config = str(layout.config)
     prompt = f"temple, <lora:{lora_file}:1>, ink wash painting"
     generate = ["lora-scripts", "generate", "--base-model", str(layout.model), "--prompt", prompt]
     generate += ["--width", "64", "--height", "64", "--output", str(root / "renders") + "/"]
     return [
         f"Left in {root} to start from:",
-        f"  model    {layout.model}  (a tiny SD 1.x-shaped diffusers folder, untrained)",
+        f"  model    {layout.model}  ({DEMO_FAMILIES[family].model_description}, untrained)",
         f"  dataset  {layout.dataset}  (PNG images + metadata.csv)",
         f"  config   {config}",
         "Check it, train it again (edit the config first), render with the LoRA:",

@@ -446,11 +446,11 @@ BAD_MODELS: list[Row] = [
         ],
     ),
     (
-        "SDXL checkpoint in an SD 1 run",
+        "partial SDXL checkpoint",
         model_file("sdxl.safetensors", sdxl_checkpoint),
         [
-            "error: base_model: '{root}/models/sdxl.safetensors' is an SDXL checkpoint, which is not "
-            "supported yet; use an SD 1.x or 2.x model."
+            "error: base_model: '{root}/models/sdxl.safetensors' is an SDXL checkpoint without its VAE "
+            "weights ('first_stage_model.*'); use a full SDXL base checkpoint."
         ],
     ),
     (

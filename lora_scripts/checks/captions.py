@@ -49,27 +49,30 @@ class CaptionReport:
     ]  # lower-cased words, how many captions use them (ties: a-z); no stopwords
     trigger_word: str | None
     without_trigger: list[str]  # captions that never mention trigger_word
-    trigger_cut_off: list[str]  # captions that mention it only after the 75th token
+    trigger_cut_off: list[str]  # captions that mention it only after the token_limit-th token
+    token_limit: int = CLIP_CAPTION_TOKENS  # caption tokens training reads (max_token_length)
 
 
 def analyze_captions(
     items: Sequence[CaptionedImage],
     trigger_word: str | None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    token_limit: int = CLIP_CAPTION_TOKENS,
 ) -> CaptionReport:
     """Token counts, tag and word frequencies and trigger-word presence of `items`' captions.
 
     `tokenizer` defaults to the shipped CLIP tokenizer (SD 1.x and 2.x share its vocabulary), so nothing
-    but a few small files is loaded.
+    but a few small files is loaded. `token_limit`: the caption tokens training reads (75, or the run's
+    max_token_length 150 / 225).
     """
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer("sd_v1")
     captions = [item.caption for item in items]
     # verbose=False: transformers would warn about every caption longer than 77 tokens, which is the point.
     token_ids = tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"] if captions else []
     too_long = [
-        LongCaption(item.file_name, len(ids), tokenizer.decode(ids[CLIP_CAPTION_TOKENS:]).strip())
+        LongCaption(item.file_name, len(ids), tokenizer.decode(ids[token_limit:]).strip())
         for item, ids in zip(items, token_ids, strict=True)
-        if len(ids) > CLIP_CAPTION_TOKENS
+        if len(ids) > token_limit
     ]
     too_long.sort(key=lambda caption: (-caption.tokens, caption.file_name))
 
@@ -83,7 +86,7 @@ def analyze_captions(
             if found is None:
                 without_trigger.append(item.file_name)
             elif item.file_name in long_names and _tokens_before(tokenizer, item.caption, found.start()) >= (
-                CLIP_CAPTION_TOKENS
+                token_limit
             ):
                 trigger_cut_off.append(item.file_name)
 
@@ -98,6 +101,7 @@ def analyze_captions(
         top_tags=list(tag_frequency(items).items())[:TOP_COUNT],
         top_words=sorted(words.items(), key=lambda item: (-item[1], item[0]))[:TOP_COUNT],
         trigger_word=trigger_word,
+        token_limit=token_limit,
         without_trigger=sorted(without_trigger),
         trigger_cut_off=sorted(trigger_cut_off),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_scripts.checks.captions import CLIP_CAPTION_TOKENS, CaptionReport
+from lora_scripts.checks.captions import CaptionReport
 from lora_scripts.checks.images import (
     EXTREME_ASPECT_RATIO,
     NEAR_DUPLICATE_MAX_DISTANCE,
@@ -75,7 +75,7 @@ def caption_warnings(captions: CaptionReport) -> list[str]:
     if captions.too_long:
         longest = [f"{c.file_name} ({c.tokens} tokens)" for c in captions.too_long]
         out.append(
-            f"{_plural(len(longest), 'caption is', 'captions are')} longer than the {CLIP_CAPTION_TOKENS} "
+            f"{_plural(len(longest), 'caption is', 'captions are')} longer than the {captions.token_limit} "
             f"tokens CLIP reads and will be cut: {named(longest)}; shorten or put what matters first."
         )
     if captions.trigger_word is not None and captions.without_trigger:
@@ -86,7 +86,7 @@ def caption_warnings(captions: CaptionReport) -> list[str]:
         )
     if captions.trigger_word is not None and captions.trigger_cut_off:
         out.append(
-            f"trigger_word '{captions.trigger_word}' comes after the {CLIP_CAPTION_TOKENS}th token in "
+            f"trigger_word '{captions.trigger_word}' comes after the {captions.token_limit}th token in "
             f"{_plural(len(captions.trigger_cut_off), 'caption')}, where CLIP never reads it: "
             f"{named(captions.trigger_cut_off)}; move it to the front."
         )

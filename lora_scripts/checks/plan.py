@@ -13,23 +13,25 @@ from typing import Any
 
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
-from lora_scripts.models.detect import SDVersion, detect_sd_version, read_checkpoint
+from lora_scripts.models.detect import ModelVersion, checkpoint_shapes
+from lora_scripts.models.family import LoraTargets
 from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.lora import add_lora_adapter
-from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
+from lora_scripts.models.lora_presets import resolve_lora_layers
+from lora_scripts.models.registry import base_model_version
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
 from lora_scripts.models.sd_loading import (
     folder_config,
     require_configs,
     shipped_config_dir,
-    version_from_unet_config,
 )
+from lora_scripts.models.sdxl_loading import check_sdxl_folder, require_sdxl_parts
 from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
@@ -146,7 +148,7 @@ class NetworkFacts:
     """The base model as far as the LoRA is concerned, and the LoRA's trainable parameter counts."""
 
     base_model_kind: str  # "single_file", "diffusers_folder" or "hub_cache"
-    sd_version: SDVersion
+    sd_version: ModelVersion
     architecture_from: Path  # the folder whose unet/ and text_encoder/ configs describe the model
     rank: int
     alpha: float
@@ -165,45 +167,37 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
     target name that matches no layer (as training words it).
     """
     location = locate_base_model(config.base_model)
+    version = base_model_version(config.base_model)
+    parts = folder_parts(version)
     if location.kind == "single_file":
-        version = detect_sd_version(_checkpoint_shapes(location.path), location.path)
+        if version == "sdxl":
+            require_sdxl_parts(checkpoint_shapes(location.path), location.path)
         config_dir = Path(config.base_model_config or shipped_config_dir(version))
-        require_configs(config_dir, FOLDER_PARTS)
+        require_configs(config_dir, parts)
         unet_config = dict(
             UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
         )
     else:
         config_dir = location.path
+        if version == "sdxl":
+            check_sdxl_folder(config_dir)
         unet_config = folder_config(UNet2DConditionModel, config_dir, "unet")
-        version = version_from_unet_config(unet_config, config_dir)
-        _check_folder_weights(config_dir)
+        _check_folder_weights(config_dir, parts)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
     with init_empty_weights():  # meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory
         unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(_text_encoder_config(config_dir)) if config.train_text_encoder else None
-        problems: list[str] = []
-        unet_targets: list[str] = []
-        conv_targets: list[str] = []
-        try:
-            unet_targets, conv_targets = unet_lora_layers(
-                unet, _listed(config.target_modules), conv=bool(config.conv_rank)
-            )
-        except UserError as err:
-            problems += err.messages
-        te_targets = None
-        if text_encoder is not None:
-            te_targets = _resolved(
-                problems,
-                text_encoder,
-                config.text_encoder_target_modules,
-                "text_encoder_target_modules",
-                "text encoder",
-                TEXT_ENCODER_PRESETS,
-            )
-        if problems:
-            raise UserError(problems)
+        encoders = _meta_text_encoders(config_dir, version) if config.train_text_encoder else []
+        rates = config.text_encoder_rates(len(encoders))
+        targets = LoraTargets(
+            unet=_listed(config.target_modules),
+            text_encoder=_listed(config.text_encoder_target_modules) if config.train_text_encoder else None,
+            text_encoder_mask=tuple(rate > 0 for rate in rates),
+        )
+        unet_targets, conv_targets, te_targets = resolve_lora_layers(
+            unet, encoders, targets, conv=bool(config.conv_rank)
+        )
         unet_count = add_lora_adapter(
             unet,
             unet_targets,
@@ -213,20 +207,35 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
             conv_rank=config.conv_rank,
             conv_alpha=conv_alpha,
         )
-        te_count = 0
-        if text_encoder is not None and te_targets is not None:
-            te_count = add_lora_adapter(text_encoder, te_targets, config.lora_rank, alpha)
+        te_count = sum(
+            add_lora_adapter(encoder, layers, config.lora_rank, alpha)
+            for encoder, layers in zip(encoders, targets.text_encoder_layers(te_targets), strict=False)
+            if layers is not None
+        )
     return NetworkFacts(location.kind, version, config_dir, config.lora_rank, alpha, unet_count, te_count)
 
 
-def _check_folder_weights(folder: Path) -> None:
+def folder_parts(version: str) -> tuple[str, ...]:
+    """The diffusers-folder parts training loads for a model version."""
+    return FOLDER_PARTS + (("text_encoder_2",) if version == "sdxl" else ())
+
+
+def _meta_text_encoders(config_dir: Path, version: str) -> list[Any]:
+    """The text encoders (meta device, inside init_empty_weights) in training's order."""
+    encoders = [CLIPTextModel(_text_encoder_config(config_dir, "text_encoder"))]
+    if version == "sdxl":
+        encoders.append(CLIPTextModelWithProjection(_text_encoder_config(config_dir, "text_encoder_2")))
+    return encoders
+
+
+def _check_folder_weights(folder: Path, parts: tuple[str, ...] = FOLDER_PARTS) -> None:
     """Each part of a diffusers folder that training loads has its config and weight files, and every
     .safetensors header reads (a truncated file fails here): an incomplete download is found before training
     touches output_dir, without reading a weight."""
     from safetensors import safe_open
 
     problems: list[str] = []
-    for part in FOLDER_PARTS:
+    for part in parts:
         if not (folder / part / "config.json").is_file():
             problems.append(
                 f"base_model: '{folder}' has no {part}/config.json; it is not a complete SD model."
@@ -255,75 +264,10 @@ def _listed(targets: str | tuple[str, ...]) -> str | list[str]:
     return targets if isinstance(targets, str) else list(targets)
 
 
-def _resolved(
-    problems: list[str], module: Any, targets: Any, key: str, component: str, presets: tuple[str, ...]
-) -> list[str]:
-    """resolve_targets as training runs it; its messages are collected so UNet and text-encoder ones come
-    together."""
-    try:
-        return resolve_targets(
-            module,
-            targets if isinstance(targets, str) else list(targets),
-            key=key,
-            component=component,
-            presets=presets,
-        )
-    except UserError as err:
-        problems += err.messages
-        return []
-
-
-def _text_encoder_config(config_dir: Path) -> CLIPTextConfig:
-    if not (config_dir / "text_encoder" / "config.json").is_file():
-        raise UserError(
-            f"base_model: '{config_dir}' has no text_encoder/config.json; it is not a complete SD model."
-        )
-    return CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder", local_files_only=True)
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """Stands in for a tensor where only its shape is read (detect_sd_version looks at conv_in's)."""
-
-    shape: tuple[int, ...]
-
-
-def _checkpoint_shapes(path: Path) -> dict[str, Any]:
-    """Key -> object with `.shape` of a single-file checkpoint.
-
-    For .safetensors only the header is read (names and shapes), so a 4 GB file costs milliseconds. A
-    .ckpt has no such header: one in PyTorch's zip format is memory-mapped (its tensors are not read), an
-    older one is read whole. Anything unreadable goes to read_checkpoint, which words every error.
-    """
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as handle:
-                return {key: _Shape(tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
-        except Exception:  # noqa: BLE001 - unreadable: read_checkpoint raises the loader's UserError for it
-            pass
-    else:
-        mapped = _mapped_checkpoint(path)
-        if mapped is not None:
-            return mapped
-    return dict(read_checkpoint(path))
-
-
-def _mapped_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The tensors of a zip-format checkpoint, memory-mapped (weights_only, as read_checkpoint loads it);
-    None when it is not one, or not a dict of tensors."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - an old format, a text file, pickled objects: read_checkpoint says which
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        return None
-    return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+def _text_encoder_config(config_dir: Path, part: str) -> CLIPTextConfig:
+    if not (config_dir / part / "config.json").is_file():
+        raise UserError(f"base_model: '{config_dir}' has no {part}/config.json; it is not a complete model.")
+    return CLIPTextConfig.from_pretrained(config_dir, subfolder=part, local_files_only=True)
 
 
 @dataclass(frozen=True)

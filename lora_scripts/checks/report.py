@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_scripts.checks.captions import CLIP_CAPTION_TOKENS, CaptionReport
+from lora_scripts.checks.captions import CaptionReport
 from lora_scripts.checks.findings import named
 from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
 from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts, SpeedFacts
@@ -20,7 +20,7 @@ JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may
 LOCK_HOLDER_KEYS = ("pid", "host", "started", "command")  # null when the lock file is unreadable
 _SHOWN = 4  # items listed per line of the text view (the JSON lists all)
 _TOP_SHOWN = 8  # most frequent tags and words shown
-_SD_VERSION_NAMES = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x"}
+_SD_VERSION_NAMES = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _captions_json(captions: CaptionReport | None) -> dict[str, Any] | None:
         return None
     return {
         "count": captions.count,
-        "clip_token_limit": CLIP_CAPTION_TOKENS,
+        "clip_token_limit": captions.token_limit,
         "longest_tokens": captions.longest_tokens,
         "too_long": [
             {"file_name": c.file_name, "tokens": c.tokens, "cut_off": c.cut_off} for c in captions.too_long
@@ -291,7 +291,7 @@ def _dataset_lines(dataset: DatasetFacts, images: ImageReport | None, resolution
 
 def _caption_lines(captions: CaptionReport) -> list[str]:
     lines = ["", f"Captions: {captions.count}, longest {captions.longest_tokens} CLIP tokens"]
-    lines.append(_row(f"> {CLIP_CAPTION_TOKENS} tokens", f"{len(captions.too_long)} cut"))
+    lines.append(_row(f"> {captions.token_limit} tokens", f"{len(captions.too_long)} cut"))
     for caption in captions.too_long[:5]:
         lines.append(f'    {caption.file_name}: {caption.tokens} tokens, cut: "{_clip(caption.cut_off)}"')
     if captions.trigger_word is not None:
@@ -364,7 +364,12 @@ def _network_lines(network: NetworkFacts) -> list[str]:
         _row("UNet", f"{network.unet_parameters:,} trainable parameters"),
     ]
     if network.text_encoder_parameters:
-        lines.append(_row("text encoder", f"{network.text_encoder_parameters:,} trainable parameters"))
+        lines.append(
+            _row(
+                "text encoders" if network.sd_version == "sdxl" else "text encoder",
+                f"{network.text_encoder_parameters:,} trainable parameters",
+            )
+        )
     lines.append(_row("total", f"{network.total_parameters:,}"))
     return lines
 

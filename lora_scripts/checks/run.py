@@ -52,7 +52,9 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     # Images are worth checking even when captions have problems: fix everything in one pass.
     root, names = _image_names(datasets, training_set)
     images = analyze_images(root, names, config.resolution) if names else None
-    captions = analyze_captions(items, config.trigger_word) if items else None
+    captions = (
+        analyze_captions(items, config.trigger_word, token_limit=config.max_token_length) if items else None
+    )
     plan = plan_facts(training_set, config) if items and training_set else None
     network = None
     try:
@@ -144,7 +146,9 @@ def check_before_training(config: TrainConfig, *, base_model: bool = False) -> T
     root, names = _image_names(datasets, training_set)
     warnings = metadata_csv_warnings(config)
     warnings += image_warnings(analyze_images(root, names, config.resolution), config.resolution)
-    warnings += caption_warnings(analyze_captions(items, config.trigger_word))
+    warnings += caption_warnings(
+        analyze_captions(items, config.trigger_word, token_limit=config.max_token_length)
+    )
     # No accelerator exists yet; launchers (torchrun, accelerate launch) say the process count and rank in
     # the environment. Steps shrink with more processes, and one copy of each warning is enough.
     plan = plan_facts(training_set, config, num_processes=int(os.environ.get("WORLD_SIZE", "1")))

@@ -94,6 +94,47 @@ def _targets(value: Any, presets: tuple[str, ...]) -> Any:
     return value
 
 
+def text_encoder_lrs(value: Any) -> Any:
+    """A rate for every text encoder (a number > 0), or one per text encoder as sd-scripts' SDXL
+    `--text_encoder_lr te1 te2` (a list of one or two numbers >= 0, not all 0; 0 leaves that encoder
+    frozen)."""
+    # PyYAML reads 1e-5 (no '.') as text; pydantic would coerce a lone one after these checks, a listed one
+    # not at all, so numbers written that way are read here, as the docs promise ("0.0002 or 2e-4").
+    value = [_yaml_number(v) for v in value] if isinstance(value, list | tuple) else _yaml_number(value)
+    if isinstance(value, bool):
+        raise PydanticCustomError("lora_lr", "is a boolean, not a learning rate", {})
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise PydanticCustomError("lora_lr", "must be greater than 0 (got {value})", {"value": value})
+        return float(value)
+    if isinstance(value, list | tuple):
+        if not 1 <= len(value) <= 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
+            raise PydanticCustomError(
+                "lora_lr",
+                "must be a number, or a list of one or two numbers >= 0 (one per text encoder, as "
+                "[te1_lr, te2_lr] for SDXL)",
+                {},
+            )
+        if not any(value):
+            raise PydanticCustomError(
+                "lora_lr", "gives every text encoder rate 0; set train_text_encoder: false instead", {}
+            )
+        return float(value[0]) if len(value) == 1 else tuple(float(v) for v in value)
+    return value
+
+
+def _yaml_number(value: Any) -> Any:
+    """'5e-5' → 5e-05; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def unet_targets(value: Any) -> Any:
     from lora_scripts.models.lora_presets import UNET_PRESETS  # the presets live beside the code using them
 

@@ -130,10 +130,18 @@ class LossKeys(BaseModel):
     clip_skip: Int | None = field(
         "loss",
         "Use the text encoder's n-th layer from the end (2 = the penultimate, common for anime models); "
-        "sample images use the same.",
+        "sample images use the same. SD 1.x/2.x only: SDXL always uses its encoders' penultimate layer.",
         None,
         default_doc="1 (the last layer)",
         ge=1,
+    )
+    max_token_length: Literal[75, 150, 225] = field(
+        "loss",
+        "Caption tokens the text encoders read: 75 (CLIP's window; longer captions are cut), or 150 / 225 "
+        "to read longer captions in 75-token chunks, as sd-scripts' max_token_length does (the chunks' "
+        "encodings are joined, so the prompt embedding is 152 or 227 long).",
+        75,
+        allowed_doc="75, 150 or 225",
     )
     loss_type: LossType = field(
         "loss",

@@ -125,7 +125,24 @@ def _validate(
         problems.sort(key=lambda item: item[0])
         raise UserError([f"{source}: {key_path}: {problem}" for _, key_path, problem in problems])
     assert config is not None
+    if "resolution" not in data and check_paths:
+        config = config.model_copy(update={"resolution": _native_resolution(config.base_model)})
     return config.resolved()
+
+
+def _native_resolution(base_model: str) -> int:
+    """The resolution a base model was trained at (SDXL 1024, SD 512), the default of `resolution`.
+
+    Only the model family knows it, from the file's header or the folder's configs, so this reaches up into
+    models/ (lazily: the config layer is below it). A base model that cannot be read keeps the schema's 512;
+    `check` and `train` then report what is wrong with it.
+    """
+    from lora_scripts.models.registry import native_resolution
+
+    try:
+        return native_resolution(base_model)
+    except UserError:
+        return TrainConfig.model_fields["resolution"].default
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:

@@ -21,6 +21,7 @@ from lora_scripts.config.fields import (
     field,
     prompts_input,
     sampler_name,
+    text_encoder_lrs,
     text_encoder_targets,
     unet_targets,
     yaml_no,
@@ -35,6 +36,7 @@ from lora_scripts.config.keys_training import (
     WarmupSteps,
     low_memory_settings,
 )
+from lora_scripts.errors import UserError
 
 SECTIONS: tuple[str, ...] = (
     "data",
@@ -94,11 +96,12 @@ class TrainConfig(
     )
     resolution: Int = field(
         "data",
-        "Side length in pixels that images are trained at: 512 for SD 1.x, 768 for SD 2.x 768-v models. "
-        "A multiple of 8, because the VAE shrinks images 8 times.",
+        "Side length in pixels that images are trained at: 512 for SD 1.x, 768 for SD 2.x 768-v models, "
+        "1024 for SDXL. A multiple of 8, because the VAE shrinks images 8 times.",
         512,
         ge=64,
         multiple_of=8,
+        default_doc="the base model's native size: 1024 for SDXL, 512 for SD 1.x/2.x",
     )
     trigger_word: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = field(
         "data",
@@ -112,7 +115,8 @@ class TrainConfig(
     # --- model ---
     base_model: NonEmptyStr = field(
         "model",
-        "The Stable Diffusion 1.x/2.x model to train on: a single checkpoint file (.safetensors or .ckpt), "
+        "The SD 1.x, SD 2.x or SDXL model to train on (Pony, Illustrious and NoobAI are SDXL): a single "
+        "checkpoint file (.safetensors or .ckpt), "
         "a diffusers folder (with model_index.json), or a Hugging Face hub id already in the local cache "
         "(nothing is downloaded).",
         what="the Stable Diffusion checkpoint to train on: a .safetensors file or a diffusers folder",
@@ -127,8 +131,10 @@ class TrainConfig(
     )
     v_parameterization: bool | None = field(
         "model",
-        "Whether the model predicts velocity (v) instead of noise, as SD 2.x 768-v models do. Leave it out "
-        "to detect it from the checkpoint; set it only when detection gets it wrong.",
+        "Whether the model predicts velocity (v) instead of noise, as SD 2.x 768-v models and SDXL v-pred "
+        "models (NoobAI-XL v-pred) do. Leave it out to detect it from the checkpoint (a `v_pred` key, a "
+        "diffusers folder's scheduler config, or for SD 2.x a test inference); set it only when detection "
+        "gets it wrong, e.g. for an SDXL v-pred file without that key.",
         None,
         default_doc="none (detected from the checkpoint)",
     )
@@ -175,12 +181,14 @@ class TrainConfig(
         min_length=1,
         allowed_doc="'attn', 'attn-mlp', 'kohya', or a list of layer names",
     )
-    text_encoder_lr: Float | None = field(
+    text_encoder_lr: Annotated[float | tuple[float, float], BeforeValidator(text_encoder_lrs)] | None = field(
         "network",
-        "Learning rate of the text-encoder LoRA; about half of learning_rate is usual.",
+        "Learning rate of the text-encoder LoRA; about half of learning_rate is usual. SDXL has two text "
+        "encoders: a list [te1, te2] gives each its own rate (sd-scripts' --text_encoder_lr te1 te2), and 0 "
+        "leaves that one frozen (e.g. [0.00005, 0] trains only CLIP ViT-L).",
         None,
         default_doc="same as learning_rate",
-        gt=0,
+        allowed_doc="a number > 0, or [te1, te2] for SDXL (numbers >= 0)",
     )
 
     # --- training ---
@@ -408,6 +416,22 @@ class TrainConfig(
                 "logging_dir": self.output_dir / "logs" if self.logging_dir is None else self.logging_dir,
             }
         )
+
+    def text_encoder_rates(self, num_encoders: int) -> list[float]:
+        """The learning rate of each of a model's `num_encoders` text encoders (0: not trained), from a
+        resolved config; all 0 when train_text_encoder is false. UserError when text_encoder_lr lists more
+        rates than the model has text encoders."""
+        if not self.train_text_encoder:
+            return [0.0] * num_encoders
+        rates = self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+        if isinstance(rates, float | int):
+            return [float(rates)] * num_encoders
+        if len(rates) != num_encoders:
+            raise UserError(
+                f"text_encoder_lr: {list(rates)} gives {len(rates)} rates but this model has {num_encoders} "
+                "text encoder(s); give one number."
+            )
+        return [float(r) for r in rates]
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The config as plain YAML-friendly types (paths as str, lists), in schema order."""

@@ -17,6 +17,7 @@ from lora_scripts.data.batching import BucketBatchSampler
 from lora_scripts.data.caption_ops import CaptionOptions, process_caption
 from lora_scripts.data.images import fit_to_bucket, flip_horizontal, load_rgb, to_tensor
 from lora_scripts.data.latent_cache import LatentRequest
+from lora_scripts.data.size_conditioning import center_size_conditioning, size_conditioning
 from lora_scripts.data.training_set import Sample
 
 Key = tuple[int, int]  # (epoch, sample index)
@@ -24,7 +25,8 @@ Key = tuple[int, int]  # (epoch, sample index)
 
 class TrainingDataset(Dataset):
     """Samples as `{"pixel_values": float32 [3, H, W] in [-1, 1]` (or `"moments"`: the cached VAE posterior
-    [2C, H/8, W/8]), `"caption": str, "loss_weight": float}`; H, W are the sample's bucket.
+    [2C, H/8, W/8]), `"caption": str, "loss_weight": float, "size_conditioning": long [6]}`; H, W are the
+    sample's bucket, size_conditioning SDXL's (original size, crop top-left, target size) of the draw.
 
     flip_aug, random_crop: per dataset (index = `CaptionedImage.subset`). latents: when given, every sample's
     moments are read from it (both flips cached when flip_aug is on) and no image is decoded.
@@ -59,25 +61,37 @@ class TrainingDataset(Dataset):
         flip = self.flip_aug[subset] and rng.random() < 0.5
         caption = process_caption(sample.image.caption, self.caption_options[subset], rng)
         out: dict[str, torch.Tensor | str | float] = {"caption": caption, "loss_weight": sample.loss_weight}
-        if self.latents is not None:
-            out["moments"] = self.latents[LatentRequest(sample.image.path, sample.bucket, flip)]
+        request = LatentRequest(sample.image.path, sample.bucket, flip)
+        if self.latents is not None:  # cached latents are center crops (the config refuses random_crop)
+            out["moments"] = self.latents[request]
+            out["size_conditioning"] = center_size_conditioning(
+                sample.original_size, sample.bucket, flip=flip
+            )
             return out
-        out["pixel_values"] = load_pixels(
-            LatentRequest(sample.image.path, sample.bucket, flip),
-            crop="random" if self.random_crop[subset] else "center",
-            rng=rng,
+        crop = "random" if self.random_crop[subset] else "center"
+        out["pixel_values"], crop_left_top = fit_pixels(request, crop=crop, rng=rng)
+        out["size_conditioning"] = size_conditioning(
+            sample.original_size, sample.bucket, crop_left_top, flip=flip
         )
         return out
+
+
+def fit_pixels(
+    request: LatentRequest, *, crop: str = "center", rng: random.Random | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image fitted to its bucket (and flipped if asked): (float32 [3, H, W] in [-1, 1], the crop's
+    (left, top) in the resized image before the flip, as `fit_to_bucket` returns it)."""
+    image, crop_left_top = fit_to_bucket(load_rgb(request.path), request.bucket, crop=crop, rng=rng)  # type: ignore[arg-type]
+    if request.flip:
+        image = flip_horizontal(image)
+    return to_tensor(image), crop_left_top
 
 
 def load_pixels(
     request: LatentRequest, *, crop: str = "center", rng: random.Random | None = None
 ) -> torch.Tensor:
     """An image fitted to its bucket (and flipped if asked): float32 [3, H, W] in [-1, 1]."""
-    image, _ = fit_to_bucket(load_rgb(request.path), request.bucket, crop=crop, rng=rng)  # type: ignore[arg-type]
-    if request.flip:
-        image = flip_horizontal(image)
-    return to_tensor(image)
+    return fit_pixels(request, crop=crop, rng=rng)[0]
 
 
 class EpochBatchSampler(Sampler[list[Key]]):
@@ -105,12 +119,13 @@ class EpochBatchSampler(Sampler[list[Key]]):
 
 def collate(batch: Sequence[Mapping[str, torch.Tensor | str | float]]) -> dict[str, object]:
     """Stack a batch (all of one bucket): pixel_values or moments [B, ...], captions (list of B str),
-    loss_weights float32 [B]. A module-level function so DataLoader workers can pickle it."""
+    loss_weights float32 [B], size_conditioning long [B, 6] (`data/size_conditioning.py`).
+    A module-level function so DataLoader workers can pickle it."""
     out: dict[str, object] = {
         "captions": [str(example["caption"]) for example in batch],
         "loss_weights": torch.tensor([float(example["loss_weight"]) for example in batch]),  # type: ignore[arg-type]
     }
-    for key in ("pixel_values", "moments"):
+    for key in ("pixel_values", "moments", "size_conditioning"):
         if key in batch[0]:
             out[key] = torch.stack([example[key] for example in batch])  # type: ignore[misc]
     return out

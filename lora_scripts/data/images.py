@@ -147,12 +147,7 @@ def fit_to_bucket(
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs an rng (random.Random) so that the crops can be reproduced")
-    width, height = img.size
-    scale = max(bucket_width / width, bucket_height / height)
-    # Same arithmetic as resize_and_crop (round, then max() against rounding the fitting side one pixel
-    # short), so that square buckets give identical pixels. sd-scripts rounds half up (int(x + 0.5)); Python's
-    # round differs only on exact halves, by one pixel of overhang that the crop removes anyway.
-    new_size = (max(bucket_width, round(width * scale)), max(bucket_height, round(height * scale)))
+    new_size = covering_size(img.size, bucket)
     if new_size != img.size:
         img = img.resize(new_size, Image.Resampling.LANCZOS)
     slack_x, slack_y = new_size[0] - bucket_width, new_size[1] - bucket_height
@@ -160,10 +155,29 @@ def fit_to_bucket(
         assert rng is not None  # checked above; narrows the type
         left, top = rng.randint(0, slack_x), rng.randint(0, slack_y)
     else:
-        left, top = slack_x // 2, slack_y // 2
+        left, top = slack_x // 2, slack_y // 2  # center_crop_offset, from the resized size
     if (left, top, *new_size) == (0, 0, bucket_width, bucket_height):
         return img, (0, 0)
     return img.crop((left, top, left + bucket_width, top + bucket_height)), (left, top)
+
+
+def covering_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) `fit_to_bucket` resizes an image of `size` to: the smallest that covers `bucket`.
+
+    Same arithmetic as resize_and_crop (round, then max() against rounding the fitting side one pixel
+    short), so that square buckets give identical pixels. sd-scripts rounds half up (int(x + 0.5)); Python's
+    round differs only on exact halves, by one pixel of overhang that the crop removes anyway.
+    """
+    (width, height), (bucket_width, bucket_height) = size, bucket
+    scale = max(bucket_width / width, bucket_height / height)
+    return max(bucket_width, round(width * scale)), max(bucket_height, round(height * scale))
+
+
+def center_crop_offset(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of `fit_to_bucket`'s center crop, in pixels of the resized image, for an image of `size`
+    (before resizing): the overhang split evenly, rounding the offset down."""
+    resized = covering_size(size, bucket)
+    return (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
 
 
 def flip_horizontal(img: Image.Image) -> Image.Image:

@@ -29,6 +29,7 @@ class Sample:
     image: CaptionedImage
     bucket: Size  # (width, height) it is trained at
     loss_weight: float  # 1, or prior_loss_weight for regularization images
+    original_size: Size  # the image's displayed (width, height), before it is fitted to `bucket`
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,16 @@ def build_training_set(
     if validation_split > 0:
         images, validation = split_validation(images, validation_split, seed)
     per_dataset = [bucket_settings(d, buckets) for d in datasets]
-    bucket_of = {item: assign_bucket(image_size(item.path), per_dataset[item.subset]) for item in images}
+    size_of = {item: image_size(item.path) for item in images}
+    bucket_of = {item: assign_bucket(size_of[item], per_dataset[item.subset]) for item in images}
     train = [item for item in images if not item.is_reg]
     reg = [item for item in images if item.is_reg]
-    samples = [Sample(item, bucket_of[item], 1.0) for item in train for _ in range(item.repeats)]
+    samples = [
+        Sample(item, bucket_of[item], 1.0, size_of[item]) for item in train for _ in range(item.repeats)
+    ]
     reg_repeats = balanced_reg_repeats([item.repeats for item in reg], len(samples))
     samples += [
-        Sample(item, bucket_of[item], prior_loss_weight)
+        Sample(item, bucket_of[item], prior_loss_weight, size_of[item])
         for item, repeats in zip(reg, reg_repeats, strict=True)
         for _ in range(repeats)
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,16 @@ def read_lora_tensors(path: Path, key: str) -> tuple[dict[str, torch.Tensor], di
     except Exception as err:  # noqa: BLE001 - missing and damaged files raise several types
         raise UserError(f"{key}: '{path}' cannot be read as a safetensors LoRA file ({err}).") from err
     return tensors, metadata
+
+
+def read_lora_header(path: Path, key: str) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of the safetensors file at `path`, from its header alone; UserError
+    naming `key` when unreadable."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys()), dict(fh.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - missing and damaged files raise several types
+        raise UserError(f"{key}: '{path}' cannot be read as a safetensors LoRA file ({err}).") from err
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -189,3 +200,59 @@ def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef]:
             for dotted in {kohya, kohya.removeprefix("text_model.")}:
                 index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = ref
     return index
+
+
+# --- which model family a file was made for -----------------------------------------------------------------
+
+SD_FAMILY, SDXL_FAMILY = "SD 1.x/2.x", "SDXL"  # as messages name them
+_SDXL_ONLY = (  # a second text encoder, or sgm UNet names (sd-scripts' SDXL layout, export/sdxl_keys.py)
+    "lora_te2_",
+    "text_encoder_2.",
+    "lora_unet_input_blocks_",
+    "lora_unet_middle_block_",
+    "lora_unet_output_blocks_",
+)
+_SD_ONLY = ("lora_te_",)  # SDXL files name their encoders lora_te1_ / lora_te2_
+_SD_VERSIONS = ("sdv1", "sdv2", "sd1", "sd2", "v1", "v2")  # ss_base_model_version without punctuation
+_SD_ARCHITECTURES = ("stable-diffusion-v1", "stable-diffusion-v2")
+
+
+def lora_family(keys: Iterable[str], metadata: dict[str, str], *, guess: bool = False) -> str | None:
+    """The family a LoRA file was made for (SD_FAMILY or SDXL_FAMILY), or None when the file does not tell.
+
+    First its metadata: sd-scripts' `ss_base_model_version` ("sd_v1", "sd_v2", "sdxl_base_v1-0") or
+    `modelspec.architecture` ("stable-diffusion-v1/lora", "stable-diffusion-xl-v1-base/lora"). Else names only
+    one family's files use: `lora_te2_`, `text_encoder_2.` or sgm UNet names (`lora_unet_input_blocks_…`) are
+    SDXL's, `lora_te_` is SD 1.x/2.x's.
+
+    guess: also read names both families' files may use, for explaining why a file does not fit (never to
+    refuse one): `lora_te1_` means SDXL (a few SD 1.x files use it too), else diffusers-path UNet names
+    (`lora_unet_down_blocks_…`) mean SD 1.x/2.x (diffusers' kohya conversion writes them for SDXL too).
+    """
+    declared = version_family(metadata.get("ss_base_model_version", ""))
+    if declared is not None:
+        return declared
+    architecture = metadata.get("modelspec.architecture", "").lower()
+    if architecture.startswith("stable-diffusion-xl"):
+        return SDXL_FAMILY
+    if architecture.startswith(_SD_ARCHITECTURES):
+        return SD_FAMILY
+    keys = list(keys)
+    if any(key.startswith(_SDXL_ONLY) for key in keys):
+        return SDXL_FAMILY
+    if any(key.startswith(_SD_ONLY) for key in keys):
+        return SD_FAMILY
+    if guess and any(key.startswith("lora_te1_") for key in keys):
+        return SDXL_FAMILY
+    if guess and any(key.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_")) for key in keys):
+        return SD_FAMILY
+    return None
+
+
+def version_family(version: str) -> str | None:
+    """SDXL_FAMILY or SD_FAMILY for a base model version: sd-scripts' `ss_base_model_version` ("sd_v1",
+    "sd_v2_768_v", "sdxl_base_v1-0") or models/detect.py's ("sd_v1", "sd_v2", "sdxl"); None for another."""
+    version = re.sub(r"[^a-z0-9]", "", version.lower())
+    if version.startswith("sdxl"):
+        return SDXL_FAMILY
+    return SD_FAMILY if version.startswith(_SD_VERSIONS) else None

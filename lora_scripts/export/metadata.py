@@ -45,7 +45,7 @@ class RunMetadata:
     batch_size: int
     gradient_accumulation_steps: int
     learning_rate: float
-    text_encoder_lr: float | None
+    text_encoder_lr: float | tuple[float, ...] | None  # SDXL: one rate per text encoder
     lr_scheduler: str
     lr_warmup_steps: int
     max_grad_norm: float
@@ -81,7 +81,7 @@ class RunMetadata:
             "ss_gradient_accumulation_steps": str(self.gradient_accumulation_steps),
             "ss_learning_rate": _num(self.learning_rate),
             "ss_unet_lr": _num(self.learning_rate if self.unet_lr is None else self.unet_lr),
-            "ss_text_encoder_lr": _num(self.text_encoder_lr) if self.text_encoder_lr is not None else "None",
+            "ss_text_encoder_lr": _rates(self.text_encoder_lr),
             "ss_lr_scheduler": self.lr_scheduler,
             "ss_lr_warmup_steps": str(self.lr_warmup_steps),
             "ss_max_grad_norm": _num(self.max_grad_norm),
@@ -93,6 +93,15 @@ class RunMetadata:
             "ss_training_started_at": str(self.training_started_at),
             **self.extra,
         }
+
+
+def _rates(value: float | tuple[float, ...] | None) -> str:
+    """sd-scripts' str() of text_encoder_lr: "None", "5e-05", or "[5e-05, 0.0]" for one rate per encoder."""
+    if value is None:
+        return "None"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(float(v)) for v in value) + "]"
+    return _num(value)
 
 
 def _num(value: float) -> str:

@@ -156,13 +156,17 @@ class SgmUnetMap:
         return len(self._to_sgm)
 
 
-def sdxl_networks(unet: nn.Module, text_encoders: Sequence[nn.Module] = ()) -> list[LoraNetwork]:
+def sdxl_networks(unet: nn.Module, text_encoders: Sequence[nn.Module | None] = ()) -> list[LoraNetwork]:
     """The networks of an SDXL LoRA in save order, named as sd-scripts names them: `lora_unet` (sgm paths),
-    then, when trained, `lora_te1` (CLIP ViT-L) and `lora_te2` (OpenCLIP bigG, in transformers' layout)."""
+    then, when trained, `lora_te1` (CLIP ViT-L) and `lora_te2` (OpenCLIP bigG, in transformers' layout).
+
+    text_encoders: () for a UNet-only LoRA, else [te1, te2] with None for one that is not trained.
+    """
     if len(text_encoders) not in (0, 2):
         raise ValueError(f"SDXL has two text encoders, got {len(text_encoders)}")
     networks = [LoraNetwork("lora_unet", unet, key_map=SgmUnetMap.from_unet(unet))]
     prefixes = ("lora_te1", "lora_te2") if text_encoders else ()
     for prefix, text_encoder in zip(prefixes, text_encoders, strict=True):
-        networks.append(LoraNetwork(prefix, text_encoder, clip_name_prefix(text_encoder)))
+        if text_encoder is not None:
+            networks.append(LoraNetwork(prefix, text_encoder, clip_name_prefix(text_encoder)))
     return networks

@@ -18,7 +18,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerateOptions(base_model="", prompt="")
     add = parser.add_argument
     add(
-        "--base-model", required=True, help="SD 1.x/2.x checkpoint (.safetensors), diffusers folder or hub id"
+        "--base-model",
+        required=True,
+        help="SD 1.x/2.x or SDXL checkpoint (.safetensors), diffusers folder or hub id",
     )
     add("--prompt", required=True, help="the prompt; <lora:NAME:WEIGHT> tags apply LoRAs (A1111 syntax)")
     add("--negative-prompt", default="", help="what to steer away from")
@@ -32,8 +34,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=defaults.steps, help=f"sampling steps (default {defaults.steps})")
     add("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (default 7)")
     add("--seed", type=int, default=-1, help="seed of the first image, image i uses seed+i; -1: random")
-    add("--width", type=int, default=defaults.width, help="pixels, multiple of 8 (default 512)")
-    add("--height", type=int, default=defaults.height, help="pixels, multiple of 8 (default 512)")
+    native = "pixels, multiple of 8 (default: 512 for SD 1.x/2.x, 1024 for SDXL)"
+    add("--width", type=int, default=defaults.width, help=native)
+    add("--height", type=int, default=defaults.height, help=native)
     add(
         "--sampler",
         default=defaults.sampler,

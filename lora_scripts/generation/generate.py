@@ -17,9 +17,10 @@ from typing import TypeVar
 from PIL import Image
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.lora_reader import read_lora_header, version_family
 from lora_scripts.generation.grid import make_grid
 from lora_scripts.generation.infotext import build_infotext, checkpoint_short_hash, format_number
-from lora_scripts.generation.lora_apply import LoadedLora, load_lora, set_lora_weights
+from lora_scripts.generation.lora_apply import LoadedLora, check_family, load_lora, set_lora_weights
 from lora_scripts.generation.lora_library import LoraFile, LoraLibrary, looks_like_path
 from lora_scripts.generation.options import MAX_SEED, GenerateOptions
 from lora_scripts.generation.outputs import OutputTarget, image_paths, resolve_output, save_png
@@ -32,9 +33,11 @@ from lora_scripts.generation.pipeline import (
     resolve_device,
     resolve_dtype,
 )
-from lora_scripts.generation.prompt_tags import ParsedPrompt, has_lora_tags, parse_prompt
+from lora_scripts.generation.prompt_tags import LoraTag, ParsedPrompt, has_lora_tags, parse_prompt
 from lora_scripts.generation.samplers import resolve_sampler
+from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.locate import BaseModelLocation, locate_base_model
+from lora_scripts.models.registry import FAMILIES, base_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ def _plan(options: GenerateOptions) -> _Plan:
     sampler = attempt(lambda: resolve_sampler(options.sampler))
     target = attempt(lambda: resolve_output(Path(options.output)))
     location = attempt(lambda: locate_base_model(options.base_model))
+    # The model's family, from its header or configs: the size it was trained at (for --width / --height
+    # left unset) and the LoRAs that fit it.
+    version = attempt(lambda: base_model_version(options.base_model)) if location is not None else None
     problems.extend(_number_problems(options))
     attempt(lambda: resolve_dtype(options.precision, resolve_device(options.device)))
     lora_files: list[LoraFile] = []
@@ -131,17 +137,27 @@ def _plan(options: GenerateOptions) -> _Plan:
                 found = attempt(lambda tag=tag: library.resolve(tag.name))
                 if found is not None:
                     lora_files.append(found)
+                    if version is not None:
+                        attempt(lambda tag=tag, found=found: _check_lora_family(tag, found, version))
     if problems:
         raise UserError(problems)
+    native = FAMILIES[version].native_resolution if version is not None else None
     settings = SamplingSettings(
         sampler=sampler,
         steps=options.steps,
         cfg_scale=options.cfg_scale,
-        width=options.width,
-        height=options.height,
+        width=options.width or native,
+        height=options.height or native,
         negative_prompt=options.negative_prompt,
     )
     return _Plan(prompt=prompt, lora_files=lora_files, settings=settings, target=target, location=location)
+
+
+def _check_lora_family(tag: LoraTag, file: LoraFile, version: ModelVersion) -> None:
+    """UserError when the LoRA was made for another model family than the base model's (read from the file's
+    header alone, so before anything loads; `load_lora` checks it again, for callers that skip this)."""
+    keys, metadata = read_lora_header(file.path, f"<lora:{tag.name}>")
+    check_family(tag.name, file.path, keys, metadata, version_family(version))
 
 
 def _number_problems(options: GenerateOptions) -> list[str]:
@@ -151,7 +167,7 @@ def _number_problems(options: GenerateOptions) -> list[str]:
     if options.num_images < 1:
         problems.append(f"--num-images: {options.num_images} is out of range (must be ≥ 1).")
     for flag, value in (("--width", options.width), ("--height", options.height)):
-        if value < 8 or value % 8:
+        if value is not None and (value < 8 or value % 8):
             problems.append(f"{flag}: {value} must be a positive multiple of 8 (e.g. 512).")
     if not math.isfinite(options.cfg_scale):
         problems.append(f"--cfg-scale: {options.cfg_scale} is not a finite number.")

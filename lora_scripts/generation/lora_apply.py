@@ -1,4 +1,5 @@
-"""Apply LoRA files to a diffusers StableDiffusionPipeline, each at its own text-encoder and UNet weight.
+"""Apply LoRA files to a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, each at its own
+text-encoder and UNet weight.
 
 diffusers does the work (`load_lora_weights` injects peft layers, `set_adapters` sets each adapter's scale),
 but kohya/sd-scripts files (ours, sd-scripts', LoCon) are first converted here, by the pipeline's own module
@@ -11,32 +12,39 @@ text-encoder LoRAs in two ways this avoids:
 Diffusers/PEFT-format files (`unet.<path>.lora_A.weight`, alphas in their metadata) are read the same way
 (export/lora_reader.py); a layout only diffusers knows (attention processors, DoRA) goes to it unchanged.
 The conversion folds each module's `alpha / rank` into `lora_up`, so peft's own scale is exactly 1 and the
-applied update is `w * (alpha / rank) * up @ down`. The UNet part goes to diffusers; the text-encoder part is
-attached through peft itself (`models.lora.attach_lora_weights`), not transformers' `load_adapter`, which
-prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release.
+applied update is `w * (alpha / rank) * up @ down`. The UNet part goes to diffusers; the text-encoder part
+(SDXL: both encoders) is attached through peft itself (`models.lora.attach_lora_weights`), not transformers'
+`load_adapter`, which prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release.
+SDXL files name the UNet by sgm paths (sd-scripts', ours) or diffusers paths, the encoders `lora_te1_` /
+`lora_te2_`; a file made for the other family (SD 1.x/2.x vs SDXL) is refused with one sentence.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
 from lora_scripts.export.lora_reader import (
+    SD_FAMILY,
+    SDXL_FAMILY,
     UNSUPPORTED_SUFFIXES,
     FileModule,
     ModuleRef,
     file_modules,
+    lora_family,
     module_index,
     read_lora_tensors,
     split_key,
 )
+from lora_scripts.export.sdxl_keys import sdxl_networks
 from lora_scripts.models.lora import attach_lora_weights, detach_lora
 
 logger = logging.getLogger(__name__)
@@ -48,12 +56,10 @@ class LoadedLora:
 
     adapter: str
     path: Path
-    components: frozenset[str]  # "unet" and/or "text_encoder"
+    components: frozenset[str]  # "unet", "text_encoder" and (SDXL) "text_encoder_2", those it touches
 
 
-def load_lora(
-    pipe: StableDiffusionPipeline, path: Path, adapter: str, label: str | None = None
-) -> LoadedLora:
+def load_lora(pipe: DiffusionPipeline, path: Path, adapter: str, label: str | None = None) -> LoadedLora:
     """Load the LoRA file at `path` into `pipe` as adapter `adapter` (scale 1 until `set_lora_weights`).
 
     label: how messages name the LoRA (the tag's name); default the file name.
@@ -61,8 +67,10 @@ def load_lora(
     """
     label = label or path.name
     tensors, metadata = read_lora_tensors(path, f"LoRA '{label}'")
+    check_family(label, path, tensors, metadata, pipeline_family(pipe))
     peft_dict = _folded_peft_dict(tensors, metadata, path, pipe, label)
-    text_encoder_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    # text encoder component → module path → (lora_A, lora_B)
+    text_encoder_weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     if peft_dict is None:  # a layout only diffusers knows: it reads it (and its metadata) itself
         source: dict[str, torch.Tensor] | str = str(path)
         expected: set[str] = set()
@@ -72,15 +80,16 @@ def load_lora(
         for stem in sorted(
             k.removesuffix(".lora_A.weight") for k in peft_dict if k.endswith(".lora_A.weight")
         ):
-            if stem.startswith("text_encoder."):
+            component, _, module_path = stem.partition(".")
+            if component != "unet":
                 pair = (peft_dict[f"{stem}.lora_A.weight"], peft_dict[f"{stem}.lora_B.weight"])
-                text_encoder_weights[stem.removeprefix("text_encoder.")] = pair
+                text_encoder_weights.setdefault(component, {})[module_path] = pair
     try:
         with warnings.catch_warnings():
             # peft warns whenever a model gets a second adapter; several LoRAs at once are the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if text_encoder_weights:  # through peft itself, not transformers' load_adapter
-                attach_lora_weights(pipe.text_encoder, text_encoder_weights, adapter)
+            for component, weights in text_encoder_weights.items():  # through peft, not load_adapter
+                attach_lora_weights(getattr(pipe, component), weights, adapter)
             if isinstance(source, str):
                 pipe.load_lora_weights(source, adapter_name=adapter)
             elif source:
@@ -92,14 +101,24 @@ def load_lora(
         ) from err
     components = frozenset(part for part, names in pipe.get_list_adapters().items() if adapter in names)
     if not components:
-        raise UserError(f"LoRA '{label}': '{path}' holds no layer of this base model's UNet or text encoder.")
+        raise UserError(
+            f"LoRA '{label}': '{path}' holds no layer of this base model's UNet or text encoders."
+        )
     if expected:
         _check_every_module_applied(pipe, adapter, expected, label)
     return LoadedLora(adapter=adapter, path=path, components=components)
 
 
+def check_family(label: str, path: Path, keys: Iterable[str], metadata: dict[str, str], base: str) -> None:
+    """UserError, one sentence naming the file and both families, when its metadata or names say it was made
+    for another family than `base` (SD_FAMILY or SDXL_FAMILY); a file that does not tell passes."""
+    made_for = lora_family(keys, metadata)
+    if made_for is not None and made_for != base:
+        raise UserError(_family_message(label, path, made_for, base))
+
+
 def set_lora_weights(
-    pipe: StableDiffusionPipeline, loras: list[LoadedLora], weights: list[tuple[float, float]]
+    pipe: DiffusionPipeline, loras: list[LoadedLora], weights: list[tuple[float, float]]
 ) -> None:
     """Activate `loras` at `(te_weight, unet_weight)` each; other adapters of the pipeline are deactivated.
 
@@ -113,26 +132,34 @@ def set_lora_weights(
     per_adapter = []
     for lora, (te_weight, unet_weight) in zip(loras, weights, strict=True):
         # Name only the components the adapter has: diffusers warns about the others.
-        values = {"text_encoder": te_weight, "unet": unet_weight}
+        values = {"text_encoder": te_weight, "text_encoder_2": te_weight, "unet": unet_weight}
         per_adapter.append({part: values[part] for part in lora.components})
     pipe.set_adapters([lora.adapter for lora in loras], adapter_weights=per_adapter)
 
 
-def unload_loras(pipe: StableDiffusionPipeline, loras: list[LoadedLora]) -> None:
+def unload_loras(pipe: DiffusionPipeline, loras: list[LoadedLora]) -> None:
     """Remove these adapters (and only these) from the pipeline's models."""
     if loras:
         pipe.delete_adapters([lora.adapter for lora in loras])
         for lora in loras:  # attached through peft, so detached through it (see `load_lora`)
-            if "text_encoder" in lora.components:
-                detach_lora(pipe.text_encoder, lora.adapter)
+            for component in lora.components - {"unet"}:
+                detach_lora(getattr(pipe, component), lora.adapter)
 
 
 # --- kohya -> PEFT ------------------------------------------------------------------------------------------
 
 
-def pipeline_networks(pipe: StableDiffusionPipeline) -> list[LoraNetwork]:
-    """The pipeline's models as the networks LoRA files name (`lora_unet`, `lora_te`), for `module_index`.
-    `lora_te1` is the same text encoder: a few SD 1.x files use SDXL's first-encoder prefix."""
+def pipeline_family(pipe: DiffusionPipeline) -> str:
+    """SDXL_FAMILY for a pipeline with a second text encoder (StableDiffusionXLPipeline), else SD_FAMILY."""
+    return SDXL_FAMILY if getattr(pipe, "text_encoder_2", None) is not None else SD_FAMILY
+
+
+def pipeline_networks(pipe: DiffusionPipeline) -> list[LoraNetwork]:
+    """The pipeline's models as the networks LoRA files name, for `module_index`: SDXL's `lora_unet` (sgm
+    paths, and diffusers paths through `module_index`), `lora_te1`, `lora_te2`; SD's `lora_unet`, `lora_te`
+    and `lora_te1`, the same text encoder (a few SD 1.x files use SDXL's first-encoder prefix)."""
+    if pipeline_family(pipe) == SDXL_FAMILY:
+        return sdxl_networks(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2])
     prefix = clip_name_prefix(pipe.text_encoder)
     return [
         LoraNetwork("lora_unet", pipe.unet),
@@ -145,12 +172,13 @@ def _folded_peft_dict(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
     path: Path,
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     label: str,
 ) -> dict[str, torch.Tensor] | None:
-    """The file as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`, `text_encoder.…`)
-    for this pipeline's modules, fp32, each module's `alpha / rank` folded into lora_B; None for a layout
-    only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not know).
+    """The file as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`, `text_encoder.…`,
+    `text_encoder_2.…`) for this pipeline's modules, fp32, each module's `alpha / rank` folded into lora_B;
+    None for a layout only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not
+    know). Layers that do not fit raise UserError: the family sentence when the names tell another family.
 
     Kohya names are `<path>` with '.' replaced by '_', which is ambiguous (`to_out_0` vs `to.out.0`), so
     they are matched against the names the models actually have (`module_index`). LoCon conv layers keep
@@ -162,13 +190,21 @@ def _folded_peft_dict(
                 raise UserError(
                     f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them)."
                 )
-    elif not all(key.startswith(("unet.", "text_encoder.")) and split_key(key) for key in tensors):
+    elif not all(
+        key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and split_key(key) for key in tensors
+    ):
         return None
     index = module_index(pipeline_networks(pipe))
     folded = _Folded()
     for module in file_modules(tensors, metadata, path, f"LoRA '{label}'"):
         folded.add(module, index.get(module.stem))
-    return folded.result(label)
+    if folded.missing or folded.wrong_shape:
+        base = pipeline_family(pipe)
+        made_for = lora_family(tensors, metadata, guess=True)
+        if made_for is not None and made_for != base:
+            raise UserError(_family_message(label, path, made_for, base))
+        raise UserError(_mismatch_message(label, folded, base))
+    return folded.peft
 
 
 class _Folded:
@@ -196,11 +232,6 @@ class _Folded:
         self.peft[f"{ref.component}.{ref.path}.lora_A.weight"] = down
         self.peft[f"{ref.component}.{ref.path}.lora_B.weight"] = up * (alpha / rank)
 
-    def result(self, label: str) -> dict[str, torch.Tensor]:
-        if self.missing or self.wrong_shape:
-            raise UserError(_mismatch_message(label, self.missing, self.wrong_shape, len(self.peft) // 2))
-        return self.peft
-
 
 def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether up @ down has the module weight's shape."""
@@ -222,8 +253,16 @@ def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool
     )
 
 
-def _mismatch_message(label: str, missing: list[str], wrong_shape: list[str], matched: int) -> str:
-    total = len(missing) + len(wrong_shape) + matched
+def _family_message(label: str, path: Path, made_for: str, base: str) -> str:
+    return (
+        f"LoRA '{label}' ('{path}') was made for {made_for} but the base model is {base}; use it with an "
+        f"{made_for} base model, or use a LoRA made for {base}."
+    )
+
+
+def _mismatch_message(label: str, folded: _Folded, base: str) -> str:
+    missing, wrong_shape = folded.missing, folded.wrong_shape
+    total = len(missing) + len(wrong_shape) + len(folded.peft) // 2
     parts = []
     if missing:
         parts.append(
@@ -231,20 +270,20 @@ def _mismatch_message(label: str, missing: list[str], wrong_shape: list[str], ma
         )
     if wrong_shape:
         parts.append(f"{len(wrong_shape)} have another size (e.g. '{wrong_shape[0]}')")
-    sdxl = any(name.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks")) for name in missing)
-    family = "SDXL" if sdxl else "another model family (SD 1.x vs 2.x?)"
-    return f"LoRA '{label}' does not fit this base model: {'; '.join(parts)}; it was made for {family}."
+    other = "another base model" if base == SDXL_FAMILY else "another model family (SD 1.x vs 2.x?)"
+    return f"LoRA '{label}' does not fit this base model: {'; '.join(parts)}; it was made for {other}."
 
 
 def _check_every_module_applied(
-    pipe: StableDiffusionPipeline, adapter: str, expected: set[str], label: str
+    pipe: DiffusionPipeline, adapter: str, expected: set[str], label: str
 ) -> None:
     """diffusers skips keys it cannot place with a mere warning; a partly applied LoRA must not pass."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     applied = set()
-    for component in ("unet", "text_encoder"):
-        for name, module in getattr(pipe, component).named_modules():
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        for name, module in model.named_modules() if model is not None else ():
             if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
                 applied.add(f"{component}.{name}")
     if applied != expected:

@@ -25,8 +25,8 @@ class GenerateOptions:
     steps: int = 30
     cfg_scale: float = 7.0
     seed: int = -1  # -1: random
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the base model's native size (512 SD 1.x/2.x, 1024 SDXL)
+    height: int | None = None
     sampler: str = "euler_a"
     num_images: int = 1
     lora_weights: list[float] | None = None  # one grid column per weight for the prompt's single LoRA

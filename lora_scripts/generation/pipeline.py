@@ -1,10 +1,11 @@
-"""A diffusers StableDiffusionPipeline around an SD 1.x/2.x model, and rendering one image with it.
+"""A diffusers pipeline around a base model (StableDiffusionPipeline for SD 1.x/2.x, StableDiffusionXLPipeline
+for SDXL), and rendering one image with it.
 
-Two ways in:
+Two ways in, both through the model family's `sampling_pipeline` (models/inference.py):
 - `load_pipeline(base_model, …)` loads a base model offline (single file, diffusers folder or cached hub id,
-  through `load_sd_components`) and moves it to the device in the inference dtype (the `generate` command);
-- `pipeline_from_modules(unet, vae, text_encoder, tokenizer, scheduler)` wraps modules that are already
-  loaded and placed (sampling during training, where the UNet carries the adapter being trained).
+  as its family: `load_family`) and moves it to the device in the inference dtype (the `generate` command);
+- sampling during training asks the family being trained for its pipeline (training/sampling.py), over
+  modules already loaded and placed, whose UNet carries the adapter being trained.
 Either way `render_image` draws one picture for one seed, so image i of a batch with seed s is the image
 `render_image(…, seed=s + i)` gives alone.
 """
@@ -16,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import SchedulerMixin, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.generation.options import DeviceName, Precision
 from lora_scripts.generation.samplers import SamplerSpec, make_scheduler
-from lora_scripts.models.sd_loading import SDComponents, load_sd_components
+from lora_scripts.models.registry import load_family
+from lora_scripts.models.sd_loading import SDComponents
+from lora_scripts.models.sdxl_loading import SDXLComponents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,15 +43,15 @@ class SamplingSettings:
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
-    clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer, 2 = the penultimate
+    clip_skip: int = 1  # A1111's numbering: 1 = the family's own layer (SD's last), 2 = the one before
 
 
 @dataclass
 class LoadedPipeline:
     """A ready pipeline and what is known about its base model (for infotext and scheduler changes)."""
 
-    pipe: StableDiffusionPipeline
-    components: SDComponents  # the same modules the pipe holds (moved and cast)
+    pipe: DiffusionPipeline  # StableDiffusionPipeline or StableDiffusionXLPipeline
+    components: SDComponents | SDXLComponents  # the same modules the pipe holds (moved and cast)
     device: torch.device
     dtype: torch.dtype
 
@@ -70,29 +73,6 @@ def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
-def pipeline_from_modules(
-    unet: torch.nn.Module,
-    vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    tokenizer: object,
-    scheduler: SchedulerMixin,
-) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline over these modules as they are: no copy, move or cast, no safety checker.
-
-    The modules stay shared: LoRAs loaded into the pipeline are loaded into them.
-    """
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def load_pipeline(
     base_model: str,
     sampler: SamplerSpec,
@@ -102,26 +82,26 @@ def load_pipeline(
     config_dir: str | None = None,
     v_parameterization: bool | None = None,
 ) -> LoadedPipeline:
-    """Load `base_model` offline and build its pipeline with `sampler`, on `device` in `dtype`."""
-    components = load_sd_components(
+    """Load `base_model` offline and build its family's pipeline with `sampler`, on `device` in `dtype`.
+    Raises the loaders' UserError for a model that is none of SD 1.x, 2.x and SDXL."""
+    family = load_family(
         base_model,
         config_dir=Path(config_dir) if config_dir else None,
         v_parameterization=v_parameterization,
     )
-    scheduler = make_scheduler(sampler, components.noise_scheduler.config, components.prediction_type)
-    pipe = pipeline_from_modules(
-        components.unet, components.vae, components.text_encoder, components.tokenizer, scheduler
-    )
+    scheduler = make_scheduler(sampler, family.noise_scheduler.config, family.info.prediction_type)
+    pipe = family.sampling_pipeline(scheduler).pipe
     # Cast on the CPU before moving (no fp32 copy on the GPU); skip the no-op cast, which makes diffusers
-    # warn about fp32-only modules that SD's models do not have.
+    # warn about fp32-only modules that SD's models do not have. SDXL's VAE overflows in fp16: its pipeline
+    # decodes in fp32 (the VAE's `force_upcast`).
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.to(device)
-    return LoadedPipeline(pipe=pipe, components=components, device=device, dtype=dtype)
+    return LoadedPipeline(pipe=pipe, components=family.components, device=device, dtype=dtype)
 
 
 def enable_memory_savers(
-    pipe: StableDiffusionPipeline, *, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool
+    pipe: DiffusionPipeline, *, attention_slicing: bool, vae_slicing: bool, vae_tiling: bool
 ) -> None:
     """Trade speed for memory: attention in slices, the VAE one image at a time, the VAE in tiles."""
     if attention_slicing:
@@ -133,7 +113,7 @@ def enable_memory_savers(
 
 
 def render_image(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str,
     settings: SamplingSettings,
     seed: int,
@@ -161,7 +141,8 @@ def render_image(
         height=settings.height,
         generator=generator,
         output_type="pil",
-        # diffusers counts the layers skipped (A1111's 2 is diffusers' 1); None keeps the last layer.
+        # diffusers counts the layers skipped (A1111's 2 is diffusers' 1); None keeps the family's own layer
+        # (SD's last; SDXL's penultimate, which A1111 uses whatever its clip skip).
         clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,
     )
     return result.images[0]

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from lora_scripts.errors import UserError
 
 SDVersion = Literal["sd_v1", "sd_v2"]
-# What a single file can be loaded as: an SD version, or an SDXL base model (loads; not trainable yet).
+# What a single file can be loaded as: an SD 1.x/2.x version or an SDXL base model.
 ModelVersion = Literal["sd_v1", "sd_v2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
@@ -34,7 +36,7 @@ VAE_PREFIX = "first_stage_model."
 V_PRED_KEY = "v_pred"
 
 # The end of every "this family is not supported" sentence; the SDXL family changes it when it lands.
-TRAINABLE = "lora-scripts trains SD 1.x and 2.x models (SDXL base models load but cannot be trained yet)"
+TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
 # conv_in input channels of the image-conditioned variants that share the text-to-image UNet layout.
 _CONDITIONED_VARIANTS = {5: "depth-to-image", 7: "4x upscaler", 8: "instruct-pix2pix", 9: "inpainting"}
 
@@ -100,15 +102,15 @@ def _refuse_text_file(path: Path) -> None:
 
 
 def detect_sd_version(state_dict: dict[str, Any], path: Path) -> SDVersion:
-    """SD 1.x or 2.x, what training accepts today; SDXL and anything else is refused with one sentence.
+    """SD 1.x or 2.x, what the SD 1.x/2.x loader reads; SDXL and anything else is refused with one sentence.
 
     `state_dict` values need only a `.shape` (the check command passes a safetensors header's shapes).
     """
     version = detect_model_version(state_dict, path)
     if version == "sdxl":
         raise UserError(
-            f"base_model: '{path}' is an SDXL checkpoint, which is not supported yet; use an SD 1.x or 2.x "
-            "model."
+            f"base_model: '{path}' is an SDXL checkpoint, not an SD 1.x/2.x one; load it as SDXL "
+            "(models/registry.py load_family does)."
         )
     return version
 
@@ -222,3 +224,44 @@ def is_v_prediction_unet(unet: torch.nn.Module, *, context_dim: int = 1024) -> b
     score = (out.float() - x.float()).mean().item()
     logger.debug("v-prediction heuristic: mean(out - x) = %.3f (v-model below -1)", score)
     return score < -1
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Stands in for a tensor where only its shape is read (detect_model_version looks at conv_in's)."""
+
+    shape: tuple[int, ...]
+
+
+def checkpoint_shapes(path: Path) -> dict[str, Any]:
+    """Key -> object with `.shape` of a single-file checkpoint.
+
+    For .safetensors only the header is read (names and shapes), so a 4 GB file costs milliseconds. A
+    .ckpt has no such header: one in PyTorch's zip format is memory-mapped (its tensors are not read), an
+    older one is read whole. Anything unreadable goes to read_checkpoint, which words every error.
+    """
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return {key: _Shape(tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
+        except Exception:  # noqa: BLE001 - unreadable: read_checkpoint raises the loader's UserError for it
+            pass
+    else:
+        mapped = _mapped_checkpoint(path)
+        if mapped is not None:
+            return mapped
+    return dict(read_checkpoint(path))
+
+
+def _mapped_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The tensors of a zip-format checkpoint, memory-mapped (weights_only, as read_checkpoint loads it);
+    None when it is not one, or not a dict of tensors."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an old format, a text file, pickled objects: read_checkpoint says which
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return None
+    return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,11 @@ from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.lora import LoraSpec
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+    from lora_scripts.models.inference import SamplingPipeline, Unwrap
+
 
 @dataclass(frozen=True)
 class LoraTargets:
@@ -24,7 +29,17 @@ class LoraTargets:
     a dotted suffix) or a preset name (`lora_presets.UNET_PRESETS` / `TEXT_ENCODER_PRESETS`)."""
 
     unet: list[str] | str
-    text_encoder: list[str] | str | None  # None: the text encoder stays frozen and untouched
+    text_encoder: list[str] | str | None  # None: the text encoders stay frozen and untouched
+    # Which text encoders get the text_encoder targets, in `text_encoders` order (None: all of them); SDXL's
+    # text_encoder_lr [te1, te2] with a 0 leaves that one frozen.
+    text_encoder_mask: tuple[bool, ...] | None = None
+
+    def text_encoder_layers(self, resolved: list[list[str]] | None) -> list[list[str] | None]:
+        """Per text encoder: its resolved layers, or None where it stays frozen."""
+        if resolved is None:
+            return []
+        mask = self.text_encoder_mask or (True,) * len(resolved)
+        return [layers if trained else None for layers, trained in zip(resolved, mask, strict=True)]
 
 
 class ModelFamily(ABC):
@@ -36,6 +51,7 @@ class ModelFamily(ABC):
 
     info: FamilyInfo
     noise_scheduler: Any  # diffusers DDPMScheduler with the family's prediction_type
+    native_resolution: int = 512  # the side length the base models were trained at: `resolution`'s default
 
     @property
     @abstractmethod
@@ -47,6 +63,11 @@ class ModelFamily(ABC):
     def text_encoders(self) -> list[nn.Module]:
         """Text encoders, in kohya order (lora_te, or lora_te1/lora_te2)."""
 
+    @property
+    def trained_text_encoders(self) -> list[nn.Module]:
+        """The text encoders that carry trainable (LoRA) weights, in `text_encoders` order."""
+        return [te for te in self.text_encoders if any(p.requires_grad for p in te.parameters())]
+
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
         """Every module whose base weights stay frozen (all of them, for LoRA)."""
@@ -54,7 +75,7 @@ class ModelFamily(ABC):
     @abstractmethod
     def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
         """Call these (accelerate-prepared, e.g. DDP-wrapped) modules from now on in `predict` and
-        `encode_prompts`; `text_encoders` is empty when they are not trained."""
+        `encode_prompts`; `text_encoders` are the prepared `trained_text_encoders` (empty: none trained)."""
 
     @abstractmethod
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
@@ -86,6 +107,12 @@ class ModelFamily(ABC):
     def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Captions → conditioning dict for `predict`."""
 
+    def image_conditioning(self, size_conditioning: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The conditioning a family takes from how each image was prepared, merged into `encode_prompts`'
+        dict: size_conditioning is long [B, 6] (original size, crop top-left, target size; see
+        data/size_conditioning.py). SD 1.x/2.x take none."""
+        return {}
+
     @abstractmethod
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
@@ -99,3 +126,40 @@ class ModelFamily(ABC):
         if self.info.prediction_type == "v_prediction":
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noise
+
+    @abstractmethod
+    def sampling_pipeline(self, scheduler: SchedulerMixin, unwrap: Unwrap | None = None) -> SamplingPipeline:
+        """A diffusers inference pipeline over this family's modules as they are (shared, not copied: it
+        renders with the LoRA being trained), rendering with `scheduler`; `unwrap` takes accelerate's
+        wrappers off the trained modules (default: none). See models/inference.py."""
+
+
+class KLVaeLatents:
+    """`image_encoder` / `encode_images` / `sample_latents` / `mean_latents` for families whose images go
+    through diffusers' AutoencoderKL at `self.vae` (SD 1.x, 2.x, SDXL)."""
+
+    vae: nn.Module
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.vae
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            pixels = pixel_values.to(self.vae.device, self.vae.dtype)
+            return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        # diffusers' DiagonalGaussianDistribution, sampled with torch.randn on the moments' device, so the
+        # draw comes from the same (seeded) RNG whether the moments were just encoded or read from a cache.
+        # Contiguous, and randn rather than randn_like: the VAE's CPU convs return channels_last moments where
+        # cached ones are contiguous, and randn_like follows the layout, so the same RNG state would put the
+        # draws at other positions (and the UNet would see another layout, rounding differently).
+        mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return latents * self.vae.config.scaling_factor
+
+    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
+        return mean * self.vae.config.scaling_factor

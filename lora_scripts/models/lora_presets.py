@@ -71,6 +71,41 @@ def unet_lora_layers(
     return linear, locon_targets(unet)
 
 
+def resolve_lora_layers(
+    unet: nn.Module, text_encoders: list[nn.Module], targets: object, *, conv: bool
+) -> tuple[list[str], list[str], list[list[str]] | None]:
+    """(UNet layers at lora_rank, 3x3 convs at conv_rank, each text encoder's layers or None when the text
+    encoders stay frozen) for `targets` (a models.family.LoraTargets). Raises one UserError listing every
+    target that matches nothing, UNet and text encoders together."""
+    unet_targets: list[str] = []
+    conv_targets: list[str] = []
+    te_targets: list[list[str]] | None = None
+    problems: list[str] = []
+    try:
+        unet_targets, conv_targets = unet_lora_layers(unet, targets.unet, conv=conv)  # type: ignore[attr-defined]
+    except UserError as err:
+        problems += err.messages
+    if targets.text_encoder is not None:  # type: ignore[attr-defined]
+        te_targets = []
+        for number, encoder in enumerate(text_encoders, start=1):
+            component = "text encoder" if len(text_encoders) == 1 else f"text encoder {number}"
+            try:
+                te_targets.append(
+                    resolve_targets(
+                        encoder,
+                        targets.text_encoder,  # type: ignore[attr-defined]
+                        key="text_encoder_target_modules",
+                        component=component,
+                        presets=TEXT_ENCODER_PRESETS,
+                    )
+                )
+            except UserError as err:
+                problems += [m for m in err.messages if m not in problems]
+    if problems:
+        raise UserError(problems)
+    return unet_targets, conv_targets, te_targets
+
+
 def locon_targets(unet: nn.Module) -> list[str]:
     """The convs LoCon (`conv_rank`) adapts: every non-1x1 Conv2d inside ResnetBlock2D, Downsample2D and
     Upsample2D (resnet conv1/conv2 and the down/upsampler convs; not conv_in/conv_out, not the 1x1

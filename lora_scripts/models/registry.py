@@ -1,12 +1,53 @@
-"""Pick and load the model family of a base model. New families (SDXL, FLUX, SD3) branch here only."""
+"""Pick and load the model family of a base model. New families (FLUX, SD3) branch here only."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from diffusers import UNet2DConditionModel
+
+from lora_scripts.models.detect import ModelVersion, checkpoint_shapes, detect_model_version
 from lora_scripts.models.family import ModelFamily
-from lora_scripts.models.sd_loading import load_sd_components
+from lora_scripts.models.locate import locate_base_model
+from lora_scripts.models.sd_loading import folder_config, load_sd_components, version_from_unet_config
+from lora_scripts.models.sdxl import SDXLFamily
+from lora_scripts.models.sdxl_loading import load_sdxl_components
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
+
+
+def base_model_version(base_model: str) -> ModelVersion:
+    """ "sd_v1", "sd_v2" or "sdxl", read from the file's header or the folder's configs (no weights loaded).
+    Raises the loaders' UserError for what is neither (a refiner, SD3, FLUX, a LoRA, a broken file)."""
+    location = locate_base_model(base_model)
+    if location.kind == "single_file":
+        return detect_model_version(checkpoint_shapes(location.path), location.path)
+    if _lists_component(location.path, "text_encoder_2") or _lists_component(location.path, "transformer"):
+        return "sdxl"  # the SDXL loader words the refusal of refiners and transformers
+    return version_from_unet_config(folder_config(UNet2DConditionModel, location.path, "unet"), location.path)
+
+
+FAMILIES: dict[ModelVersion, type[ModelFamily]] = {
+    "sd_v1": StableDiffusionFamily,
+    "sd_v2": StableDiffusionFamily,
+    "sdxl": SDXLFamily,
+}
+
+
+def native_resolution(base_model: str) -> int:
+    """The side length `base_model`'s family was trained at (512 SD 1.x/2.x, 1024 SDXL): the default of
+    the `resolution` key. Raises the loaders' UserError for a model training cannot use."""
+    return FAMILIES[base_model_version(base_model)].native_resolution
+
+
+def _lists_component(folder: Path, name: str) -> bool:
+    """Whether the diffusers folder's model_index.json lists `name` (the refiner lists `[null, null]`)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (folder / name).is_dir()
+    entry = index.get(name) if isinstance(index, dict) else None
+    return isinstance(entry, list) and bool(entry) and entry[-1] is not None
 
 
 def load_family(
@@ -15,10 +56,15 @@ def load_family(
     config_dir: Path | None = None,
     v_parameterization: bool | None = None,
     clip_skip: int | None = None,
+    max_token_length: int = 75,
 ) -> ModelFamily:
     """Load `base_model` (file, diffusers folder or cached hub id) as its model family.
 
-    clip_skip: use the text encoder's n-th layer from the end (None or 1: the last).
+    clip_skip: use the text encoder's n-th layer from the end (None or 1: the last; SD 1.x/2.x only).
+    max_token_length: 75, or 150 / 225 to read longer captions in chunks (models/long_prompts.py).
     """
+    if base_model_version(base_model) == "sdxl":
+        sdxl = load_sdxl_components(base_model, config_dir=config_dir, v_parameterization=v_parameterization)
+        return SDXLFamily(sdxl, clip_skip=clip_skip, max_token_length=max_token_length)
     components = load_sd_components(base_model, config_dir=config_dir, v_parameterization=v_parameterization)
-    return StableDiffusionFamily(components, clip_skip=clip_skip)
+    return StableDiffusionFamily(components, clip_skip=clip_skip, max_token_length=max_token_length)

@@ -329,8 +329,8 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     index = read_model_index(path)
     if "text_encoder_2" in index or "transformer" in index:
         raise UserError(
-            f"base_model: '{path}' is not an SD 1.x/2.x model (SDXL, SD3, Flux, ...), which is not supported "
-            "yet; use an SD 1.x or 2.x model."
+            f"base_model: '{path}' is not an SD 1.x/2.x model (its model_index.json lists text_encoder_2 or "
+            "a transformer); load it through models/registry.py load_family, which picks its family."
         )
     unet_config = folder_config(UNet2DConditionModel, path, "unet")
     version = version_from_unet_config(unet_config, path)
@@ -396,7 +396,8 @@ def version_from_unet_config(config: dict[str, Any], path: Path) -> SDVersion:
     """SD 1.x vs 2.x from the UNet config: cross-attention width, else SD 2's linear projections."""
     if config.get("addition_embed_type") == "text_time" or config.get("cross_attention_dim") == 2048:
         raise UserError(
-            f"base_model: '{path}' is an SDXL model, which is not supported yet; use SD 1.x or 2.x."
+            f"base_model: '{path}' is an SDXL model, not an SD 1.x/2.x one; load it as SDXL "
+            "(models/registry.py load_family does)."
         )
     if config.get("in_channels", 4) != 4:
         raise UserError(

@@ -5,7 +5,7 @@ civitai and WebUI users have), a diffusers folder, or a hub snapshot already in 
 carry no configs, so stable-diffusion-xl-base-1.0's are shipped in `models/assets/sdxl/`; the weights are
 converted with diffusers' own single-file mapping (`sd_loading`'s helpers, shared with SD 1.x/2.x).
 
-SDXL is a step toward its model family: it loads here, but training (`registry.load_family`) still refuses it.
+The SDXL family (models/sdxl.py) trains on what this returns.
 Every module comes back in fp32 on CPU, in eval mode, with requires_grad False.
 """
 
@@ -127,7 +127,7 @@ def _load_single_file(
     if version != "sdxl":
         family = "Stable Diffusion 1.x" if version == "sd_v1" else "Stable Diffusion 2.x"
         raise UserError(f"base_model: '{path}' is a {family} checkpoint, not an SDXL one.")
-    _require_sdxl_parts(state_dict, path)
+    require_sdxl_parts(state_dict, path)
     cfg_dir = Path(config_dir) if config_dir is not None else shipped_config_dir("sdxl")
     require_configs(cfg_dir, CONFIG_PARTS)
     prediction_type = marked_prediction_type(state_dict, v_parameterization) or "epsilon"
@@ -144,8 +144,9 @@ def _load_single_file(
     )
 
 
-def _require_sdxl_parts(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a partial file (a UNet-only or text-encoder-only extract) before converting anything."""
+def require_sdxl_parts(state_dict: dict[str, Any], path: Path) -> None:
+    """Refuse a partial file (a UNet-only or text-encoder-only extract) before converting anything; values
+    need only a `.shape` (`check` passes a header's)."""
     parts = {
         "UNet": LDM_UNET_PREFIX + "input_blocks.",
         "VAE": VAE_PREFIX,
@@ -187,8 +188,7 @@ def _text_encoder_from_sgm(
 
 def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool | None) -> SDXLComponents:
     path = location.path
-    _require_sdxl_index(read_model_index(path), path)
-    _require_sdxl_unet(folder_config(UNet2DConditionModel, path, "unet"), path)
+    check_sdxl_folder(path)
     unet = folder_component(UNet2DConditionModel, path, "unet")
     vae = folder_component(AutoencoderKL, path, "vae")
     text_encoder = folder_component(CLIPTextModel, path, "text_encoder")
@@ -198,6 +198,13 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     return _assemble(
         unet, vae, text_encoder, text_encoder_2, path, scheduler_config, prediction_type, location
     )
+
+
+def check_sdxl_folder(path: Path) -> None:
+    """Refuse, with the loader's sentence, a diffusers folder that is not an SDXL base model (a refiner, a
+    transformer model, an inpainting UNet); reads only its JSON files."""
+    _require_sdxl_index(read_model_index(path), path)
+    _require_sdxl_unet(folder_config(UNet2DConditionModel, path, "unet"), path)
 
 
 def _require_sdxl_index(index: dict[str, Any], path: Path) -> None:

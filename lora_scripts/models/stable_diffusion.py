@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,10 +11,16 @@ from torch import nn
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
 from lora_scripts.export.metadata import FamilyInfo
-from lora_scripts.models.family import LoraTargets, ModelFamily
+from lora_scripts.models.family import KLVaeLatents, LoraTargets, ModelFamily
+from lora_scripts.models.long_prompts import chunked_input_ids, join_chunks
 from lora_scripts.models.lora import LoraSpec, add_lora_adapter
-from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
+from lora_scripts.models.lora_presets import resolve_lora_layers
 from lora_scripts.models.sd_loading import SDComponents
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+    from lora_scripts.models.inference import SamplingPipeline, Unwrap
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +48,13 @@ def _modelspec_architecture(version: str, prediction_type: str) -> str:
     return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
 
 
-class StableDiffusionFamily(ModelFamily):
+class StableDiffusionFamily(KLVaeLatents, ModelFamily):
     """SD 1.x and 2.x. Text-encoder module paths get a `text_model.` prefix in kohya names if they lack it
     (transformers ≥ 5 dropped that submodule; A1111/ComfyUI require it)."""
 
-    def __init__(self, components: SDComponents, *, clip_skip: int | None = None):
+    def __init__(self, components: SDComponents, *, clip_skip: int | None = None, max_token_length: int = 75):
         self.components = components
+        self.max_token_length = max_token_length
         self.clip_skip = clip_skip or 1
         layers = components.text_encoder.config.num_hidden_layers
         if self.clip_skip >= layers:
@@ -83,32 +91,11 @@ class StableDiffusionFamily(ModelFamily):
         if text_encoders:
             (self.text_encoder,) = text_encoders
 
-    def sampling_modules(self) -> tuple[nn.Module, nn.Module, nn.Module, object]:
-        """(UNet, VAE, text encoder, tokenizer) for a pipeline that renders samples during training; the UNet
-        and text encoder are the ones being trained (possibly wrapped: unwrap them first)."""
-        return self.unet, self.vae, self.text_encoder, self.tokenizer
-
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
-        unet_targets, conv_targets, te_targets, problems = [], [], None, []
-        try:
-            unet_targets, conv_targets = unet_lora_layers(
-                self.unet, targets.unet, conv=spec.conv_rank is not None
-            )
-        except UserError as err:
-            problems += err.messages
-        if targets.text_encoder is not None:
-            try:
-                te_targets = resolve_targets(
-                    self.text_encoder,
-                    targets.text_encoder,
-                    key="text_encoder_target_modules",
-                    component="text encoder",
-                    presets=TEXT_ENCODER_PRESETS,
-                )
-            except UserError as err:
-                problems += err.messages
-        if problems:  # UNet and text-encoder mistakes reported together
-            raise UserError(problems)
+        unet_targets, conv_targets, te_targets = resolve_lora_layers(
+            self.unet, [self.text_encoder], targets, conv=spec.conv_rank is not None
+        )
+        (te_targets,) = targets.text_encoder_layers(te_targets) or (None,)
         warning = partial_fused_attention_warning(te_targets) if te_targets and self.info.v2 else None
         if warning:
             log.warning(warning)
@@ -129,30 +116,6 @@ class StableDiffusionFamily(ModelFamily):
             self.trains_text_encoder = True
         return networks
 
-    @property
-    def image_encoder(self) -> nn.Module:
-        return self.vae
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            pixels = pixel_values.to(self.vae.device, self.vae.dtype)
-            return self.vae.encode(pixels).latent_dist.parameters.float()
-
-    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
-        # diffusers' DiagonalGaussianDistribution, sampled with torch.randn on the moments' device, so the
-        # draw comes from the same (seeded) RNG whether the moments were just encoded or read from a cache.
-        # Contiguous, and randn rather than randn_like: the VAE's CPU convs return channels_last moments where
-        # cached ones are contiguous, and randn_like follows the layout, so the same RNG state would put the
-        # draws at other positions (and the UNet would see another layout, rounding differently).
-        mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        return latents * self.vae.config.scaling_factor
-
-    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
-        mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
-        return mean * self.vae.config.scaling_factor
-
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions → input ids [B, 77] (CLIP reads 75 tokens; longer captions are cut)."""
         return self.tokenizer(
@@ -164,7 +127,9 @@ class StableDiffusionFamily(ModelFamily):
         ).input_ids
 
     def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        input_ids = self.tokenize(captions).to(device)
+        """{"encoder_hidden_states": [B, 77, C]} ([B, 152 or 227, C] for max_token_length 150 / 225)."""
+        chunked = chunked_input_ids(self.tokenizer, captions, self.max_token_length).to(device)
+        input_ids = chunked.flatten(0, 1)
         with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
             if self.clip_skip <= 1:
                 hidden = self.text_encoder(input_ids)[0]
@@ -176,9 +141,19 @@ class StableDiffusionFamily(ModelFamily):
                 norm = encoder.text_model.final_layer_norm if hasattr(encoder, "text_model") else None
                 norm = norm or encoder.final_layer_norm
                 hidden = norm(out.hidden_states[-self.clip_skip])
-        return {"encoder_hidden_states": hidden}
+        return {"encoder_hidden_states": join_chunks(hidden, chunked.shape[1])}
 
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, cond["encoder_hidden_states"]).sample
+
+    def sampling_pipeline(self, scheduler: SchedulerMixin, unwrap: Unwrap | None = None) -> SamplingPipeline:
+        """A StableDiffusionPipeline over the UNet, VAE and text encoder (unwrapped), at this clip skip."""
+        # Imported here: diffusers' pipeline modules load only when something samples.
+        from lora_scripts.models.inference import SamplingPipeline, sd_pipeline, unwrapped
+
+        unwrap = unwrap or unwrapped
+        unet, text_encoder = unwrap(self.unet), unwrap(self.text_encoder)
+        pipe = sd_pipeline(unet, self.vae, text_encoder, self.tokenizer, scheduler)
+        return SamplingPipeline(pipe, (unet, self.vae, text_encoder), clip_skip=self.clip_skip)

@@ -118,6 +118,7 @@ def _train_in(
         config_dir=config.base_model_config,
         v_parameterization=config.v_parameterization,
         clip_skip=config.clip_skip,
+        max_token_length=config.max_token_length,
     )
     if config.zero_terminal_snr:
         if family.info.prediction_type != "v_prediction":
@@ -150,7 +151,7 @@ def _train_in(
 
     optimizer, plan, lr_scheduler = make_optimization(config, family, training_set, dataloader, accelerator)
     unet = family.denoiser
-    trained = [unet] + (family.text_encoders if config.train_text_encoder else [])
+    trained = [unet] + family.trained_text_encoders
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *trained, optimizer, dataloader, lr_scheduler
     )
@@ -356,5 +357,7 @@ def batch_inputs(
     moments = batch["moments"] if "moments" in batch else family.encode_images(batch["pixel_values"])
     latents = family.sample_latents(moments.to(device))
     if text_cache is not None:
-        return latents, text_cache.batch(batch["captions"], device)
-    return latents, family.encode_prompts(batch["captions"], device)
+        cond = text_cache.batch(batch["captions"], device)
+    else:
+        cond = family.encode_prompts(batch["captions"], device)
+    return latents, cond | family.image_conditioning(batch["size_conditioning"].to(device))

@@ -73,9 +73,12 @@ def read_losses(
 def log_loss(
     accelerator: Accelerator, bar: tqdm, step: int, value: float, lrs: list[float], epoch: int
 ) -> None:
-    """One read loss to TensorBoard (`loss`, `lr`, `lr_text_encoder`) and the progress bar."""
+    """One read loss to TensorBoard (`loss`, `lr`, `lr_text_encoder`, SDXL's `lr_text_encoder_2` when both
+    of its encoders train) and the progress bar."""
     scalars = {"loss": value, "lr": lrs[0]}
     if len(lrs) > 1:
         scalars["lr_text_encoder"] = lrs[1]
+    if len(lrs) > 2:
+        scalars["lr_text_encoder_2"] = lrs[2]
     accelerator.log(scalars, step=step)
     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)

@@ -106,7 +106,7 @@ def optimizer_problems(
     lr_scheduler: str,
     learning_rate: float,
     cuda_available: bool,
-    text_encoder_lr: float | None = None,
+    text_encoder_lr: float | tuple[float, ...] | None = None,
 ) -> list[tuple[str, str]]:
     """(config key, problem sentence) for settings that cannot work, found without building anything.
 
@@ -160,7 +160,11 @@ def _args_problems(name: str, cls: type, args: Mapping[str, Any]) -> list[tuple[
 
 
 def _rate_problems(
-    name: str, args: Mapping[str, Any], lr_scheduler: str, learning_rate: float, text_encoder_lr: float | None
+    name: str,
+    args: Mapping[str, Any],
+    lr_scheduler: str,
+    learning_rate: float,
+    text_encoder_lr: float | tuple[float, ...] | None,
 ) -> list[tuple[str, str]]:
     problems = []
     if name == "Prodigy":
@@ -172,7 +176,8 @@ def _rate_problems(
                     "about 1.0 (set learning_rate: 1.0)",
                 )
             )
-        if text_encoder_lr is not None and text_encoder_lr != learning_rate:
+        rates = text_encoder_lr if isinstance(text_encoder_lr, tuple) else (text_encoder_lr,)
+        if any(rate not in (None, 0, learning_rate) for rate in rates):
             # prodigyopt raises at the first step when groups differ (other than lr 0).
             problems.append(
                 (

@@ -110,6 +110,7 @@ def _extra(config: TrainConfig, training_set: TrainingSet) -> dict[str, str]:
         "ss_multires_noise_discount": str(config.multires_noise_discount),
         "ss_zero_terminal_snr": str(config.zero_terminal_snr),
         "ss_clip_skip": str(config.clip_skip),
+        "ss_max_token_length": str(config.max_token_length),
         "ss_loss_type": config.loss_type,
         "ss_huber_schedule": config.huber_schedule,
         "ss_huber_c": str(config.huber_c),

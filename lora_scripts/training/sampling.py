@@ -4,7 +4,9 @@
 decides from the config whether this is a sampling round. A round renders every prompt with the same seed
 as every other round, writes `<output_dir>/sample/<output_name>_s<step>_p<index>_<slug>.png` with its
 infotext, and logs one grid of the round to TensorBoard. Only the main process renders; every RNG state is
-restored afterwards, so a run with samples trains the same LoRA as one without.
+restored afterwards, so a run with samples trains the same LoRA as one without. The pipeline is the model
+family's (`ModelFamily.sampling_pipeline`: SD 1.x/2.x's StableDiffusionPipeline, SDXL's
+StableDiffusionXLPipeline), over the very modules being trained, and renders as `generate` does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from lora_scripts.generation import infotext, outputs, pipeline, samplers
 from lora_scripts.generation.grid import make_grid
 
 if TYPE_CHECKING:
-    from lora_scripts.models.stable_diffusion import StableDiffusionFamily
+    from lora_scripts.models.family import ModelFamily
+    from lora_scripts.models.inference import SamplingPipeline
 
 log = logging.getLogger(__name__)
 
@@ -145,34 +148,30 @@ class TrainingSampler:
         self.output_name = config.output_name
         self.model_name = Path(config.base_model).stem
         self.accelerator = accelerator
-        self.clip_skip = config.clip_skip or 1
-        self._pipe = None
+        self._pipeline: SamplingPipeline | None = None
 
-    def at_start(self, family: StableDiffusionFamily) -> None:
+    def at_start(self, family: ModelFamily) -> None:
         if self.at_first:
             self.sample(family, step=0)
 
-    def after_step(self, family: StableDiffusionFamily, step: int) -> None:
+    def after_step(self, family: ModelFamily, step: int) -> None:
         if self.every_n_steps and step % self.every_n_steps == 0:
             self.sample(family, step=step)
 
-    def after_epoch(self, family: StableDiffusionFamily, step: int, epoch: int) -> None:
+    def after_epoch(self, family: ModelFamily, step: int, epoch: int) -> None:
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             self.sample(family, step=step)
 
-    def sample(self, family: StableDiffusionFamily, step: int) -> list[Path]:
+    def sample(self, family: ModelFamily, step: int) -> list[Path]:
         """Render every prompt now (main process only) and return the files written."""
         if not self.prompts or not self.accelerator.is_main_process:
             return []
-        unwrap = self.accelerator.unwrap_model
-        unet, vae, text_encoder, tokenizer = family.sampling_modules()
-        unet, text_encoder = unwrap(unet), unwrap(text_encoder)
-        if self._pipe is None:  # built once; the modules are shared, so it always sees the current LoRA
+        if self._pipeline is None:  # built once; the modules are shared, so it always sees the current LoRA
             scheduler = samplers.make_scheduler(
-                self.spec, family.components.noise_scheduler.config, family.components.prediction_type
+                self.spec, family.noise_scheduler.config, family.info.prediction_type
             )
-            self._pipe = pipeline.pipeline_from_modules(unet, vae, text_encoder, tokenizer, scheduler)
-        modules = (unet, vae, text_encoder)
+            self._pipeline = family.sampling_pipeline(scheduler, self.accelerator.unwrap_model)
+        modules = self._pipeline.modules
         was_training = [m.training for m in modules]
         paths: list[Path] = []
         try:
@@ -199,11 +198,14 @@ class TrainingSampler:
             width=prompt.width,
             height=prompt.height,
             negative_prompt=prompt.negative_prompt,
-            clip_skip=self.clip_skip,
+            clip_skip=self._pipeline.clip_skip,
         )
-        return pipeline.render_image(self._pipe, prompt.prompt, settings, prompt.seed, progress=False)
+        return pipeline.render_image(
+            self._pipeline.pipe, prompt.prompt, settings, prompt.seed, progress=False
+        )
 
     def _infotext(self, prompt: SamplePrompt, step: int) -> str:
+        clip_skip = self._pipeline.clip_skip
         return infotext.build_infotext(
             prompt=prompt.prompt,
             negative_prompt=prompt.negative_prompt,
@@ -214,7 +216,7 @@ class TrainingSampler:
             width=prompt.width,
             height=prompt.height,
             model_name=self.model_name,
-            extra={"Clip skip": self.clip_skip if self.clip_skip > 1 else None, "Training step": step},
+            extra={"Clip skip": clip_skip if clip_skip > 1 else None, "Training step": step},
         )
 
     def _log_grid(self, images: list[Image.Image], step: int) -> None:

@@ -110,11 +110,18 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
         module.requires_grad_(False)
         if quantized and module is family.denoiser:
             module.to(dtype=weight_dtype)  # quantized where it was loaded once its LoRA is on, then moved
+        elif weight_dtype == torch.float16 and getattr(
+            getattr(module, "config", None), "force_upcast", False
+        ):
+            # A VAE that overflows in fp16 (SDXL's: diffusers marks it force_upcast, sd-scripts' no_half_vae).
+            module.to(accelerator.device, dtype=torch.float32)
         else:
             module.to(accelerator.device, dtype=weight_dtype)
+    rates = config.text_encoder_rates(len(family.text_encoders))
     targets = LoraTargets(
         unet=_targets(config.target_modules),
         text_encoder=_targets(config.text_encoder_target_modules) if config.train_text_encoder else None,
+        text_encoder_mask=tuple(rate > 0 for rate in rates),
     )
     spec = LoraSpec(
         rank=config.lora_rank,
@@ -152,9 +159,8 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     )
     if config.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            for encoder in family.text_encoders:
-                encoder.gradient_checkpointing_enable()
+        for encoder in family.trained_text_encoders:
+            encoder.gradient_checkpointing_enable()
     return networks
 
 
@@ -236,7 +242,8 @@ def make_optimization(
     """The optimizer over the LoRA parameters (UNet at unet_lr, text encoders at text_encoder_lr), the run's
     step plan, and the learning-rate schedule over it."""
     groups = [(trainable_parameters(family.denoiser), config.unet_lr)]
-    groups += [(trainable_parameters(te), config.text_encoder_lr) for te in family.text_encoders]
+    rates = config.text_encoder_rates(len(family.text_encoders))
+    groups += [(trainable_parameters(te), rate) for te, rate in zip(family.text_encoders, rates, strict=True)]
     optimizer = build_optimizer(
         config.optimizer_type,
         groups,

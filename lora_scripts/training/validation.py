@@ -34,6 +34,7 @@ from lora_scripts.data.buckets import BucketSettings, Size, assign_bucket, image
 from lora_scripts.data.captions import CaptionedImage
 from lora_scripts.data.dataset import load_pixels
 from lora_scripts.data.latent_cache import LatentRequest
+from lora_scripts.data.size_conditioning import center_size_conditioning
 from lora_scripts.data.training_set import TrainingSet, bucket_options, bucket_settings
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.training.losses import LossSettings
@@ -61,6 +62,7 @@ class ValidationBatch:
     cond: dict[str, torch.Tensor] | None
     noise: torch.Tensor
     timesteps: torch.Tensor
+    size_conditioning: torch.Tensor  # long [B, 6]: each image's center crop (data/size_conditioning.py)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -148,6 +150,7 @@ class Validator:
                     cond = family.encode_prompts(batch.captions, self.device)
                 else:
                     cond = {key: value.to(self.device) for key, value in batch.cond.items()}
+                cond |= family.image_conditioning(batch.size_conditioning.to(self.device))
                 loss = denoising_loss(
                     family,
                     batch.latents.to(self.device),
@@ -229,6 +232,8 @@ def prepare_batches(
         latents = _mean_latents(family, items, bucket, batch_size)
         captions = [item.caption for item in items for _ in range(timesteps_per_image)]
         latents = latents.repeat_interleave(timesteps_per_image, dim=0)  # [n * K, C, h, w], image-major
+        sizes = torch.stack([center_size_conditioning(image_size(item.path), bucket) for item in items])
+        sizes = sizes.repeat_interleave(timesteps_per_image, dim=0)
         timesteps = stratified_timesteps(len(items), timesteps_per_image, num_timesteps, generator).flatten()
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         for start in range(0, len(captions), batch_size):
@@ -238,7 +243,11 @@ def prepare_batches(
                 with eval_mode(family.text_encoders), torch.no_grad():
                     encoded = family.encode_prompts(captions[part], device)
                 cond = {key: value.cpu() for key, value in encoded.items()}
-            batches.append(ValidationBatch(latents[part], captions[part], cond, noise[part], timesteps[part]))
+            batches.append(
+                ValidationBatch(
+                    latents[part], captions[part], cond, noise[part], timesteps[part], sizes[part]
+                )
+            )
     return batches
 
 

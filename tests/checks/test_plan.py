@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_scripts.checks import plan as check_plan
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts
 from lora_scripts.config import TrainConfig, validate_config_dict
 from lora_scripts.data.captions import CaptionedImage
 from lora_scripts.data.training_set import Sample, TrainingSet
 from lora_scripts.errors import UserError
+from lora_scripts.models import detect
 from lora_scripts.models.family import LoraTargets
 from lora_scripts.models.lora import LoraSpec
 from lora_scripts.models.registry import load_family
@@ -39,7 +39,7 @@ def _training_set(buckets: dict[tuple[int, int], int], reg_samples: int = 0) -> 
         for i in range(n):
             is_reg = len(samples) < reg_samples
             image = CaptionedImage(Path(f"{w}x{h}_{i}.png"), "a cat", f"{w}x{h}_{i}.png", is_reg=is_reg)
-            samples.append(Sample(image, (w, h), 1.0))
+            samples.append(Sample(image, (w, h), 1.0, (w, h)))
     return TrainingSet(images=[s.image for s in samples], samples=samples, datasets=[])
 
 
@@ -107,7 +107,7 @@ def test_single_file_is_counted_from_its_header_only(
     def no_tensor_reads(*args: object, **kwargs: object) -> None:
         raise AssertionError("the check read the checkpoint's tensors")
 
-    monkeypatch.setattr(check_plan, "read_checkpoint", no_tensor_reads)
+    monkeypatch.setattr(detect, "read_checkpoint", no_tensor_reads)
     config = _config(base_model=str(path), base_model_config=str(tiny_model), train_text_encoder=True)
     facts = network_facts(config)
     folder = network_facts(_config(base_model=str(tiny_model), train_text_encoder=True))

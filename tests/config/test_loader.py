@@ -86,6 +86,14 @@ def test_explicit_values_win_over_derived_defaults(write: Write) -> None:
     assert config.logging_dir == Path("tb") and config.text_encoder_lr == 5e-5
 
 
+def test_text_encoder_rates_in_yaml_exponent_form(write: Write) -> None:
+    """PyYAML reads `1e-5` (no '.') as text: listed or negative, it is still read as the number it is."""
+    config = load_config(write(MINIMAL + "train_text_encoder: true\ntext_encoder_lr: [1e-5, 0]\n"))
+    assert config.text_encoder_lr == (1e-5, 0.0)
+    with pytest.raises(UserError, match=r"text_encoder_lr: must be greater than 0 \(got -1e-05\)"):
+        load_config(write(MINIMAL + "text_encoder_lr: -1e-5\n"))
+
+
 def test_config_is_frozen(write: Write) -> None:
     config = load_config(write(SEED_STYLE))
     with pytest.raises(ValidationError):

@@ -67,3 +67,34 @@ def test_buckets_config_uses_the_sd_scripts_depth(tmp_path: Path, monkeypatch: p
     assert config.datasets is not None and config.datasets[1].resolution == 640
     assert (config.target_modules, config.conv_rank, config.conv_alpha) == ("kohya", 8, 4)
     assert isinstance(config.lr_warmup_steps, float) and config.lr_warmup_steps == 0.05
+
+
+def test_sdxl_character_config_caches_both_encoders_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = REPO / "configs" / "sdxl_character.yaml"
+    create_referenced_paths(path, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.resolution == 1024 and config.enable_bucket
+    assert config.min_bucket_reso < config.resolution < config.max_bucket_reso
+    assert 16 <= config.lora_rank <= 32 and config.learning_rate == 1e-4
+    assert config.cache_latents and config.cache_text_encoder_outputs and not config.train_text_encoder
+    assert config.sample_prompts and config.sample_every_n_steps
+
+
+def test_sdxl_character_config_commented_text_encoder_option_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config's commented lines for training both text encoders, uncommented, give a valid config."""
+    text = (REPO / "configs" / "sdxl_character.yaml").read_text(encoding="utf-8")
+    options = ("# train_text_encoder: true", "# cache_text_encoder_outputs: false", "# text_encoder_lr: [")
+    lines = [line.removeprefix("# ") if line.startswith(options) else line for line in text.splitlines()]
+    lines = [line for line in lines if line != "cache_text_encoder_outputs: true"]
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    create_referenced_paths(variant, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(variant)
+    assert config.train_text_encoder and config.text_encoder_lr == (1e-5, 1e-5)
+    assert config.text_encoder_rates(2) == [1e-5, 1e-5]

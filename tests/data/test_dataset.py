@@ -22,7 +22,11 @@ def samples(tmp_path: Path) -> list[Sample]:
     write_image(tmp_path / "tall.png", size=(60, 120))
     wide = CaptionedImage(tmp_path / "wide.png", "red, blue, sky", "wide.png")
     tall = CaptionedImage(tmp_path / "tall.png", "tall, thing", "tall.png", is_reg=True)
-    return [Sample(wide, (64, 32), 1.0), Sample(wide, (64, 32), 1.0), Sample(tall, (32, 64), 0.5)]
+    return [
+        Sample(wide, (64, 32), 1.0, (200, 100)),
+        Sample(wide, (64, 32), 1.0, (200, 100)),
+        Sample(tall, (32, 64), 0.5, (60, 120)),
+    ]
 
 
 def _dataset(samples: list[Sample], **kwargs) -> TrainingDataset:

@@ -50,7 +50,7 @@ def test_sd1_and_sd2_are_told_apart_by_the_text_encoder():
     [
         (
             {"conditioner.embedders.1.model.positional_embedding": torch.zeros(1)},
-            "SDXL checkpoint, which is not supported yet",
+            "SDXL checkpoint, not an SD 1.x/2.x one",
         ),
         (
             {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)},

@@ -73,6 +73,7 @@ def test_lora_on_a_quantized_unet_trains_only_the_lora(tiny_unet):
     and learn through the 8-bit layers, whose weights do not move."""
     family = StableDiffusionFamily.__new__(StableDiffusionFamily)  # only the UNet is needed here
     family.unet = copy.deepcopy(tiny_unet)
+    family.text_encoder = None  # the UNet-only LoRA never reads it
     networks = family.add_lora(TARGETS, LoraSpec(rank=4, alpha=4, conv_rank=4, conv_alpha=4))
     quantize_frozen(family.unet, "int8")
     lora = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}

@@ -22,6 +22,7 @@ from lora_scripts.models import sdxl_loading
 from lora_scripts.models.detect import detect_model_version, detect_sd_version
 from lora_scripts.models.registry import load_family
 from lora_scripts.models.sd_loading import load_sd_components, shipped_config_dir
+from lora_scripts.models.sdxl import SDXLFamily
 from lora_scripts.models.sdxl_loading import SDXLComponents, load_sdxl_components
 from lora_scripts.models.tiny import (
     TinySDXL,
@@ -35,7 +36,7 @@ from tests.helpers.sgm import to_sgm_state_dict, write_sgm_checkpoint
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 FILE = Path("model.safetensors")
-TRAINABLE = "lora-scripts trains SD 1.x and 2.x models (SDXL base models load but cannot be trained yet)"
+TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
 NOT_SUPPORTED = f"{TRAINABLE}, and other model families are not supported yet."
 TEXT_TO_IMAGE = "which is not supported yet; lora-scripts trains text-to-image models, so use the plain"
 
@@ -143,12 +144,12 @@ def test_sdxl_base_is_detected_in_fp16_and_fp32_with_or_without_v_pred(tiny_sdxl
     )
 
 
-def test_training_detection_still_refuses_sdxl_with_its_sentence(tiny_sdxl):
+def test_sd_detection_names_sdxl_with_its_sentence(tiny_sdxl):
     with pytest.raises(UserError) as err:
         detect_sd_version(sgm_state(tiny_sdxl), FILE)
     assert err.value.messages == [
-        "base_model: 'model.safetensors' is an SDXL checkpoint, which is not supported yet; use an SD 1.x or "
-        "2.x model."
+        "base_model: 'model.safetensors' is an SDXL checkpoint, not an SD 1.x/2.x one; load it as SDXL "
+        "(models/registry.py load_family does)."
     ]
 
 
@@ -372,21 +373,24 @@ def test_other_folders_are_refused(tmp_path, tiny_sdxl_dir, changes, message):
     assert err.value.messages == [f"base_model: '{folder}' {message}"]
 
 
-def test_training_still_refuses_sdxl(tiny_sdxl_file, tiny_sdxl_dir):
-    """Until the SDXL family lands, load_sd_components and load_family keep their one-sentence refusals."""
-    for load in (load_sd_components, load_family):
-        with pytest.raises(UserError) as err:
-            load(str(tiny_sdxl_file), config_dir=tiny_sdxl_dir)
-        assert err.value.messages == [
-            f"base_model: '{tiny_sdxl_file}' is an SDXL checkpoint, which is not supported yet; use an SD "
-            "1.x or 2.x model."
-        ]
-        with pytest.raises(UserError) as err:
-            load(str(tiny_sdxl_dir))
-        assert err.value.messages == [
-            f"base_model: '{tiny_sdxl_dir}' is not an SD 1.x/2.x model (SDXL, SD3, Flux, ...), which is not "
-            "supported yet; use an SD 1.x or 2.x model."
-        ]
+def test_load_family_picks_sdxl_where_the_sd_loader_refuses_it(tiny_sdxl_file, tiny_sdxl_dir):
+    with pytest.raises(UserError) as err:
+        load_sd_components(str(tiny_sdxl_file), config_dir=tiny_sdxl_dir)
+    assert err.value.messages == [
+        f"base_model: '{tiny_sdxl_file}' is an SDXL checkpoint, not an SD 1.x/2.x one; load it as SDXL "
+        "(models/registry.py load_family does)."
+    ]
+    with pytest.raises(UserError) as err:
+        load_sd_components(str(tiny_sdxl_dir))
+    assert err.value.messages == [
+        f"base_model: '{tiny_sdxl_dir}' is not an SD 1.x/2.x model (its model_index.json lists "
+        "text_encoder_2 or a transformer); load it through models/registry.py load_family, which picks its "
+        "family."
+    ]
+    for source in (tiny_sdxl_file, tiny_sdxl_dir):
+        family = load_family(str(source), config_dir=tiny_sdxl_dir if source == tiny_sdxl_file else None)
+        assert isinstance(family, SDXLFamily) and family.info.base_model_version == "sdxl_base_v1-0"
+        assert family.native_resolution == 1024 and len(family.text_encoders) == 2
 
 
 # --- the shipped full-size configs ------------------------------------------------------------------------

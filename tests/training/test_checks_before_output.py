@@ -132,8 +132,11 @@ def truncated(path: Path, model: Path) -> None:
     path.write_bytes(path.read_bytes()[:-20])
 
 
-def sdxl(path: Path, model: Path) -> None:
-    keys = ("model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.transformer.x.weight")
+def sdxl_refiner(path: Path, model: Path) -> None:
+    keys = (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "conditioner.embedders.0.model.transformer.x.weight",
+    )
     safetensors.torch.save_file({key: torch.zeros(2, 2) for key in keys}, path)
 
 
@@ -163,10 +166,10 @@ def folder_without_unet_weights(folder: Path, model: Path) -> None:
             "again.",
         ),
         (
-            "sdxl.safetensors",
-            sdxl,
-            "base_model: '{path}' is an SDXL checkpoint, which is not supported yet; use an SD 1.x or 2.x "
-            "model.",
+            "sdxl_refiner.safetensors",
+            sdxl_refiner,
+            "base_model: '{path}' is an SDXL refiner checkpoint, which is not supported yet; lora-scripts "
+            "trains SD 1.x, SD 2.x and SDXL base models.",
         ),
         (
             "tiny-sd",
@@ -175,7 +178,7 @@ def folder_without_unet_weights(folder: Path, model: Path) -> None:
             "be incomplete, so download it again.",
         ),
     ],
-    ids=["text file", "truncated", "SDXL", "diffusers folder without weights"],
+    ids=["text file", "truncated", "SDXL refiner", "diffusers folder without weights"],
 )
 def test_overwrite_with_a_bad_base_model_leaves_the_earlier_run(
     tmp_path: Path,
