@@ -12,7 +12,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
+
+# diffusers' train_text_to_image_lora.py trains SD 1.x/2.x. SDXL has a script of its own
+# (train_text_to_image_lora_sdxl.py: two text encoders, pooled embeddings, size conditioning), not written
+# here, so an SDXL bench measures our loop alone.
+REFERENCE_VERSIONS: tuple[ModelVersion, ...] = ("sd_v1", "sd_v2")
+
+
+def no_reference_reason(version: ModelVersion) -> str | None:
+    """None when the reference loop can train a model of `version`, else the sentence the bench shows."""
+    if version in REFERENCE_VERSIONS:
+        return None
+    return (
+        f"no reference loop for {version.upper()} models: bench/reference.py is diffusers' SD 1.x/2.x "
+        "script (train_text_to_image_lora.py); our loop is measured alone"
+    )
 
 
 def encode_reference_batch(

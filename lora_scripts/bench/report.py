@@ -26,10 +26,57 @@ def _batch(s: dict) -> str:
 
 
 def render_table(report: dict) -> str:
-    """Settings, then ours vs reference (images/s, s/step, memory), then the phase breakdown."""
+    """Settings, then ours vs reference (images/s, s/step, memory), then the phase breakdown; our loop alone
+    when the report has no reference (SDXL), with the reason."""
     s = report["settings"]
     ours, ref = report["loops"]["ours"], report["loops"]["reference"]
-    pairs = report["speedup_per_round"]
+    loops = [("ours", ours)] + ([("reference", ref)] if ref is not None else [])
+    lines = [
+        _header(s),
+        f"device {report['device']} ({report['device_name']}), {report['torch_threads']} torch threads",
+    ]
+    if ref is None:
+        lines.append(f"{report['reference_skipped']}.")
+
+    def row(label: str, key: str, spec: str) -> str:
+        return f"{label:<24}" + "".join(f"{format(loop[key], spec):>14}" for _, loop in loops)
+
+    lines += [
+        "",
+        f"{'':<24}" + "".join(f"{name:>14}" for name, _ in loops),
+        row("images/s", "images_per_sec", ".2f"),
+        row("s/step", "s_per_step", ".4f"),
+        row("setup (load, cache) s", "setup_s", ".2f"),
+        row("mean loss" if ref is None else "mean loss (same draws)", "mean_loss", ".6f"),
+    ]
+    if ref is None:
+        lines.append(f"peak memory: {_memory(ours['peak_memory_mb'])}")
+    else:
+        pairs = report["speedup_per_round"]
+        memory = f"ours {_memory(ours['peak_memory_mb'])}, reference {_memory(ref['peak_memory_mb'])}"
+        lines += [
+            f"peak memory: {memory}",
+            f"speedup: {report['speedup']:.2f}x (median of {len(pairs)} pairs of rounds, "
+            f"{min(pairs):.2f}-{max(pairs):.2f}x)",
+            f"UNet forward + backward: {100 * report['reference_unet_share']:.0f}% of the reference's step; "
+            f"with them unchanged, the rest can give at most {report['speedup_bound_same_unet']:.2f}x",
+        ]
+    if report["flops_per_image"] is not None:
+        flops = report["flops_per_image"]
+        scaled = f"{flops / 1e12:.3f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3f} GFLOP"
+        lines.append(f"FLOPs per image (one training step, our loop): {scaled}")
+    if report["mfu"] is not None:
+        lines.append(f"MFU: {100 * report['mfu']:.1f}% of the device's bf16/fp16 peak")
+    lines += ["", f"{'where the time goes (s/step)':<34}" + "".join(f"{name:>11}" for name, _ in loops)]
+    for phase in PHASES:
+        cells = "".join(f"{report['phases'][name][phase]:>11.4f}" for name, _ in loops)
+        lines.append(f"{_PHASE_LABELS[phase]:<34}{cells}")
+    totals = "".join(f"{loop['instrumented_s_per_step']:>11.4f}" for _, loop in loops)
+    lines.append(f"{'total (instrumented run)':<34}{totals}")
+    return "\n".join(lines) + "\n"
+
+
+def _header(s: dict) -> str:
     checkpointing = s.get("effective_gradient_checkpointing", s["gradient_checkpointing"])
     header = (
         f"lora-scripts bench: model {s['model']}, {s['resolution']}², batch {_batch(s)}, "
@@ -42,33 +89,4 @@ def render_table(report: dict) -> str:
         header += f", UNet weights {s['quantize_base']}"
     if s.get("memory_profile") == "low":
         header += f", memory_profile low ({s.get('effective_optimizer')})"
-    lines = [
-        header,
-        f"device {report['device']} ({report['device_name']}), {report['torch_threads']} torch threads",
-        "",
-        f"{'':<24}{'ours':>14}{'reference':>14}",
-        f"{'images/s':<24}{ours['images_per_sec']:>14.2f}{ref['images_per_sec']:>14.2f}",
-        f"{'s/step':<24}{ours['s_per_step']:>14.4f}{ref['s_per_step']:>14.4f}",
-        f"{'setup (load, cache) s':<24}{ours['setup_s']:>14.2f}{ref['setup_s']:>14.2f}",
-        f"{'mean loss (same draws)':<24}{ours['mean_loss']:>14.6f}{ref['mean_loss']:>14.6f}",
-        f"peak memory: ours {_memory(ours['peak_memory_mb'])}, reference {_memory(ref['peak_memory_mb'])}",
-        f"speedup: {report['speedup']:.2f}x (median of {len(pairs)} pairs of rounds, "
-        f"{min(pairs):.2f}-{max(pairs):.2f}x)",
-        f"UNet forward + backward: {100 * report['reference_unet_share']:.0f}% of the reference's step; "
-        f"with them unchanged, the rest can give at most {report['speedup_bound_same_unet']:.2f}x",
-    ]
-    if report["flops_per_image"] is not None:
-        flops = report["flops_per_image"]
-        scaled = f"{flops / 1e12:.3f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3f} GFLOP"
-        lines.append(f"FLOPs per image (one training step, our loop): {scaled}")
-    if report["mfu"] is not None:
-        lines.append(f"MFU: {100 * report['mfu']:.1f}% of the device's bf16/fp16 peak")
-    lines += ["", f"{'where the time goes (s/step)':<34}{'ours':>10}{'reference':>11}"]
-    for phase in PHASES:
-        a, b = report["phases"]["ours"][phase], report["phases"]["reference"][phase]
-        lines.append(f"{_PHASE_LABELS[phase]:<34}{a:>10.4f}{b:>11.4f}")
-    lines.append(
-        f"{'total (instrumented run)':<34}{ours['instrumented_s_per_step']:>10.4f}"
-        f"{ref['instrumented_s_per_step']:>11.4f}"
-    )
-    return "\n".join(lines) + "\n"
+    return header

@@ -25,7 +25,14 @@ from lora_scripts.bench.measure import (
     peak_tflops,
     reset_peak_memory,
 )
-from lora_scripts.bench.workspace import BenchSettings, make_images, prepare_base_model, write_config
+from lora_scripts.bench.reference import no_reference_reason
+from lora_scripts.bench.workspace import (
+    BenchSettings,
+    make_images,
+    model_version,
+    prepare_base_model,
+    write_config,
+)
 from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 
@@ -188,7 +195,8 @@ def run_bench(settings: BenchSettings) -> dict:
 
     Each loop is first measured alone (memory, FLOPs, the fairness loss): the reference, then ours. The
     reference is then built again beside ours, the timed rounds alternate between the two, and an
-    instrumented run of each gives the phases.
+    instrumented run of each gives the phases. For a model the reference loop cannot train (SDXL), our loop
+    is measured alone, the same way, and the report says why.
     """
     for name, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
         if value < 1:
@@ -201,11 +209,16 @@ def run_bench(settings: BenchSettings) -> dict:
         root = Path(tmp)
         make_images(root / "data", settings.image_count, settings.image_size)
         base_model = prepare_base_model(root, settings.model)
-        reference, setup_s = _timed_build(ReferenceLoop, root, settings, base_model)
-        reference_alone = measure_alone(reference, settings, setup_s)
-        reference.close()
-        del reference
-        _collect()
+        skipped = no_reference_reason(model_version(base_model))
+        reference_alone = None
+        if skipped is None:
+            reference, setup_s = _timed_build(ReferenceLoop, root, settings, base_model)
+            reference_alone = measure_alone(reference, settings, setup_s)
+            reference.close()
+            del reference
+            _collect()
+        else:
+            log.info("%s.", skipped[0].upper() + skipped[1:])
         ours, setup_s = _timed_build(OurLoop, root, settings, base_model)
         ours_alone = measure_alone(ours, settings, setup_s)
         device = ours.device
@@ -216,36 +229,87 @@ def run_bench(settings: BenchSettings) -> dict:
             "images_per_step": ours.config.batch_size,
             "gradient_accumulation_steps": ours.config.gradient_accumulation_steps,
         }
-        reference = _build(ReferenceLoop, root, settings, base_model)
-        warm_up(reference, settings, count_first=False)
+        loops = [ours]
+        if reference_alone is not None:
+            loops.append(_build(ReferenceLoop, root, settings, base_model))
+            warm_up(loops[1], settings, count_first=False)
         try:
-            (ours_s, reference_s), (ours_phases, reference_phases) = interleaved_rounds(
-                [ours, reference], settings
-            )
+            times, phases = interleaved_rounds(loops, settings)
         finally:
-            ours.close()
-            reference.close()
+            for loop in loops:
+                loop.close()
+    reference_figures = None
+    if reference_alone is not None:
+        reference_figures = loop_figures(reference_alone, times[1], phases[1], settings)
     return build_report(
         settings,
         device,
         effective,
-        loop_figures(ours_alone, ours_s, ours_phases, settings),
-        loop_figures(reference_alone, reference_s, reference_phases, settings),
+        loop_figures(ours_alone, times[0], phases[0], settings),
+        reference_figures,
+        reference_skipped=skipped,
     )
 
 
 def build_report(
-    settings: BenchSettings, device: torch.device, effective: dict, ours: LoopFigures, reference: LoopFigures
+    settings: BenchSettings,
+    device: torch.device,
+    effective: dict,
+    ours: LoopFigures,
+    reference: LoopFigures | None,
+    *,
+    reference_skipped: str | None = None,
 ) -> dict:
     """The JSON-ready report: headline figures first, then per-loop details. `effective`: the settings the
-    run ended up with (effective_precision, images_per_step, ...), merged into "settings"."""
+    run ended up with (effective_precision, images_per_step, ...), merged into "settings". Without a
+    `reference` (`reference_skipped` says why) its figures and the comparisons are None."""
     peak = peak_tflops(device)
     mfu = None
     if peak is not None and ours.flops_per_step is not None:
         mfu = ours.flops_per_step / ours.s_per_step / (peak * 1e12)
-    main_memory = ours.peak_memory_mb.get("allocated", ours.peak_memory_mb.get("rss", 0.0))
     images_per_step = effective.get("images_per_step", settings.batch_size)
     per_image = ours.flops_per_step / images_per_step if ours.flops_per_step is not None else None
+    return {
+        "images_per_sec": ours.images_per_sec,
+        "s_per_step": ours.s_per_step,
+        **_comparison(ours, reference),
+        "peak_memory_mb": _main_memory(ours),
+        "flops_per_image": per_image,
+        "mfu": mfu,
+        "reference_skipped": reference_skipped,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "settings": {
+            **asdict(settings),
+            "resolution": settings.image_size,
+            "num_images": settings.image_count,
+            **effective,
+        },
+        "phases": {"ours": ours.phases, "reference": reference.phases if reference else None},
+        "loops": {"ours": asdict(ours), "reference": asdict(reference) if reference else None},
+    }
+
+
+def _main_memory(loop: LoopFigures) -> float:
+    return loop.peak_memory_mb.get("allocated", loop.peak_memory_mb.get("rss", 0.0))
+
+
+_COMPARISON_KEYS = (
+    "reference_images_per_sec",
+    "reference_s_per_step",
+    "speedup",
+    "speedup_per_round",
+    "reference_peak_memory_mb",
+    "reference_unet_share",
+    "speedup_bound_same_unet",
+)
+
+
+def _comparison(ours: LoopFigures, reference: LoopFigures | None) -> dict:
+    """The reference's figures and the speedups (all None without a reference)."""
+    if reference is None:
+        return dict.fromkeys(_COMPARISON_KEYS)
     # What the UNet's forward + backward leave to gain: they are the same work in both loops (unless ours
     # is compiled), so removing everything else from our step could give at most 1 / their share.
     unet_share = (
@@ -256,29 +320,11 @@ def build_report(
     # ratio of the two loops' medians.
     pairs = [r / o for o, r in zip(ours.round_s_per_step, reference.round_s_per_step, strict=True)]
     return {
-        "images_per_sec": ours.images_per_sec,
-        "s_per_step": ours.s_per_step,
         "reference_images_per_sec": reference.images_per_sec,
         "reference_s_per_step": reference.s_per_step,
         "speedup": statistics.median(pairs),
         "speedup_per_round": pairs,
-        "peak_memory_mb": main_memory,
-        "reference_peak_memory_mb": reference.peak_memory_mb.get(
-            "allocated", reference.peak_memory_mb.get("rss", 0.0)
-        ),
-        "flops_per_image": per_image,
+        "reference_peak_memory_mb": _main_memory(reference),
         "reference_unet_share": unet_share,
         "speedup_bound_same_unet": 1 / unet_share,
-        "mfu": mfu,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "settings": {
-            **asdict(settings),
-            "resolution": settings.image_size,
-            "num_images": settings.image_count,
-            **effective,
-        },
-        "phases": {"ours": ours.phases, "reference": reference.phases},
-        "loops": {"ours": asdict(ours), "reference": asdict(reference)},
     }

@@ -1,40 +1,50 @@
-"""What a benchmark trains on, built in a temporary folder: a base model (tiny, SD 1.5-shaped with random
-weights, or the user's), generated images with captions, and a config for the real training code."""
+"""What a benchmark trains on, built in a temporary folder: a base model (a tiny one, a full-size SD 1.5 or
+SDXL architecture with random weights, or the user's), generated images with captions, and a config for the
+real training code."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel
 
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.demo import draw_ink_image
+from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.locate import BaseModelLocation
-from lora_scripts.models.registry import load_family
+from lora_scripts.models.registry import base_model_version, load_family
 from lora_scripts.models.sd_loading import (
     SDComponents,
+    clip_tokenizer,
     load_clip_tokenizer,
     make_noise_scheduler,
     shipped_config_dir,
 )
+from lora_scripts.models.sdxl import SDXLFamily
+from lora_scripts.models.sdxl_loading import SDXL_PAD_TOKENS, SDXLComponents
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
-from lora_scripts.models.tiny import build_tiny_sd
+from lora_scripts.models.tiny import (
+    build_tiny_sd,
+    build_tiny_sd_components,
+    build_tiny_sdxl,
+    build_tiny_sdxl_components,
+)
 
 # The issue's reference figure (1.71 TFLOP/image at 512²) is for a rank-4 LoRA on the attention layers.
 BENCH_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 512}
 _SUBJECTS = ["mountain peak", "pine tree", "temple", "river", "moon", "bamboo", "boat", "bridge"]
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """The knobs of one benchmark run; `resolution` None means the model's default (64 tiny, 512 others)."""
+    """The knobs of one benchmark run; `resolution` None means the model's default (`default_resolution`)."""
 
     model: str = "tiny"
     steps: int = 10
@@ -54,7 +64,7 @@ class BenchSettings:
 
     @property
     def image_size(self) -> int:
-        return self.resolution or DEFAULT_RESOLUTION.get(self.model, 512)
+        return self.resolution or default_resolution(self.model)
 
     @property
     def image_count(self) -> int:
@@ -134,33 +144,155 @@ def _new_output_dir(root: Path, kind: str) -> Path:
 
 
 def prepare_base_model(root: Path, model: str) -> str:
-    """The `base_model` a config names: the tiny model written under `root`, "sd15" or the user's path."""
-    if model == "tiny":
-        return str(build_tiny_sd(root / "tiny-sd"))
+    """The `base_model` a config names: a tiny model written under `root` (loaded like the user's), the
+    name of a random full-size architecture ("sd15", "sdxl": built in memory by `load_bench_family`) or the
+    user's path."""
+    built_in = BUILT_IN_MODELS.get(model)
+    if built_in is not None and built_in.write is not None:
+        return str(built_in.write(root / model))
     return model
 
 
 def load_bench_family(base_model: str) -> ModelFamily:
     """A fresh copy of the base model (each loop trains its own LoRA on its own copy)."""
-    if base_model == "sd15":
-        return StableDiffusionFamily(random_sd15_components())
+    built_in = BUILT_IN_MODELS.get(base_model)  # (a tiny model is a written folder's path by now)
+    if built_in is not None:
+        return built_in.build()
     return load_family(base_model)
+
+
+def model_version(model: str) -> ModelVersion:
+    """ "sd_v1", "sd_v2" or "sdxl": a built-in model's, else read from the user's file or folder (headers and
+    configs only)."""
+    built_in = BUILT_IN_MODELS.get(model)
+    return built_in.version if built_in is not None else base_model_version(model)
+
+
+def default_resolution(model: str) -> int:
+    """The bench's image size when --resolution is not given: the built-in model's, else 1024 for an SDXL
+    model and 512 for SD 1.x/2.x."""
+    built_in = BUILT_IN_MODELS.get(model)
+    if built_in is not None:
+        return built_in.resolution
+    return 1024 if base_model_version(model) == "sdxl" else 512
+
+
+def _random_modules(folder: Path, seed: int, **classes: type) -> dict[str, torch.nn.Module]:
+    """Each part named in `classes` (unet=UNet2DConditionModel, ...) built from `folder/<name>`'s config with
+    random weights fixed by `seed` (the caller's RNG is left untouched): fp32, frozen, in eval mode."""
+    modules = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, cls in classes.items():
+            if issubclass(cls, PreTrainedModel):  # transformers' text encoders
+                modules[name] = cls(cls.config_class.from_pretrained(folder, subfolder=name))
+            else:  # diffusers' UNet and VAE
+                modules[name] = cls.from_config(cls.load_config(folder, subfolder=name))
+    _freeze(*modules.values())
+    return modules
+
+
+def _freeze(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
 
 
 def random_sd15_components(seed: int = 0) -> SDComponents:
     """The full SD 1.5 architecture from the shipped configs with random weights (speed does not depend on
     the values): fp32 CPU modules, frozen and in eval mode, like `load_sd_components` returns them."""
     folder = shipped_config_dir("sd_v1")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    parts = _random_modules(
+        folder, seed, unet=UNet2DConditionModel, vae=AutoencoderKL, text_encoder=CLIPTextModel
+    )
     scheduler = make_noise_scheduler(DDPMScheduler.load_config(folder, subfolder="scheduler"), "epsilon")
     location = BaseModelLocation("diffusers_folder", folder, "sd15")
     return SDComponents(
-        unet, vae, text_encoder, load_clip_tokenizer("sd_v1"), scheduler, "sd_v1", "epsilon", location
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        load_clip_tokenizer("sd_v1"),
+        scheduler,
+        "sd_v1",
+        "epsilon",
+        location,
     )
+
+
+def random_sdxl_components(seed: int = 0) -> SDXLComponents:
+    """The full SDXL base architecture from the shipped configs (models/assets/sdxl: UNet 2.6 B, CLIP ViT-L
+    and OpenCLIP bigG text encoders, VAE) with random weights: fp32 CPU modules, frozen and in eval mode, like
+    `load_sdxl_components` returns them. About 14 GB in fp32; on the meta device (`with torch.device("meta")`)
+    it costs nothing, which is how the FLOP counts are made."""
+    folder = shipped_config_dir("sdxl")
+    parts = _random_modules(
+        folder,
+        seed,
+        unet=UNet2DConditionModel,
+        vae=AutoencoderKL,
+        text_encoder=CLIPTextModel,
+        text_encoder_2=CLIPTextModelWithProjection,
+    )
+    scheduler = make_noise_scheduler(DDPMScheduler.load_config(folder, subfolder="scheduler"), "epsilon")
+    return SDXLComponents(
+        **parts,
+        tokenizer=clip_tokenizer(SDXL_PAD_TOKENS["tokenizer"]),
+        tokenizer_2=clip_tokenizer(SDXL_PAD_TOKENS["tokenizer_2"]),
+        noise_scheduler=scheduler,
+        prediction_type="epsilon",
+        location=BaseModelLocation("diffusers_folder", folder, "sdxl"),
+    )
+
+
+def tiny_sd_family() -> StableDiffusionFamily:
+    """The tiny SD model in memory, frozen and in eval mode as a loaded one is (the FLOP and memory counts
+    build it this way; the bench writes it as a folder and loads it like a user's model)."""
+    tiny = build_tiny_sd_components()
+    _freeze(tiny.unet, tiny.vae, tiny.text_encoder)
+    scheduler = make_noise_scheduler(tiny.scheduler.config, "epsilon")
+    location = BaseModelLocation("diffusers_folder", shipped_config_dir("sd_v1"), "tiny")
+    components = SDComponents(
+        tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, scheduler, "sd_v1", "epsilon", location
+    )
+    return StableDiffusionFamily(components)
+
+
+def tiny_sdxl_family() -> SDXLFamily:
+    """The tiny SDXL model in memory, frozen and in eval mode (see `tiny_sd_family`). Always on the CPU, even
+    under `torch.device("meta")`: its sampling scheduler (EulerDiscrete) copies its sigmas to the CPU, which
+    a meta tensor cannot do; the model takes a few MB."""
+    with torch.device("cpu"):
+        tiny = build_tiny_sdxl_components()
+    _freeze(tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+    components = SDXLComponents(
+        unet=tiny.unet,
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        text_encoder_2=tiny.text_encoder_2,
+        tokenizer=tiny.tokenizer,
+        tokenizer_2=tiny.tokenizer_2,
+        noise_scheduler=make_noise_scheduler(tiny.scheduler.config, "epsilon"),
+        prediction_type="epsilon",
+        location=BaseModelLocation("diffusers_folder", shipped_config_dir("sdxl"), "tiny-sdxl"),
+    )
+    return SDXLFamily(components)
+
+
+@dataclass(frozen=True)
+class BuiltInModel:
+    """A model `--model` names instead of a path. `build` makes it in memory (random weights: speed and
+    memory do not depend on their values); the bench writes a tiny one as a diffusers folder with `write`
+    instead and loads it with the real loading code, like a user's model."""
+
+    version: ModelVersion
+    resolution: int  # the default image size
+    build: Callable[[], ModelFamily]
+    write: Callable[[Path], Path] | None = None
+
+
+BUILT_IN_MODELS: dict[str, BuiltInModel] = {
+    "tiny": BuiltInModel("sd_v1", 64, tiny_sd_family, write=build_tiny_sd),
+    "tiny-sdxl": BuiltInModel("sdxl", 64, tiny_sdxl_family, write=build_tiny_sdxl),
+    "sd15": BuiltInModel("sd_v1", 512, lambda: StableDiffusionFamily(random_sd15_components())),
+    "sdxl": BuiltInModel("sdxl", 1024, lambda: SDXLFamily(random_sdxl_components())),
+}

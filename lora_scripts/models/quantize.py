@@ -57,7 +57,22 @@ def quantize_frozen(module: nn.Module, kind: str) -> None:
     freeze(module)  # quantize the weights now (quanto otherwise keeps the float ones until the first call)
     # quanto's quantized weights are new Parameters with requires_grad=True: freeze them again (else the
     # optimizer would be handed the 8-bit base weights).
+    from optimum.quanto.nn import QLinear
+
     for layer_name, layer in module.named_modules():
         if layer_name not in trainable:
             for param in layer.parameters(recurse=False):
                 param.requires_grad_(False)
+        if isinstance(layer, QLinear):
+            layer.register_forward_pre_hook(_contiguous_on_cpu)
+
+
+def _contiguous_on_cpu(layer: nn.Module, args: tuple) -> tuple | None:
+    """quanto's CPU kernel for bf16 inputs (`torch._weight_int8pack_mm`) refuses an input whose last
+    dimension is strided: "A must be contiguous on the last dimension". SDXL's linear proj_in gets one (the
+    feature map permuted to [B, H*W, C], a view), so bf16 training with int8 weights failed on a CPU. Other
+    devices and dtypes take any layout; the copy is made only where it is needed."""
+    x = args[0]
+    if x.device.type == "cpu" and x.dim() > 0 and x.stride(-1) != 1:
+        return (x.contiguous(), *args[1:])
+    return None

@@ -138,3 +138,18 @@ def test_check_shows_the_unet_weights():
     assert "bf16 (mixed_precision), LoRA in fp32" in render_text(
         CheckReport("x.yaml", speed=speed_facts(bf16))
     )
+
+
+def test_an_int8_linear_takes_a_strided_bf16_input_on_the_cpu():
+    """SDXL's linear proj_in gets its feature map as a permuted view ([B, H*W, C], the channels strided),
+    which quanto's CPU bf16 kernel refused ("A must be contiguous on the last dimension")."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 16)).to(torch.bfloat16).requires_grad_(False)
+    quantize_frozen(layer, "int8")
+    feature_map = torch.randn(1, 32, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    strided = feature_map.permute(0, 2, 3, 1).reshape(1, 16, 32)
+    assert strided.stride(-1) != 1
+    out = layer(strided)
+    out.float().sum().backward()
+    torch.testing.assert_close(out, layer(strided.contiguous()))
+    assert feature_map.grad is not None and feature_map.grad.shape == feature_map.shape
