@@ -175,7 +175,8 @@ def _loss_rules(config: TrainConfig) -> list[Problem]:
                 problems.append((key, "is only used by loss_type 'huber' or 'smooth_l1'"))
     if _written(config, "multires_noise_discount") and config.multires_noise_iterations == 0:
         problems.append(("multires_noise_discount", "has no effect without multires_noise_iterations"))
-    if config.zero_terminal_snr and config.v_parameterization is False:
+    # Only an explicit true: left out, it follows the checkpoint's marker (training warns for epsilon).
+    if config.zero_terminal_snr is True and config.v_parameterization is False:
         problems.append(
             (
                 "zero_terminal_snr",

@@ -121,11 +121,14 @@ class LossKeys(BaseModel):
         gt=0,
         le=1,
     )
-    zero_terminal_snr: bool = field(
+    zero_terminal_snr: bool | None = field(
         "loss",
         "Rescale the noise schedule so the last timestep is pure noise (Lin et al. 2023); use it with "
-        "v-prediction models.",
-        False,
+        "v-prediction models. Leave it out to take it from the checkpoint, as ComfyUI does: on when the file "
+        "has a `ztsnr` key (NoobAI-XL v-pred has one) or a diffusers folder's scheduler config says "
+        "`rescale_betas_zero_snr: true`, else off; true or false overrides that.",
+        None,
+        default_doc="none (from the checkpoint; off unless it is marked)",
     )
     clip_skip: Int | None = field(
         "loss",

@@ -26,6 +26,9 @@ class FamilyInfo:
     v2: bool
     prediction_type: str  # "epsilon" | "v_prediction"
     modelspec_architecture: str  # e.g. "stable-diffusion-v1"
+    # The base model marks itself as trained with zero terminal SNR (a `ztsnr` key, a scheduler config's
+    # rescale_betas_zero_snr): the default of training's zero_terminal_snr key.
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)

@@ -89,13 +89,19 @@ def load_pipeline(
         config_dir=Path(config_dir) if config_dir else None,
         v_parameterization=v_parameterization,
     )
-    scheduler = make_scheduler(sampler, family.noise_scheduler.config, family.info.prediction_type)
+    schedule = dict(family.noise_scheduler.config)
+    if family.info.zero_terminal_snr:  # a `ztsnr` file (NoobAI v-pred) samples as ComfyUI samples it
+        schedule["rescale_betas_zero_snr"] = True
+    scheduler = make_scheduler(sampler, schedule, family.info.prediction_type)
     pipe = family.sampling_pipeline(scheduler).pipe
-    # Cast on the CPU before moving (no fp32 copy on the GPU); skip the no-op cast, which makes diffusers
-    # warn about fp32-only modules that SD's models do not have. SDXL's VAE overflows in fp16: its pipeline
-    # decodes in fp32 (the VAE's `force_upcast`).
+    # Cast on the CPU before moving (no fp32 copy on the GPU). A VAE that overflows in fp16 (SDXL's; diffusers
+    # marks it `force_upcast`, and its SDXL pipeline upcasts it for each decode) stays fp32, as training keeps
+    # it: render_image decodes in the VAE's own dtype.
     if dtype != torch.float32:
-        pipe.to(dtype=dtype)
+        keep_vae_fp32 = dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and not (keep_vae_fp32 and module is pipe.vae):
+                module.to(dtype=dtype)
     pipe.to(device)
     return LoadedPipeline(pipe=pipe, components=family.components, device=device, dtype=dtype)
 
@@ -127,22 +133,25 @@ def render_image(
 
     The initial noise and the ancestral samplers' noise come from a CPU generator seeded with `seed`, so a
     seed gives the same picture on CPU and GPU (up to kernel rounding).
+
+    Prompts longer than 75 tokens are read in chunks as A1111 reads them (`prompt_arguments`). The pipeline
+    stops at the latents and `decode_latents` decodes them in the VAE's dtype with autocast off, so a caller's
+    fp16 autocast (training samples) does not decode in fp16; in fp32 the image is the pipeline's own.
     """
+    # Imported here: diffusers' pipeline modules load only when something renders.
+    from lora_scripts.models.inference import decode_latents, prompt_arguments
+
     config = pipe.scheduler.config
     pipe.scheduler = make_scheduler(settings.sampler, config, config.get("prediction_type", "epsilon"))
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    result = pipe(
-        prompt=prompt,
-        negative_prompt=settings.negative_prompt or None,
+    latents = pipe(
+        **prompt_arguments(pipe, prompt, settings.negative_prompt, settings.clip_skip),
         num_inference_steps=settings.steps,
         guidance_scale=settings.cfg_scale,
         width=settings.width,
         height=settings.height,
         generator=generator,
-        output_type="pil",
-        # diffusers counts the layers skipped (A1111's 2 is diffusers' 1); None keeps the family's own layer
-        # (SD's last; SDXL's penultimate, which A1111 uses whatever its clip skip).
-        clip_skip=settings.clip_skip - 1 if settings.clip_skip > 1 else None,
-    )
-    return result.images[0]
+        output_type="latent",
+    ).images
+    return decode_latents(pipe, latents)[0]

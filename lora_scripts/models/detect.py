@@ -22,6 +22,8 @@ from lora_scripts.errors import UserError
 SDVersion = Literal["sd_v1", "sd_v2"]
 # What a single file can be loaded as: an SD 1.x/2.x version or an SDXL base model.
 ModelVersion = Literal["sd_v1", "sd_v2", "sdxl"]
+# How messages and reports name each version.
+VERSION_NAMES: dict[str, str] = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL"}
 PredictionType = Literal["epsilon", "v_prediction"]
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -34,6 +36,8 @@ SGM_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP 
 VAE_PREFIX = "first_stage_model."
 # Community v-prediction checkpoints (kohya sd-scripts, NoobAI, ...) mark themselves with an empty tensor.
 V_PRED_KEY = "v_pred"
+# ... and those trained with zero terminal SNR (NoobAI-XL v-pred) with another; ComfyUI samples them so.
+ZTSNR_KEY = "ztsnr"
 
 # The end of every "this family is not supported" sentence; the SDXL family changes it when it lands.
 TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
@@ -203,6 +207,12 @@ def unet_context_dim(state_dict: dict[str, torch.Tensor]) -> int | None:
 def has_v_pred_key(state_dict: dict[str, torch.Tensor]) -> bool:
     """True when the file marks itself as v-prediction (a `v_pred` key, as kohya sd-scripts writes)."""
     return V_PRED_KEY in state_dict
+
+
+def has_ztsnr_key(state_dict: dict[str, Any]) -> bool:
+    """True when the file marks itself as trained with zero terminal SNR (a `ztsnr` key, as NoobAI-XL v-pred
+    files have; ComfyUI's model detection reads it). Values need no more than a header's."""
+    return ZTSNR_KEY in state_dict
 
 
 @torch.no_grad()

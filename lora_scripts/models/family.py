@@ -52,6 +52,15 @@ class ModelFamily(ABC):
     info: FamilyInfo
     noise_scheduler: Any  # diffusers DDPMScheduler with the family's prediction_type
     native_resolution: int = 512  # the side length the base models were trained at: `resolution`'s default
+    # The transformers classes of its text encoders and their diffusers-folder parts, in training's order.
+    text_encoder_classes: tuple[type[nn.Module], ...] = ()
+    text_encoder_parts: tuple[str, ...] = ()
+
+    @classmethod
+    @abstractmethod
+    def file_networks(cls, unet: nn.Module, text_encoders: list[nn.Module]) -> list[LoraNetwork]:
+        """The networks LoRA files of this family name these modules by (for `lora_reader.module_index`
+        and the writers of export/lora_layouts.py): every prefix a file may use, the one we write first."""
 
     @property
     @abstractmethod

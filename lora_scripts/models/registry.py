@@ -10,7 +10,14 @@ from diffusers import UNet2DConditionModel
 from lora_scripts.models.detect import ModelVersion, checkpoint_shapes, detect_model_version
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.locate import locate_base_model
-from lora_scripts.models.sd_loading import folder_config, load_sd_components, version_from_unet_config
+from lora_scripts.models.sd_loading import (
+    folder_config,
+    load_sd_components,
+    marks_zero_terminal_snr,
+    scheduler_config_of,
+    shipped_config_dir,
+    version_from_unet_config,
+)
 from lora_scripts.models.sdxl import SDXLFamily
 from lora_scripts.models.sdxl_loading import load_sdxl_components
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
@@ -25,6 +32,20 @@ def base_model_version(base_model: str) -> ModelVersion:
     if _lists_component(location.path, "text_encoder_2") or _lists_component(location.path, "transformer"):
         return "sdxl"  # the SDXL loader words the refusal of refiners and transformers
     return version_from_unet_config(folder_config(UNet2DConditionModel, location.path, "unet"), location.path)
+
+
+def base_model_zero_terminal_snr(base_model: str, config_dir: Path | None = None) -> bool:
+    """Whether `base_model` is marked as trained with zero terminal SNR, as its loader finds it (the
+    components' `zero_terminal_snr`), from the file's header or the scheduler config (no weights loaded).
+
+    config_dir: a single file's base_model_config, whose scheduler config counts as the loader reads it.
+    """
+    location = locate_base_model(base_model)
+    version = base_model_version(base_model)
+    if location.kind == "single_file":
+        folder = Path(config_dir) if config_dir is not None else shipped_config_dir(version)
+        return marks_zero_terminal_snr(checkpoint_shapes(location.path), scheduler_config_of(folder, version))
+    return marks_zero_terminal_snr(None, scheduler_config_of(location.path, version))
 
 
 FAMILIES: dict[ModelVersion, type[ModelFamily]] = {

@@ -38,6 +38,7 @@ from lora_scripts.models.detect import (
     SDVersion,
     detect_sd_version,
     has_v_pred_key,
+    has_ztsnr_key,
     is_v_prediction_unet,
     read_checkpoint,
     unet_context_dim,
@@ -65,6 +66,8 @@ class SDComponents:
     has only tokenizer.json); its ids all fit the text encoder's embedding table and its model_max_length
     its positions.
     `noise_scheduler` is a DDPMScheduler for training (add_noise / get_velocity) with `prediction_type` set.
+    `zero_terminal_snr`: whether the model marks itself as trained with zero terminal SNR
+    (`marks_zero_terminal_snr`); training's `zero_terminal_snr` key defaults to it and sets the schedule.
     """
 
     unet: UNet2DConditionModel
@@ -75,6 +78,7 @@ class SDComponents:
     version: SDVersion
     prediction_type: PredictionType
     location: BaseModelLocation
+    zero_terminal_snr: bool = False
 
 
 def shipped_config_dir(version: ModelVersion) -> Path:
@@ -146,6 +150,8 @@ def _load_single_file(
 
     # None: SD 2.x without a marker, decided by the UNet
     prediction_type = marked_prediction_type(state_dict, v_parameterization)
+    scheduler_config = scheduler_config_of(cfg_dir, version)
+    zero_snr = marks_zero_terminal_snr(state_dict, scheduler_config)
     if prediction_type is None and version == "sd_v1":
         prediction_type = "epsilon"
     unet, prediction_type = _unet_from_ldm(
@@ -154,8 +160,9 @@ def _load_single_file(
     vae = vae_from_ldm(state_dict, cfg_dir, path)
     text_encoder = _text_encoder_from_ldm(state_dict, cfg_dir, version, path)
 
-    scheduler_config = scheduler_config_of(cfg_dir, version)
-    return _assemble(unet, vae, text_encoder, cfg_dir, version, scheduler_config, prediction_type, location)
+    return _assemble(
+        unet, vae, text_encoder, cfg_dir, version, scheduler_config, prediction_type, location, zero_snr
+    )
 
 
 def require_configs(cfg_dir: Path, subfolders: tuple[str, ...]) -> None:
@@ -175,6 +182,14 @@ def marked_prediction_type(
     if v_parameterization is not None:
         return "v_prediction" if v_parameterization else "epsilon"
     return "v_prediction" if has_v_pred_key(state_dict) else None
+
+
+def marks_zero_terminal_snr(state_dict: dict[str, Any] | None, scheduler_config: dict[str, Any]) -> bool:
+    """Whether a model says it was trained with zero terminal SNR, as ComfyUI reads it: a single file's
+    `ztsnr` key (`state_dict`; None for a diffusers folder), or `rescale_betas_zero_snr: true` in the
+    scheduler config (a folder's own, or a single file's base_model_config)."""
+    marked = state_dict is not None and has_ztsnr_key(state_dict)
+    return marked or scheduler_config.get("rescale_betas_zero_snr") is True
 
 
 def _unet_from_ldm(
@@ -340,7 +355,10 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     text_encoder = folder_component(CLIPTextModel, path, "text_encoder")
     scheduler_config = scheduler_config_of(path, version)
     prediction_type = folder_prediction_type(scheduler_config, v_parameterization)
-    return _assemble(unet, vae, text_encoder, path, version, scheduler_config, prediction_type, location)
+    zero_snr = marks_zero_terminal_snr(None, scheduler_config)
+    return _assemble(
+        unet, vae, text_encoder, path, version, scheduler_config, prediction_type, location, zero_snr
+    )
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -369,6 +387,7 @@ def _assemble(
     scheduler_config: dict[str, Any],
     prediction_type: PredictionType,
     location: BaseModelLocation,
+    zero_terminal_snr: bool,
 ) -> SDComponents:
     """SDComponents from loaded modules: the tokenizer of `folder` (the shipped CLIP one when it has no
     tokenizer folder), checked against the text encoder, and a training noise scheduler for `prediction_type`.
@@ -389,6 +408,7 @@ def _assemble(
         version=version,
         prediction_type=prediction_type,
         location=location,
+        zero_terminal_snr=zero_terminal_snr,
     )
 
 

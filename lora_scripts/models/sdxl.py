@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
@@ -42,6 +43,8 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
     """SDXL base models. `text_encoders` is [CLIP ViT-L, OpenCLIP bigG] (kohya's lora_te1, lora_te2)."""
 
     native_resolution = 1024
+    text_encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    text_encoder_parts = ("text_encoder", "text_encoder_2")
 
     def __init__(
         self, components: SDXLComponents, *, clip_skip: int | None = None, max_token_length: int = 75
@@ -59,6 +62,7 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
             v2=False,
             prediction_type=components.prediction_type,
             modelspec_architecture=SDXL_MODELSPEC_ARCHITECTURE,
+            zero_terminal_snr=components.zero_terminal_snr,
         )
         self.unet = components.unet
         self.vae = components.vae
@@ -67,6 +71,11 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
         self.tokenizer = components.tokenizer
         self.tokenizer_2 = components.tokenizer_2
         self.trains_text_encoder = False
+
+    @classmethod
+    def file_networks(cls, unet: nn.Module, text_encoders: list[nn.Module]) -> list[LoraNetwork]:
+        """`lora_unet` (sgm paths; diffusers paths too, through `module_index`), `lora_te1`, `lora_te2`."""
+        return sdxl_networks(unet, text_encoders)
 
     @property
     def denoiser(self) -> nn.Module:

@@ -50,6 +50,7 @@ from lora_scripts.models.sd_loading import (
     load_text_encoder_weights,
     make_noise_scheduler,
     marked_prediction_type,
+    marks_zero_terminal_snr,
     read_model_index,
     require_configs,
     scheduler_config_of,
@@ -74,6 +75,9 @@ class SDXLComponents:
     cross-attends to both penultimate hidden states concatenated (2048). Each tokenizer's ids fit its text
     encoder's embedding table and its model_max_length its positions (77).
     `noise_scheduler` is a DDPMScheduler for training (add_noise / get_velocity) with `prediction_type` set.
+    `zero_terminal_snr`: whether the model marks itself as trained with zero terminal SNR (a `ztsnr` key, as
+    NoobAI-XL v-pred files have, or the scheduler config's `rescale_betas_zero_snr`); training's
+    `zero_terminal_snr` key defaults to it and sets the schedule.
     """
 
     unet: UNet2DConditionModel
@@ -85,6 +89,7 @@ class SDXLComponents:
     noise_scheduler: DDPMScheduler
     prediction_type: PredictionType
     location: BaseModelLocation
+    zero_terminal_snr: bool = False
 
 
 def load_sdxl_components(
@@ -131,6 +136,8 @@ def _load_single_file(
     cfg_dir = Path(config_dir) if config_dir is not None else shipped_config_dir("sdxl")
     require_configs(cfg_dir, CONFIG_PARTS)
     prediction_type = marked_prediction_type(state_dict, v_parameterization) or "epsilon"
+    scheduler_config = scheduler_config_of(cfg_dir, "sdxl")
+    zero_snr = marks_zero_terminal_snr(state_dict, scheduler_config)
 
     unet_config = dict(UNet2DConditionModel.load_config(cfg_dir, subfolder="unet", local_files_only=True))
     weights = ldm_unet_weights(state_dict, unet_config, cfg_dir, path, family="SDXL")
@@ -138,9 +145,16 @@ def _load_single_file(
     vae = vae_from_ldm(state_dict, cfg_dir, path)
     text_encoder = _text_encoder_from_sgm(CLIPTextModel, state_dict, cfg_dir, path)
     text_encoder_2 = _text_encoder_from_sgm(CLIPTextModelWithProjection, state_dict, cfg_dir, path)
-    scheduler_config = scheduler_config_of(cfg_dir, "sdxl")
     return _assemble(
-        unet, vae, text_encoder, text_encoder_2, cfg_dir, scheduler_config, prediction_type, location
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        cfg_dir,
+        scheduler_config,
+        prediction_type,
+        location,
+        zero_snr,
     )
 
 
@@ -195,8 +209,9 @@ def _load_diffusers_folder(location: BaseModelLocation, v_parameterization: bool
     text_encoder_2 = folder_component(CLIPTextModelWithProjection, path, "text_encoder_2")
     scheduler_config = scheduler_config_of(path, "sdxl")
     prediction_type = folder_prediction_type(scheduler_config, v_parameterization)
+    zero_snr = marks_zero_terminal_snr(None, scheduler_config)
     return _assemble(
-        unet, vae, text_encoder, text_encoder_2, path, scheduler_config, prediction_type, location
+        unet, vae, text_encoder, text_encoder_2, path, scheduler_config, prediction_type, location, zero_snr
     )
 
 
@@ -251,6 +266,7 @@ def _assemble(
     scheduler_config: dict[str, Any],
     prediction_type: PredictionType,
     location: BaseModelLocation,
+    zero_terminal_snr: bool,
 ) -> SDXLComponents:
     """SDXLComponents from loaded modules: the tokenizers of `folder` (the shipped CLIP one with each pad
     token where it has none), each checked against its text encoder, and a training noise scheduler.
@@ -283,4 +299,5 @@ def _assemble(
         noise_scheduler=make_noise_scheduler(scheduler_config, prediction_type),
         prediction_type=prediction_type,
         location=location,
+        zero_terminal_snr=zero_terminal_snr,
     )

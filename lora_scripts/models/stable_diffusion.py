@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import CLIPTextModel
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
@@ -52,6 +53,9 @@ class StableDiffusionFamily(KLVaeLatents, ModelFamily):
     """SD 1.x and 2.x. Text-encoder module paths get a `text_model.` prefix in kohya names if they lack it
     (transformers ≥ 5 dropped that submodule; A1111/ComfyUI require it)."""
 
+    text_encoder_classes = (CLIPTextModel,)
+    text_encoder_parts = ("text_encoder",)
+
     def __init__(self, components: SDComponents, *, clip_skip: int | None = None, max_token_length: int = 75):
         self.components = components
         self.max_token_length = max_token_length
@@ -68,12 +72,26 @@ class StableDiffusionFamily(KLVaeLatents, ModelFamily):
             v2=components.version == "sd_v2",
             prediction_type=components.prediction_type,
             modelspec_architecture=_modelspec_architecture(components.version, components.prediction_type),
+            zero_terminal_snr=components.zero_terminal_snr,
         )
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.trains_text_encoder = False
+
+    @classmethod
+    def file_networks(cls, unet: nn.Module, text_encoders: list[nn.Module]) -> list[LoraNetwork]:
+        """`lora_unet`, `lora_te` and `lora_te1`, the same text encoder (a few SD 1.x files use SDXL's
+        first-encoder prefix)."""
+        networks = [LoraNetwork("lora_unet", unet)]
+        for text_encoder in text_encoders:
+            prefix = clip_name_prefix(text_encoder)
+            networks += [
+                LoraNetwork("lora_te", text_encoder, prefix),
+                LoraNetwork("lora_te1", text_encoder, prefix),
+            ]
+        return networks
 
     @property
     def denoiser(self) -> nn.Module:

@@ -37,7 +37,7 @@ from lora_scripts.training.checkpoints import Checkpoints, validate
 from lora_scripts.training.interrupt import FaultInjection, stop_on_signals
 from lora_scripts.training.loss_log import PendingLosses, read_losses
 from lora_scripts.training.nan_guard import NanGuard
-from lora_scripts.training.noise import zero_terminal_snr
+from lora_scripts.training.noise import training_noise_schedule
 from lora_scripts.training.output_dir import STATE_FOLDER, prepare_output_dir
 from lora_scripts.training.run_info import run_metadata
 from lora_scripts.training.run_lock import output_dir_lock
@@ -120,12 +120,7 @@ def _train_in(
         clip_skip=config.clip_skip,
         max_token_length=config.max_token_length,
     )
-    if config.zero_terminal_snr:
-        if family.info.prediction_type != "v_prediction":
-            log.warning(
-                "zero_terminal_snr on an epsilon-prediction model: sample images may look washed out."
-            )
-        family.noise_scheduler = zero_terminal_snr(family.noise_scheduler)
+    family.noise_scheduler = training_noise_schedule(family, config.zero_terminal_snr)
     networks = attach_lora(family, config, accelerator)
     speed_switches(family, accelerator.device)
     # Encodes its images now, while the VAE and text encoder are still on the device (caching may move them).

@@ -7,12 +7,16 @@ octave scales; here `torch.rand` does that job), so `torch.manual_seed` makes a 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lora_scripts.training.losses import LossSettings
+
+if TYPE_CHECKING:
+    from lora_scripts.models.family import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +92,30 @@ def zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
         float(alphas_cumprod[-1]),
     )
     return rescaled
+
+
+def resolve_zero_terminal_snr(setting: bool | None, marked: bool) -> bool:
+    """Whether a run trains with zero terminal SNR: the config's `setting` when it is written, else whether
+    the base model is `marked` for it (a `ztsnr` key, or `rescale_betas_zero_snr` in its scheduler config;
+    `FamilyInfo.zero_terminal_snr`), as ComfyUI samples such a model."""
+    return marked if setting is None else setting
+
+
+def training_noise_schedule(family: ModelFamily, setting: bool | None) -> DDPMScheduler:
+    """The schedule to train `family` with, for the config's zero_terminal_snr `setting` (None: from the
+    base model, `resolve_zero_terminal_snr`): `zero_terminal_snr(...)` of the family's own when on; when
+    off, the plain one, even where the model's scheduler config asks diffusers for the rescale (an explicit
+    false wins). `family.noise_scheduler` itself is untouched."""
+    scheduler = family.noise_scheduler
+    if not resolve_zero_terminal_snr(setting, family.info.zero_terminal_snr):
+        if scheduler.config.get("rescale_betas_zero_snr"):
+            return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=False)
+        return scheduler
+    if setting is None:
+        logger.info(
+            "zero_terminal_snr: on, as the base model is marked for it (a `ztsnr` key, or "
+            "rescale_betas_zero_snr in its scheduler config); write zero_terminal_snr: false to turn it off."
+        )
+    if family.info.prediction_type != "v_prediction":
+        logger.warning("zero_terminal_snr on an epsilon-prediction model: sample images may look washed out.")
+    return zero_terminal_snr(scheduler)

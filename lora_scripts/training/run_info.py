@@ -10,6 +10,7 @@ from lora_scripts.data import tag_frequency
 from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.export.metadata import RunMetadata
 from lora_scripts.models.family import ModelFamily
+from lora_scripts.training.noise import resolve_zero_terminal_snr
 from lora_scripts.training.plan import TrainingPlan
 
 
@@ -55,8 +56,13 @@ def run_metadata(
         tag_frequency=_tag_frequency(training_set),
         optimizer=optimizer,
         network_args=network_args,
-        extra=_extra(config, training_set),
+        extra=_extra(config, training_set, zero_terminal_snr=_zero_terminal_snr(config, family)),
     )
+
+
+def _zero_terminal_snr(config: TrainConfig, family: ModelFamily) -> bool:
+    """What the run trains with: the config's value, or the base model's marker when it is left out."""
+    return resolve_zero_terminal_snr(config.zero_terminal_snr, family.info.zero_terminal_snr)
 
 
 def _tag_frequency(training_set: TrainingSet) -> dict[str, dict[str, int]]:
@@ -70,7 +76,7 @@ def _tag_frequency(training_set: TrainingSet) -> dict[str, dict[str, int]]:
     return out
 
 
-def _extra(config: TrainConfig, training_set: TrainingSet) -> dict[str, str]:
+def _extra(config: TrainConfig, training_set: TrainingSet, *, zero_terminal_snr: bool) -> dict[str, str]:
     # sd-scripts lists regularization folders apart, under ss_reg_dataset_dirs (train_network.py).
     dataset_dirs: dict[str, dict[str, int]] = {}
     reg_dataset_dirs: dict[str, dict[str, int]] = {}
@@ -108,7 +114,7 @@ def _extra(config: TrainConfig, training_set: TrainingSet) -> dict[str, str]:
         "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
         "ss_multires_noise_iterations": str(config.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(config.multires_noise_discount),
-        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_zero_terminal_snr": str(zero_terminal_snr),
         "ss_clip_skip": str(config.clip_skip),
         "ss_max_token_length": str(config.max_token_length),
         "ss_loss_type": config.loss_type,

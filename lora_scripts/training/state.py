@@ -47,6 +47,7 @@ from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic, write_text_atomic
 from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.models.registry import base_model_zero_terminal_snr
 from lora_scripts.training.output_dir import STATE_FOLDER
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,11 @@ def check_resume(
         raise UserError(f"resume: '{folder}' is not a complete training state; resume from another one.")
     saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
     current = config.to_yaml_dict()
-    changed = [k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k)]
+    changed = [
+        k
+        for k in current.keys() | saved.keys()
+        if current.get(k) != saved.get(k) and not _same_from_base_model(k, saved, current, config)
+    ]
     shown = {k: f"{k}: {_show(saved.get(k))} -> {_show(current.get(k))}" for k in sorted(changed)}
     breaking = [shown[k] for k in sorted(changed) if k not in ALLOWED_CHANGES]
     problems = []
@@ -224,6 +229,16 @@ def check_resume(
     if allowed:
         log.info("Resuming with changed settings: %s", "; ".join(allowed))
     return progress
+
+
+def _same_from_base_model(key: str, saved: dict, current: dict, config: TrainConfig) -> bool:
+    """True when one side leaves zero_terminal_snr out (null: what the base model says) and the other writes
+    the value the base model says, so the run trains the same. States saved before the key could be left out
+    have `false` there, which a config leaving it out continues on a model without the marker."""
+    if key != "zero_terminal_snr" or (saved.get(key) is None) == (current.get(key) is None):
+        return False
+    written = saved[key] if current.get(key) is None else current[key]
+    return written == base_model_zero_terminal_snr(config.base_model, config.base_model_config)
 
 
 # Keys whose change is already reported as a config change; a data fingerprint mismatch then says nothing new.

@@ -247,3 +247,22 @@ def test_several_changing_caption_keys_are_listed_together() -> None:
             "changes them", "change them"
         )
     ]
+
+
+ZERO_SNR_EPSILON = (
+    "zero_terminal_snr: needs a v-prediction model (v_parameterization: true): with epsilon prediction the "
+    "model cannot learn what to do at the pure-noise last timestep"
+)
+
+
+def test_zero_terminal_snr_true_on_an_epsilon_model_is_refused() -> None:
+    assert problems(zero_terminal_snr=True, v_parameterization=False) == [ZERO_SNR_EPSILON]
+
+
+@pytest.mark.parametrize("zero_snr", [None, False], ids=["left out", "false"])
+def test_zero_terminal_snr_left_out_or_false_allows_epsilon(zero_snr: bool | None) -> None:
+    values = {**BASE, "v_parameterization": False}
+    if zero_snr is not None:
+        values["zero_terminal_snr"] = zero_snr
+    config = validate_config_dict(values, "<t>", check_paths=False)
+    assert config.zero_terminal_snr is zero_snr  # None: from the checkpoint's `ztsnr` marker

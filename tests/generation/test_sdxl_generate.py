@@ -387,3 +387,22 @@ def test_cli_names_the_file_and_both_families_before_loading(xl_dir, lora_dir, t
         f"error: {sentence}",
     ]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_ztsnr_file_samples_with_the_zero_terminal_snr_schedule(xl_dir, tmp_path):
+    """NoobAI-XL v-pred files carry `v_pred` and `ztsnr`: generate samples them as ComfyUI does, v-prediction
+    on the rescaled schedule (the last timestep pure noise)."""
+    tiny = build_tiny_sdxl_components()
+    markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+    modules = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+    marked = write_sgm_checkpoint(tmp_path / "noobai-v.safetensors", *modules, extra=markers)
+    plain = write_sgm_checkpoint(tmp_path / "plain.safetensors", *modules)
+    cpu = torch.device("cpu")
+    sampler = resolve_sampler("euler")
+    pipe = load_pipeline(str(marked), sampler, device=cpu, dtype=torch.float32, config_dir=str(xl_dir)).pipe
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr is True
+    assert float(pipe.scheduler.alphas_cumprod[-1]) < 1e-6  # diffusers' Euler keeps 2**-24 to stay finite
+    pipe = load_pipeline(str(plain), sampler, device=cpu, dtype=torch.float32, config_dir=str(xl_dir)).pipe
+    assert not pipe.scheduler.config.get("rescale_betas_zero_snr")
+    assert float(pipe.scheduler.alphas_cumprod[-1]) > 0.004

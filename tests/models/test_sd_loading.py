@@ -113,6 +113,30 @@ def test_v_pred_key_and_explicit_setting(tmp_path, tiny_sd, tiny_sd_dir):
     assert loaded.prediction_type == loaded.noise_scheduler.config.prediction_type == "epsilon"
 
 
+def test_ztsnr_key_and_rescale_betas_zero_snr_mark_zero_terminal_snr(
+    tmp_path, tiny_sd, tiny_sd_dir, tiny_sd_file
+):
+    marked = write_compvis_checkpoint(
+        tmp_path / "ztsnr.safetensors",
+        tiny_sd.unet,
+        tiny_sd.vae,
+        tiny_sd.text_encoder,
+        extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])},
+    )
+    loaded = load_sd_components(str(marked), config_dir=tiny_sd_dir)
+    assert (loaded.prediction_type, loaded.zero_terminal_snr) == ("v_prediction", True)
+    assert load_sd_components(str(tiny_sd_file), config_dir=tiny_sd_dir).zero_terminal_snr is False
+    assert load_sd_components(str(tiny_sd_dir)).zero_terminal_snr is False
+
+    folder = shutil.copytree(tiny_sd_dir, tmp_path / "zsnr-folder")
+    scheduler_json = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_json.read_text(encoding="utf-8"))
+    scheduler_json.write_text(json.dumps({**config, "rescale_betas_zero_snr": True}), encoding="utf-8")
+    assert load_sd_components(str(folder)).zero_terminal_snr is True
+    # a single file's base_model_config counts too: the loader builds the schedule from it
+    assert load_sd_components(str(tiny_sd_file), config_dir=folder).zero_terminal_snr is True
+
+
 def test_diffusers_folder_loads(tiny_sd_dir, tiny_sd):
     loaded = load_sd_components(str(tiny_sd_dir))
     assert (loaded.version, loaded.prediction_type, loaded.location.kind) == (
@@ -166,7 +190,9 @@ def test_sdxl_folder_is_refused(tmp_path, tiny_sd_dir):
     folder = shutil.copytree(tiny_sd_dir, tmp_path / "xl")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": ["transformers", "X"]}))
-    with pytest.raises(UserError, match=r"is not an SD 1\.x/2\.x model .*load_family, which picks its family"):
+    with pytest.raises(
+        UserError, match=r"is not an SD 1\.x/2\.x model .*load_family, which picks its family"
+    ):
         load_sd_components(str(folder))
 
 

@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lora_scripts.errors import UserError
 from lora_scripts.models import sdxl_loading
 from lora_scripts.models.detect import detect_model_version, detect_sd_version
-from lora_scripts.models.registry import load_family
+from lora_scripts.models.registry import base_model_zero_terminal_snr, load_family
 from lora_scripts.models.sd_loading import load_sd_components, shipped_config_dir
 from lora_scripts.models.sdxl import SDXLFamily
 from lora_scripts.models.sdxl_loading import SDXLComponents, load_sdxl_components
@@ -270,6 +270,49 @@ def test_half_precision_ckpt_with_v_pred_key(tmp_path, tiny_sdxl_dir, tiny_sdxl)
     assert_ready_for_training(loaded)
     forced = load_sdxl_components(str(path), config_dir=tiny_sdxl_dir, v_parameterization=False)
     assert forced.prediction_type == forced.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_ztsnr_key_marks_the_file_for_zero_terminal_snr(tmp_path, tiny_sdxl_dir, tiny_sdxl, tiny_sdxl_file):
+    """NoobAI-XL v-pred's two empty markers, as ComfyUI reads them: `v_pred` and `ztsnr`."""
+    markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+    path = write_sgm_checkpoint(
+        tmp_path / "noobai-v.safetensors", *(getattr(tiny_sdxl, name) for name in MODULES), extra=markers
+    )
+    loaded = load_sdxl_components(str(path), config_dir=tiny_sdxl_dir)
+    assert (loaded.prediction_type, loaded.zero_terminal_snr) == ("v_prediction", True)
+    assert_same_weights(loaded, tiny_sdxl)
+    # the loader only reports the marker: training rescales the schedule (training/noise.py)
+    assert loaded.noise_scheduler.alphas_cumprod[-1] > 0.004
+    family = load_family(str(path), config_dir=tiny_sdxl_dir)
+    assert family.info.zero_terminal_snr is True
+    assert base_model_zero_terminal_snr(str(path), tiny_sdxl_dir) is True  # header only, as resume reads it
+    # forcing epsilon does not hide the marker (training decides what to do with both)
+    forced = load_sdxl_components(str(path), config_dir=tiny_sdxl_dir, v_parameterization=False)
+    assert (forced.prediction_type, forced.zero_terminal_snr) == ("epsilon", True)
+
+    plain = load_sdxl_components(str(tiny_sdxl_file), config_dir=tiny_sdxl_dir)
+    assert plain.zero_terminal_snr is False
+    assert load_family(str(tiny_sdxl_file), config_dir=tiny_sdxl_dir).info.zero_terminal_snr is False
+    assert base_model_zero_terminal_snr(str(tiny_sdxl_file), tiny_sdxl_dir) is False
+    v_only = write_sgm_checkpoint(
+        tmp_path / "v-only.safetensors",
+        *(getattr(tiny_sdxl, name) for name in MODULES),
+        extra={"v_pred": torch.tensor([])},
+    )
+    assert load_sdxl_components(str(v_only), config_dir=tiny_sdxl_dir).zero_terminal_snr is False
+
+
+def test_folder_scheduler_rescale_betas_zero_snr_marks_zero_terminal_snr(tmp_path, tiny_sdxl_dir):
+    folder = build_tiny_sdxl(tmp_path / "tiny-zsnr", prediction_type="v_prediction")
+    scheduler_json = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_json.read_text(encoding="utf-8"))
+    scheduler_json.write_text(json.dumps({**config, "rescale_betas_zero_snr": True}), encoding="utf-8")
+    loaded = load_sdxl_components(str(folder))
+    assert (loaded.prediction_type, loaded.zero_terminal_snr) == ("v_prediction", True)
+    assert load_family(str(folder)).info.zero_terminal_snr is True
+    assert base_model_zero_terminal_snr(str(folder)) is True
+    assert load_sdxl_components(str(tiny_sdxl_dir)).zero_terminal_snr is False
+    assert base_model_zero_terminal_snr(str(tiny_sdxl_dir)) is False
 
 
 def test_diffusers_folder_loads(tiny_sdxl_dir, tiny_sdxl):

@@ -301,15 +301,34 @@ def test_loss_options_together(tmp_path, dataset_dir, monkeypatch):
 
 def test_zero_terminal_snr_with_v_prediction(tmp_path, dataset_dir, monkeypatch):
     model = build_tiny_sd(tmp_path / "tiny-v", version="sd_v2", prediction_type="v_prediction")
-    schedulers = _spy(monkeypatch, "zero_terminal_snr")
+    families = _spy(monkeypatch, "load_family")  # the loop sets the schedule it trains with on the family
     path = _train(tmp_path, "ztsnr", _settings(dataset_dir, model, max_train_steps=3, zero_terminal_snr=True))
-    (scheduler,) = schedulers
+    (scheduler,) = (family.noise_scheduler for family in families)
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.alphas_cumprod[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR)  # ~pure noise at t=T
     losses = _scalars(tmp_path / "ztsnr" / "logs", "loss")
     assert len(losses) == 3 and all(math.isfinite(value) for _, value in losses)
     meta = read_lora_metadata(path)
     assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_v_parameterization"] == "True"
+
+
+def test_folder_marked_rescale_betas_zero_snr_sets_the_default(tmp_path, dataset_dir, monkeypatch):
+    """A diffusers folder whose scheduler config has rescale_betas_zero_snr: true trains with zero terminal
+    SNR when the key is left out, and on the plain schedule with an explicit false (which also undoes the
+    rescale diffusers makes from that config, alpha_bar[-1] exactly 0)."""
+    model = build_tiny_sd(tmp_path / "tiny-v", version="sd_v2", prediction_type="v_prediction")
+    scheduler_json = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_json.read_text(encoding="utf-8"))
+    scheduler_json.write_text(json.dumps({**config, "rescale_betas_zero_snr": True}), encoding="utf-8")
+    families = _spy(monkeypatch, "load_family")
+    marked = _train(tmp_path, "marked", _settings(dataset_dir, model))
+    off = _train(tmp_path, "off", _settings(dataset_dir, model, zero_terminal_snr=False))
+    rescaled, plain = (family.noise_scheduler for family in families)
+    assert rescaled.alphas_cumprod[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR)
+    assert plain.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)  # SD's scaled_linear schedule
+    assert not plain.config.rescale_betas_zero_snr
+    assert read_lora_metadata(marked)["ss_zero_terminal_snr"] == "True"
+    assert read_lora_metadata(off)["ss_zero_terminal_snr"] == "False"
 
 
 def test_fractional_warmup(tmp_path, tiny_model_dir, dataset_dir):

@@ -210,6 +210,29 @@ def test_changed_epochs_steps_and_learning_rate_are_allowed(finished_run, capsys
     assert [e.value for e in acc.Scalars("lr")] == pytest.approx([1e-4] * 8 + [5e-5] * 2)  # the new rate
 
 
+def test_state_saved_with_zero_terminal_snr_written_resumes_where_the_model_says_the_same(
+    finished_run, capsys
+):
+    """A state whose config wrote zero_terminal_snr (every state saved before it could be left out has
+    `false`) continues under a config leaving it out exactly when the base model says that value: the tiny
+    model has no `ztsnr` marker, so false resumes and true is refused."""
+    config = finished_run(max_train_steps=10)
+    state_config = latest_state(config.parent / "ref" / "state") / "config.yaml"
+    saved = state_config.read_text(encoding="utf-8")
+    assert "zero_terminal_snr: null" in saved  # left out: what this run trained with came from the model
+    state_config.write_text(
+        saved.replace("zero_terminal_snr: null", "zero_terminal_snr: true"), encoding="utf-8"
+    )
+    assert main(["train", "--config", str(config), "--resume", "auto"]) == 2
+    assert "zero_terminal_snr: true -> (unset)" in capsys.readouterr().err
+    state_config.write_text(
+        saved.replace("zero_terminal_snr: null", "zero_terminal_snr: false"), encoding="utf-8"
+    )
+    assert main(["train", "--config", str(config), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "step 8 of 10" in err and "zero_terminal_snr" not in err
+
+
 def test_resume_path_that_is_not_a_state(config_for, tmp_path, capsys):
     config = config_for("nothing")
     (tmp_path / "empty").mkdir()

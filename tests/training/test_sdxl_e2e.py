@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import lora_scripts.training.loop as loop
 from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.demo import draw_ink_image
@@ -28,6 +29,7 @@ from lora_scripts.export.lora_file import read_lora_metadata
 from lora_scripts.models.lora_presets import unet_lora_layers
 from lora_scripts.models.tiny import TinySDXL, build_tiny_sdxl, build_tiny_sdxl_components
 from lora_scripts.training.loop import TrainResult, train
+from lora_scripts.training.noise import TERMINAL_ALPHA_BAR
 from tests.helpers.sd_scripts_sdxl import (
     UNET_CONV_TARGETS,
     UNET_TARGETS,
@@ -213,6 +215,7 @@ def test_text_encoder_run_has_sgm_unet_and_te1_te2_keys_and_sdxl_metadata(te_run
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_v2"] == "False" and meta["ss_v_parameterization"] == "False"
+    assert meta["ss_zero_terminal_snr"] == "False"  # left out, on a model without the `ztsnr` marker
     assert meta["ss_network_train_unet_only"] == "False"
     assert meta["ss_text_encoder_lr"] == "0.0005"
     assert meta["ss_sd_model_name"] == "tiny-sdxl"
@@ -360,6 +363,39 @@ def test_v_prediction_trains_and_says_so(tmp_path, data, sdxl_dir, cache_runs):
     v_state, epsilon_state = load(path), load(cache_runs["uncached"])  # the same run, epsilon
     assert v_state.keys() == epsilon_state.keys() and trained(v_state)
     assert any(not torch.equal(v_state[k], epsilon_state[k]) for k in v_state if k.endswith("lora_up.weight"))
+
+
+def test_ztsnr_marker_turns_zero_terminal_snr_on_unless_the_config_says_false(
+    tmp_path, data, sdxl_dir, tiny, monkeypatch, caplog
+):
+    """A NoobAI-XL v-pred file (`v_pred` + `ztsnr` markers) trains on the zero-terminal-SNR schedule with
+    the key left out, as ComfyUI samples it; `zero_terminal_snr: false` trains on the plain one."""
+    markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+    path = write_sgm_checkpoint(
+        tmp_path / "noobai-v.safetensors", *(getattr(tiny, name) for name in MODULES), extra=markers
+    )
+    families = []
+    load_family = loop.load_family
+
+    def spy(*args, **kwargs):  # the loop sets family.noise_scheduler to the schedule it trains with
+        families.append(load_family(*args, **kwargs))
+        return families[-1]
+
+    monkeypatch.setattr(loop, "load_family", spy)
+    values = settings(data, path, base_model_config=str(sdxl_dir), max_train_steps=2)
+    with caplog.at_level(logging.INFO, logger="lora_scripts"):
+        marked = run(tmp_path, "marked", values)
+    assert sum("as the base model is marked for it" in r.getMessage() for r in caplog.records) == 1
+    off = run(tmp_path, "off", values | {"zero_terminal_snr": False})
+
+    meta = read_lora_metadata(marked)
+    assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_v_parameterization"] == "True"
+    assert read_lora_metadata(off)["ss_zero_terminal_snr"] == "False"
+    rescaled, plain = (family.noise_scheduler for family in families)
+    assert rescaled.config.prediction_type == plain.config.prediction_type == "v_prediction"
+    assert rescaled.alphas_cumprod[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR)  # ~pure noise at t=T
+    assert plain.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)  # SDXL's own schedule
+    assert "zero_terminal_snr: null" in (tmp_path / "marked" / "config.yaml").read_text(encoding="utf-8")
 
 
 def test_validation_loss_is_measured_on_sdxl(tmp_path, data, sdxl_dir):
