@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
 from lora_scripts.generation import cli_args as generate_args
+from lora_scripts.lora_tools.commands import add_lora_tool_commands
 
 if TYPE_CHECKING:
     from lora_scripts.training.loop import TrainResult
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     _add_caption_commands(sub)
+    add_lora_tool_commands(sub)
     _add_bench_command(sub)
     return parser
 

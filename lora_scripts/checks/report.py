@@ -14,13 +14,13 @@ from lora_scripts.checks.captions import CaptionReport
 from lora_scripts.checks.findings import named
 from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
 from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts, SpeedFacts
+from lora_scripts.models.detect import VERSION_NAMES
 from lora_scripts.training.run_lock import LockStatus
 
 JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may appear at any time)
 LOCK_HOLDER_KEYS = ("pid", "host", "started", "command")  # null when the lock file is unreadable
 _SHOWN = 4  # items listed per line of the text view (the JSON lists all)
 _TOP_SHOWN = 8  # most frequent tags and words shown
-_SD_VERSION_NAMES = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL"}
 
 
 @dataclass(frozen=True)
@@ -360,7 +360,7 @@ def _network_lines(network: NetworkFacts) -> list[str]:
     lines = [
         "",
         f"LoRA: rank {network.rank}, alpha {network.alpha:g}, "
-        f"{_SD_VERSION_NAMES.get(network.sd_version, network.sd_version)} ({kind})",
+        f"{VERSION_NAMES.get(network.sd_version, network.sd_version)} ({kind})",
         _row("UNet", f"{network.unet_parameters:,} trainable parameters"),
     ]
     if network.text_encoder_parameters:

@@ -31,21 +31,20 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lora_scripts.errors import UserError
-from lora_scripts.export.kohya import LoraNetwork, clip_name_prefix
+from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.lora_model import Resolution, resolve_modules
 from lora_scripts.export.lora_reader import (
     SD_FAMILY,
     SDXL_FAMILY,
     UNSUPPORTED_SUFFIXES,
-    FileModule,
-    ModuleRef,
     file_modules,
     lora_family,
     module_index,
     read_lora_tensors,
     split_key,
 )
-from lora_scripts.export.sdxl_keys import sdxl_networks
 from lora_scripts.models.lora import attach_lora_weights, detach_lora
+from lora_scripts.models.registry import FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -155,17 +154,10 @@ def pipeline_family(pipe: DiffusionPipeline) -> str:
 
 
 def pipeline_networks(pipe: DiffusionPipeline) -> list[LoraNetwork]:
-    """The pipeline's models as the networks LoRA files name, for `module_index`: SDXL's `lora_unet` (sgm
-    paths, and diffusers paths through `module_index`), `lora_te1`, `lora_te2`; SD's `lora_unet`, `lora_te`
-    and `lora_te1`, the same text encoder (a few SD 1.x files use SDXL's first-encoder prefix)."""
-    if pipeline_family(pipe) == SDXL_FAMILY:
-        return sdxl_networks(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2])
-    prefix = clip_name_prefix(pipe.text_encoder)
-    return [
-        LoraNetwork("lora_unet", pipe.unet),
-        LoraNetwork("lora_te", pipe.text_encoder, prefix),
-        LoraNetwork("lora_te1", pipe.text_encoder, prefix),
-    ]
+    """The pipeline's models as the networks LoRA files name (its family's `file_networks`)."""
+    version = "sdxl" if pipeline_family(pipe) == SDXL_FAMILY else "sd_v1"  # SD 1.x and 2.x name alike
+    encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if version == "sdxl" else [])]
+    return FAMILIES[version].file_networks(pipe.unet, encoders)
 
 
 def _folded_peft_dict(
@@ -180,9 +172,9 @@ def _folded_peft_dict(
     None for a layout only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not
     know). Layers that do not fit raise UserError: the family sentence when the names tell another family.
 
-    Kohya names are `<path>` with '.' replaced by '_', which is ambiguous (`to_out_0` vs `to.out.0`), so
-    they are matched against the names the models actually have (`module_index`). LoCon conv layers keep
-    their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
+    The file's modules are resolved on the pipeline's live modules (export/lora_model.py), so kohya's
+    ambiguous underscores (`to_out_0` vs `to.out.0`) match the names the models really have. LoCon conv
+    layers keep their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
     """
     if any(key.startswith("lora_") for key in tensors):  # kohya / sd-scripts / LyCORIS layout
         for suffix, kind in UNSUPPORTED_SUFFIXES.items():
@@ -194,63 +186,22 @@ def _folded_peft_dict(
         key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and split_key(key) for key in tensors
     ):
         return None
-    index = module_index(pipeline_networks(pipe))
-    folded = _Folded()
-    for module in file_modules(tensors, metadata, path, f"LoRA '{label}'"):
-        folded.add(module, index.get(module.stem))
-    if folded.missing or folded.wrong_shape:
+    networks = pipeline_networks(pipe)
+    found = resolve_modules(file_modules(tensors, metadata, path, f"LoRA '{label}'"), module_index(networks))
+    if not found.complete:
         base = pipeline_family(pipe)
         made_for = lora_family(tensors, metadata, guess=True)
         if made_for is not None and made_for != base:
             raise UserError(_family_message(label, path, made_for, base))
-        raise UserError(_mismatch_message(label, folded, base))
-    return folded.peft
-
-
-class _Folded:
-    """PEFT keys collected module by module, with the modules that do not fit this base model."""
-
-    def __init__(self) -> None:
-        self.peft: dict[str, torch.Tensor] = {}
-        self.missing: list[str] = []
-        self.wrong_shape: list[str] = []
-
-    def add(self, module: FileModule, ref: ModuleRef | None) -> None:
-        """The file's `module` onto the layer `ref` names, or noted as missing / of another size."""
-        if ref is None:
-            self.missing.append(module.stem)
-            return
-        layer = getattr(ref.layer, "base_layer", ref.layer)  # a layer that carries an adapter already
+        raise UserError(_mismatch_message(label, found, base))
+    prefixes = {net.module: net.name_prefix for net in networks}
+    peft: dict[str, torch.Tensor] = {}
+    for module in found.modules:
+        live = module.path.removeprefix(prefixes[getattr(pipe, module.component)])  # the model's own path
         down, up = module.down.to(torch.float32), module.up.to(torch.float32)
-        rank = down.shape[0]
-        alpha = rank if module.alpha is None else module.alpha
-        if isinstance(layer, torch.nn.Conv2d) and down.dim() == 2:  # a 1x1 conv stored as a matrix
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        if not _fits(layer, down, up):
-            self.wrong_shape.append(module.stem)
-            return
-        self.peft[f"{ref.component}.{ref.path}.lora_A.weight"] = down
-        self.peft[f"{ref.component}.{ref.path}.lora_B.weight"] = up * (alpha / rank)
-
-
-def _fits(module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
-    """Whether up @ down has the module weight's shape."""
-    weight = module.weight
-    if isinstance(module, torch.nn.Conv2d):
-        return (
-            down.dim() == 4
-            and up.dim() == 4
-            and down.shape[1] == weight.shape[1]
-            and tuple(down.shape[2:]) == tuple(weight.shape[2:])
-            and up.shape[0] == weight.shape[0]
-            and up.shape[1] == down.shape[0]
-        )
-    return (
-        down.dim() == 2
-        and up.dim() == 2
-        and down.shape[1] == weight.shape[1]
-        and up.shape[0] == weight.shape[0]
-    )
+        peft[f"{module.component}.{live}.lora_A.weight"] = down
+        peft[f"{module.component}.{live}.lora_B.weight"] = up * module.scale
+    return peft
 
 
 def _family_message(label: str, path: Path, made_for: str, base: str) -> str:
@@ -260,9 +211,9 @@ def _family_message(label: str, path: Path, made_for: str, base: str) -> str:
     )
 
 
-def _mismatch_message(label: str, folded: _Folded, base: str) -> str:
-    missing, wrong_shape = folded.missing, folded.wrong_shape
-    total = len(missing) + len(wrong_shape) + len(folded.peft) // 2
+def _mismatch_message(label: str, found: Resolution, base: str) -> str:
+    missing, wrong_shape = found.missing, found.wrong_shape
+    total = len(missing) + len(wrong_shape) + len(found.modules)
     parts = []
     if missing:
         parts.append(

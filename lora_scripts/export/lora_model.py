@@ -1,0 +1,142 @@
+"""A LoRA file in memory, whatever layout it came in: its modules, each with the model component and layer it
+adapts (named as diffusers names them), its down / up weights and its alpha. Read into it with
+`resolve_modules` (from `lora_reader.file_modules` and a `module_index` of the family's modules); write it out
+with export/lora_layouts.py. The post-training tools (merge, resize, extract, convert, inspect) and
+`generate` work on this model, so no command parses keys on its own.
+
+The update a module makes to its layer's weight W is `scale · up @ down` with `scale = alpha / rank`, as
+kohya's, A1111's, ComfyUI's and peft's loaders apply it (a multiplier m makes it `m · scale · up @ down`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lora_scripts.export.lora_reader import FileModule, ModuleRef
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' names, in save order
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer. down: [r, in] (Linear) or [r, in, kh, kw] (Conv2d, LoCon's 3x3 too); up: [out, r]
+    or [out, r, 1, 1]; any dtype, as stored."""
+
+    component: str  # "unet", "text_encoder", "text_encoder_2"
+    path: str  # the layer's path in the diffusers/transformers layout (CLIP paths start with "text_model.")
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    source: str = ""  # the module's name in the file it was read from (its stem), for reports
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def name(self) -> str:
+        """`component.path`: how messages and reports name the module."""
+        return f"{self.component}.{self.path}"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight this module updates."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def update(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`scale · up @ down` in the layer weight's shape, computed in `dtype`."""
+        up = self.up.to(dtype).flatten(1)
+        down = self.down.to(dtype).flatten(1)
+        return ((up @ down) * self.scale).reshape(self.weight_shape)
+
+
+@dataclass
+class LoraModel:
+    """A whole LoRA file: its modules in file order, the family it is for (lora_reader's SD_FAMILY /
+    SDXL_FAMILY), the layout it was read from ("kohya", "diffusers") and its string metadata."""
+
+    family: str
+    modules: list[LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = "kohya"
+
+    def components(self) -> list[str]:
+        """The components the LoRA adapts, in save order."""
+        present = {m.component for m in self.modules}
+        return [c for c in COMPONENTS if c in present]
+
+    def common_rank_and_alpha(self) -> tuple[int, float]:
+        """The most frequent (rank, alpha) pair: what a file's network_dim / network_alpha say."""
+        (pair, _), *_ = Counter((m.rank, m.alpha) for m in self.modules).most_common(1)
+        return pair
+
+
+@dataclass
+class Resolution:
+    """The file's modules resolved against a model's layers: found, and the stems that have no layer of that
+    name (`missing`) or whose layer has another shape (`wrong_shape`)."""
+
+    modules: list[LoraModule] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.wrong_shape
+
+
+def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef]) -> Resolution:
+    """Each file module on the layer `index` names (see `lora_reader.module_index`): its component, its path
+    in the diffusers layout, and its tensors as stored (a 1x1 conv stored as a matrix gets its 1x1 dims back;
+    a module without alpha gets alpha = rank, as every loader does)."""
+    result = Resolution()
+    for module in file_modules:
+        ref = index.get(module.stem)
+        if ref is None:
+            result.missing.append(module.stem)
+            continue
+        layer = getattr(ref.layer, "base_layer", ref.layer)  # a layer that carries an adapter already
+        down, up = module.down, module.up
+        if isinstance(layer, nn.Conv2d) and down.dim() == 2:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if not fits(layer, down, up):
+            result.wrong_shape.append(module.stem)
+            continue
+        alpha = float(down.shape[0]) if module.alpha is None else module.alpha
+        path = ref.network.name_prefix + ref.path
+        result.modules.append(LoraModule(ref.component, path, down, up, alpha, source=module.stem))
+    return result
+
+
+def fits(layer: nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `up @ down` has the shape of `layer`'s weight (a Linear, or a Conv2d of the down's kernel)."""
+    weight = layer.weight
+    if isinstance(layer, nn.Conv2d):
+        return (
+            down.dim() == 4
+            and up.dim() == 4
+            and down.shape[1] == weight.shape[1]
+            and tuple(down.shape[2:]) == tuple(weight.shape[2:])
+            and up.shape[0] == weight.shape[0]
+            and up.shape[1] == down.shape[0]
+            and tuple(up.shape[2:]) == (1, 1)
+        )
+    return (
+        down.dim() == 2
+        and up.dim() == 2
+        and down.shape[1] == weight.shape[1]
+        and up.shape[0] == weight.shape[0]
+        and up.shape[1] == down.shape[0]
+    )

@@ -1,0 +1,325 @@
+"""`lora-scripts inspect`: what a LoRA file is and how it was trained.
+
+The family and version, layout and network type come from the file's modules resolved against the family's
+full-size layers (lora_tools/files.py), not from its metadata alone; the training facts from sd-scripts'
+`ss_*` metadata (ours, sd-scripts', kohya_ss' and OneTrainer's files carry it); the hashes are recomputed
+from the file. Where it loads: the kohya names lora-scripts writes are the ones the A1111/Forge and ComfyUI
+key-map tests accept (tests/export), so a kohya file whose every module carries that name loads there; any
+other name is listed, and `convert --to kohya` rewrites it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lora_scripts.export.hashes import file_model_hash
+from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.lora_layouts import component_networks
+from lora_scripts.export.lora_model import LoraModel
+from lora_scripts.lora_tools.files import HISTORY_KEY, OpenedLora, open_lora
+from lora_scripts.models.detect import VERSION_NAMES
+
+# sd-scripts' training keys worth showing, in this order, with a readable label.
+TRAINING_KEYS = {
+    "ss_output_name": "output name",
+    "ss_sd_model_name": "base model",
+    "ss_training_started_at": "started",
+    "ss_training_finished_at": "finished",
+    "ss_steps": "steps",
+    "ss_max_train_steps": "planned steps",
+    "ss_epoch": "epoch",
+    "ss_num_epochs": "epochs planned",
+    "ss_num_train_images": "training images (with repeats)",
+    "ss_resolution": "resolution",
+    "ss_batch_size_per_device": "batch size",
+    "ss_gradient_accumulation_steps": "gradient accumulation",
+    "ss_optimizer": "optimizer",
+    "ss_learning_rate": "learning rate",
+    "ss_unet_lr": "UNet learning rate",
+    "ss_text_encoder_lr": "text encoder learning rate",
+    "ss_lr_scheduler": "lr scheduler",
+    "ss_network_module": "network module",
+    "ss_network_dim": "network dim (rank)",
+    "ss_network_alpha": "network alpha",
+    "ss_network_args": "network args",
+    "ss_mixed_precision": "mixed precision",
+    "ss_clip_skip": "clip skip",
+    "ss_noise_offset": "noise offset",
+    "ss_min_snr_gamma": "min SNR gamma",
+    "ss_seed": "seed",
+    "ss_training_comment": "comment",
+}
+_TIMES = ("ss_training_started_at", "ss_training_finished_at")
+TOP_TAGS = 15
+
+
+@dataclass
+class ComponentSummary:
+    component: str
+    modules: int
+    conv_modules: int  # 3x3 LoCon convs
+    ranks: dict[int, int]  # rank → modules
+    alphas: dict[float, int]  # alpha → modules
+
+
+@dataclass
+class Dataset:
+    folder: str
+    repeats: int | None
+    images: int | None
+
+
+@dataclass
+class Inspection:
+    path: str
+    size_bytes: int
+    layout: str
+    family: str
+    version: str
+    network_type: str  # "LoRA" or "LoCon"
+    components: list[ComponentSummary]
+    training: dict[str, str]  # label → value, as TRAINING_KEYS orders them
+    datasets: list[Dataset]
+    top_tags: list[tuple[str, int]]
+    hashes: dict[str, str]
+    loads_in: dict[str, str]
+    history: list[dict] = field(default_factory=list)
+
+
+def inspect_lora(path: Path, *, config_dir: Path | None = None) -> Inspection:
+    """Everything `inspect` shows about the LoRA at `path`."""
+    opened = open_lora(Path(path), key="inspect", config_dir=config_dir)
+    model, metadata = opened.model, opened.model.metadata
+    summaries = _components(model)
+    return Inspection(
+        path=str(path),
+        size_bytes=_size(Path(path)),
+        layout=model.layout,
+        family=model.family,
+        version=_version_text(opened),
+        network_type="LoCon" if any(s.conv_modules for s in summaries) else "LoRA",
+        components=summaries,
+        training=_training(metadata),
+        datasets=_datasets(metadata),
+        top_tags=_top_tags(metadata),
+        hashes=_hashes(Path(path), metadata),
+        loads_in=loads_in(model, list(opened.base.networks)),
+        history=_json(metadata.get(HISTORY_KEY), []),
+    )
+
+
+def _version_text(opened: OpenedLora) -> str:
+    declared = opened.model.metadata.get("ss_base_model_version")
+    name = VERSION_NAMES[opened.version]
+    if opened.version == "sdxl" or declared or opened.model.metadata.get("ss_v2"):
+        return name
+    # An SD LoRA that does not say: its layers exist in both 1.x and 2.x unless a text-encoder or
+    # cross-attention width tells them apart, which resolving tried 1.x first for.
+    return f"{name} (the file does not say; its layers fit it)"
+
+
+def _components(model: LoraModel) -> list[ComponentSummary]:
+    out = []
+    for component in model.components():
+        modules = [m for m in model.modules if m.component == component]
+        out.append(
+            ComponentSummary(
+                component=component,
+                modules=len(modules),
+                conv_modules=sum(m.is_conv and m.down.shape[-1] > 1 for m in modules),
+                ranks=dict(sorted(Counter(m.rank for m in modules).items())),
+                alphas=dict(sorted(Counter(m.alpha for m in modules).items())),
+            )
+        )
+    return out
+
+
+def _training(metadata: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for key, label in TRAINING_KEYS.items():
+        value = metadata.get(key)
+        if value in (None, "", "None"):
+            continue
+        if key in _TIMES:
+            try:
+                value = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
+            except (ValueError, OverflowError):
+                pass
+        out[label] = value
+    return out
+
+
+def _datasets(metadata: dict[str, str]) -> list[Dataset]:
+    """sd-scripts' `ss_dataset_dirs` ({folder: {n_repeats, img_count}}), or the subsets of `ss_datasets`
+    (its dataset-config runs)."""
+    dirs = _json(metadata.get("ss_dataset_dirs"), {})
+    out = [
+        Dataset(folder, _int(info.get("n_repeats")), _int(info.get("img_count")))
+        for folder, info in dirs.items()
+        if isinstance(info, dict)
+    ]
+    if out:
+        return out
+    for dataset in _json(metadata.get("ss_datasets"), []):
+        for subset in dataset.get("subsets", []) if isinstance(dataset, dict) else []:
+            folder = subset.get("image_dir") or subset.get("metadata_file") or "?"
+            out.append(Dataset(str(folder), _int(subset.get("num_repeats")), _int(subset.get("img_count"))))
+    return out
+
+
+def _top_tags(metadata: dict[str, str]) -> list[tuple[str, int]]:
+    """The most frequent caption tags over all folders (`ss_tag_frequency`: {folder: {tag: count}})."""
+    counts: Counter[str] = Counter()
+    frequency = _json(metadata.get("ss_tag_frequency"), {})
+    if not frequency:
+        for dataset in _json(metadata.get("ss_datasets"), []):
+            if isinstance(dataset, dict):
+                frequency.update(dataset.get("tag_frequency") or {})
+    for tags in frequency.values():
+        if isinstance(tags, dict):
+            counts.update({str(tag): _int(n) or 0 for tag, n in tags.items()})
+    return counts.most_common(TOP_TAGS)
+
+
+def _hashes(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """The hashes WebUIs show, recomputed: A1111's LoRA hash (sd-scripts' sshs_model_hash: sha256 of the
+    tensor data; infotext shows its first 12 characters) and Civitai's AutoV2 (sha256 of the whole file,
+    first 10)."""
+    if path.is_dir():
+        return {}
+    model_hash = file_model_hash(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    recorded = metadata.get("sshs_model_hash")
+    return {
+        "A1111 LoRA hash (sshs_model_hash)": model_hash[:12],
+        "sshs_model_hash in the metadata": (
+            "missing" if not recorded else "matches" if recorded == model_hash else f"stale ({recorded[:12]})"
+        ),
+        "Civitai AutoV2": digest.hexdigest()[:10].upper(),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def loads_in(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, str]:
+    """Where the file loads as it is, per tool, with what to do where it does not."""
+    convert_hint = "convert it with `lora-scripts convert FILE -o OUT --to kohya`"
+    diffusers = "yes (load_lora_weights)"
+    if model.layout == "peft":
+        note = f"no (a peft adapter folder); {convert_hint}"
+        return {
+            "A1111/Forge": note,
+            "ComfyUI": note,
+            "diffusers": "PeftModel.from_pretrained per component, or `convert --to diffusers`",
+        }
+    if model.layout == "diffusers":
+        note = f"no (they read kohya names); {convert_hint}"
+        return {"A1111/Forge": note, "ComfyUI": note, "diffusers": diffusers}
+    nets = component_networks(networks)
+    renamed = [
+        m.source
+        for m in model.modules
+        if m.source != nets[m.component].kohya_name(m.path.removeprefix(nets[m.component].name_prefix))
+    ]
+    if renamed:
+        note = (
+            f"not sure: {len(renamed)} of {len(model.modules)} modules use another spelling than sd-scripts' "
+            f"(e.g. '{renamed[0]}'); {convert_hint} to rename them"
+        )
+        return {"A1111/Forge": note, "ComfyUI": note, "diffusers": diffusers}
+    everything = f"yes, all {len(model.modules)} modules"
+    return {"A1111/Forge": everything, "ComfyUI": everything, "diffusers": diffusers}
+
+
+# --- output -------------------------------------------------------------------------------------------------
+
+
+def to_json(inspection: Inspection) -> str:
+    return json.dumps(asdict(inspection), indent=2, default=str)
+
+
+def format_inspection(ins: Inspection) -> str:
+    """The report as aligned plain text."""
+    lines = [
+        f"{ins.path}  ({ins.size_bytes / 2**20:.1f} MiB)",
+        "",
+        *_rows(
+            {
+                "model": f"{ins.version}  ({ins.family} family)",
+                "layout": ins.layout,
+                "network": ins.network_type,
+            }
+        ),
+        "",
+        "modules",
+    ]
+    for s in ins.components:
+        ranks = ", ".join(f"{rank}×{n}" if len(s.ranks) > 1 else str(rank) for rank, n in s.ranks.items())
+        alphas = ", ".join(
+            f"{_num(alpha)}×{n}" if len(s.alphas) > 1 else _num(alpha) for alpha, n in s.alphas.items()
+        )
+        conv = f" ({s.conv_modules} 3x3 conv)" if s.conv_modules else ""
+        lines.append(f"  {s.component:<15} {s.modules:>4} modules{conv}   rank {ranks}   alpha {alphas}")
+    if ins.training:
+        lines += ["", "training", *_rows(ins.training, indent=2)]
+    if ins.datasets:
+        lines += ["", "datasets"]
+        for d in ins.datasets:
+            lines.append(f"  {d.folder}: {_or_unknown(d.images)} images × {_or_unknown(d.repeats)} repeats")
+    if ins.top_tags:
+        lines += ["", "most frequent tags", "  " + ", ".join(f"{tag} ({n})" for tag, n in ins.top_tags)]
+    if ins.hashes:
+        lines += ["", "hashes", *_rows({k: v for k, v in ins.hashes.items() if k != "sha256"}, indent=2)]
+    lines += ["", "loads in", *_rows(ins.loads_in, indent=2)]
+    if ins.history:
+        lines += ["", "made by lora-scripts tools"]
+        for entry in ins.history:
+            inputs = ", ".join(
+                i.get("file", "?") + (f":{i['weight']}" if i.get("weight") is not None else "")
+                for i in entry.get("inputs", [])
+            )
+            lines.append(
+                f"  {entry.get('at', '?')}  {entry.get('tool', '?')}  {inputs}  {entry.get('params', {})}"
+            )
+    return "\n".join(lines)
+
+
+def _rows(values: dict[str, str], indent: int = 0) -> list[str]:
+    width = max((len(k) for k in values), default=0)
+    return [f"{' ' * indent}{key:<{width}}  {value}" for key, value in values.items()]
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _or_unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(text: str | None, default):
+    try:
+        value = json.loads(text) if text else default
+    except json.JSONDecodeError:
+        return default
+    return value if isinstance(value, type(default)) else default
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,60 @@
+"""A base model's UNet and text encoders built on the meta device from their configs: every module and shape,
+no memory, no weights (an SDXL UNet in about a second). The post-training tools name and size a LoRA file's
+layers with them (export/lora_layouts.py); a single file's own shapes decide nothing here.
+
+Which text encoders a version has, and how LoRA files name their layers, is the family's (`FAMILIES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.models.detect import ModelVersion
+from lora_scripts.models.registry import FAMILIES
+from lora_scripts.models.sd_loading import shipped_config_dir
+
+VERSIONS: tuple[ModelVersion, ...] = ("sd_v1", "sd_v2", "sdxl")
+
+
+@dataclass(frozen=True)
+class MetaModel:
+    """A version's modules on the meta device and the networks LoRA files name them by."""
+
+    version: ModelVersion
+    unet: nn.Module
+    text_encoders: tuple[nn.Module, ...]
+    networks: tuple[LoraNetwork, ...]
+
+
+def meta_model(version: ModelVersion, config_dir: Path | None = None) -> MetaModel:
+    """`version`'s full-size modules (from the shipped configs, or `config_dir`'s diffusers layout). Built
+    once per process and version: the modules only name and size layers, nothing changes them."""
+    return _built(version, str(Path(config_dir).resolve()) if config_dir else None)
+
+
+@cache
+def _built(version: ModelVersion, config_dir: str | None) -> MetaModel:
+    family = FAMILIES[version]
+    folder = Path(config_dir or shipped_config_dir(version))
+    parts = ["unet", *family.text_encoder_parts]
+    missing = [part for part in parts if not (folder / part / "config.json").is_file()]
+    if missing:
+        raise UserError(f"'{folder}' has no {missing[0]}/config.json; give a diffusers-layout config folder.")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
+        )
+        encoders = tuple(
+            cls(cls.config_class.from_pretrained(folder, subfolder=part, local_files_only=True))
+            for cls, part in zip(family.text_encoder_classes, family.text_encoder_parts, strict=True)
+        )
+    networks = tuple(family.file_networks(unet, list(encoders)))
+    return MetaModel(version, unet, encoders, networks)

@@ -1,0 +1,46 @@
+"""The post-training tools through `lora-scripts` itself: arguments, output lines, exit codes."""
+
+from __future__ import annotations
+
+import safetensors.torch
+import torch
+
+from lora_scripts.cli import main
+from lora_scripts.lora_tools.files import open_lora
+from lora_scripts.models.meta_modules import meta_model
+from tests.helpers.synthetic_lora import synthetic_kohya
+
+
+def _lora(path, base, **options):
+    safetensors.torch.save_file(synthetic_kohya(base, **options), str(path))
+    return path
+
+
+def test_merge_resize_and_inspect_from_the_command_line(tmp_path, tiny_sd_dir, capsys):
+    base = meta_model("sd_v1", tiny_sd_dir)
+    a = _lora(tmp_path / "a.safetensors", base, rank=4, seed=1, dtype=torch.float32)
+    b = _lora(tmp_path / "b.safetensors", base, rank=4, seed=2, dtype=torch.float32)
+    config = ["--base-config", str(tiny_sd_dir)]
+    merged = tmp_path / "ab.safetensors"
+    assert main(["merge", "--lora", f"{a}:0.6", "--lora", f"{b}:-0.4", "-o", str(merged), *config]) == 0
+    assert "ranks 8 (concatenated: exact)." in capsys.readouterr().out
+    opened = {m.name: m for m in open_lora(merged, config_dir=tiny_sd_dir).model.modules}
+    first = {m.name: m for m in open_lora(a, config_dir=tiny_sd_dir).model.modules}
+    second = {m.name: m for m in open_lora(b, config_dir=tiny_sd_dir).model.modules}
+    for name, module in opened.items():
+        expected = 0.6 * first[name].update() - 0.4 * second[name].update()
+        torch.testing.assert_close(module.update(), expected, rtol=1e-5, atol=1e-6)
+
+    small = tmp_path / "ab_r2.safetensors"
+    assert main(["resize", str(merged), "-o", str(small), "--rank", "2", *config]) == 0
+    assert "ab_r2.safetensors" in capsys.readouterr().out
+    assert {m.rank for m in open_lora(small, config_dir=tiny_sd_dir).model.modules} == {2}
+
+    assert main(["inspect", str(small), *config]) == 0
+    report = capsys.readouterr().out
+    assert "resize" in report and "merge" in report  # the history of both tools
+
+    assert main(["merge", "--lora", f"{a}:x", "-o", str(tmp_path / "c.safetensors"), *config]) == 2
+    assert "'x' is not a number" in capsys.readouterr().err
+    assert main(["resize", str(a), "-o", str(tmp_path / "d.safetensors"), "--rank", "2", "--dynamic", "sv_fro"]) == 2
+    assert "--dynamic sv_fro needs --dynamic-param" in capsys.readouterr().err
