@@ -41,6 +41,7 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     config_dir: Path | None = None,
+    allow_pickle: bool = False,
 ) -> ConvertResult:
     """Write the LoRA at `source` to `output` in layout `to` ("kohya", "diffusers", "peft").
 
@@ -49,7 +50,7 @@ def convert(
     if to not in LAYOUTS:
         raise ValueError(f"to must be one of {LAYOUTS}")
     check_output(output, overwrite=overwrite, inputs=[source])
-    opened = open_lora(source, key="convert", config_dir=config_dir)
+    opened = open_lora(source, key="convert", config_dir=config_dir, allow_pickle=allow_pickle)
     model = opened.model
     facts = lora_facts(model, opened.version)
     # A file from diffusers or peft lacks sd-scripts' keys; A1111/Forge sort LoRAs by ss_base_model_version.

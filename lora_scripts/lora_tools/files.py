@@ -26,6 +26,7 @@ from lora_scripts.export.lora_layouts import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     diffusers_tensors,
+    file_layout,
     kohya_tensors,
     lora_model,
     peft_folders,
@@ -34,10 +35,11 @@ from lora_scripts.export.lora_layouts import (
 )
 from lora_scripts.export.lora_model import LoraModel
 from lora_scripts.export.lora_reader import SD_FAMILY, SDXL_FAMILY, lora_family, version_family
-from lora_scripts.models.detect import ModelVersion
+from lora_scripts.models.detect import ModelVersion, read_checkpoint
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 from lora_scripts.models.registry import base_model_version
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HISTORY_KEY = "lora_scripts.history"  # JSON list: one entry per tool run that made the file
 # sd-scripts' ss_base_model_version per version (A1111/Forge sort LoRAs by it).
 BASE_MODEL_VERSIONS: dict[ModelVersion, str] = {"sd_v1": "sd_v1", "sd_v2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -57,13 +59,16 @@ class OpenedLora:
         return self.base.version
 
 
-def open_lora(path: Path, *, key: str = "LoRA", config_dir: Path | None = None) -> OpenedLora:
+def open_lora(
+    path: Path, *, key: str = "LoRA", config_dir: Path | None = None, allow_pickle: bool = False
+) -> OpenedLora:
     """Read the LoRA at `path` (kohya or diffusers .safetensors, or a peft folder) onto its family's layers
-    at full size, or those of the diffusers folder `config_dir` (its configs only: a model of other sizes)."""
+    at full size, or those of the diffusers folder `config_dir` (its configs only: a model of other sizes).
+    A pickle file (.pt, .ckpt, .pth, .bin) only with `allow_pickle`, through torch.load(weights_only=True)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{key}: '{path}' does not exist; give the path of a LoRA .safetensors file.")
-    tensors, metadata, layout = read_lora_file(path, key)
+    tensors, metadata, layout = read_lora_input(path, key, allow_pickle=allow_pickle)
     versions = candidate_versions(list(tensors), metadata)
     if config_dir is not None:
         versions = [base_model_version(str(config_dir))]
@@ -78,6 +83,23 @@ def open_lora(path: Path, *, key: str = "LoRA", config_dir: Path | None = None) 
             continue
         return OpenedLora(path, model, base)
     raise problems[0]
+
+
+def read_lora_input(
+    path: Path, key: str, *, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(tensors, metadata, layout) of a LoRA input: `lora_layouts.read_lora_file`, or a pickle file's tensors
+    (no metadata) when `allow_pickle`; a pickle file is refused otherwise."""
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_lora_file(path, key)
+    if not allow_pickle:
+        raise UserError(
+            f"{key}: '{path}' is a pickle file, refused because unpickling can run code in it; use a "
+            ".safetensors release, or add --allow-pickle to read its tensors with "
+            "torch.load(weights_only=True)."
+        )
+    tensors = read_checkpoint(path, key)
+    return tensors, {}, file_layout(list(tensors))
 
 
 def candidate_versions(keys: list[str], metadata: dict[str, str]) -> list[ModelVersion]:

@@ -91,9 +91,9 @@ class Inspection:
     history: list[dict] = field(default_factory=list)
 
 
-def inspect_lora(path: Path, *, config_dir: Path | None = None) -> Inspection:
+def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bool = False) -> Inspection:
     """Everything `inspect` shows about the LoRA at `path`."""
-    opened = open_lora(Path(path), key="inspect", config_dir=config_dir)
+    opened = open_lora(Path(path), key="inspect", config_dir=config_dir, allow_pickle=allow_pickle)
     model, metadata = opened.model, opened.model.metadata
     summaries = _components(model)
     return Inspection(
@@ -190,7 +190,7 @@ def _hashes(path: Path, metadata: dict[str, str]) -> dict[str, str]:
     """The hashes WebUIs show, recomputed: A1111's LoRA hash (sd-scripts' sshs_model_hash: sha256 of the
     tensor data; infotext shows its first 12 characters) and Civitai's AutoV2 (sha256 of the whole file,
     first 10)."""
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
         return {}
     model_hash = file_model_hash(path)
     digest = hashlib.sha256()

@@ -100,6 +100,7 @@ def merge_loras(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     config_dir: Path | None = None,
+    allow_pickle: bool = False,
 ) -> MergeReport:
     """Write to `output` one LoRA whose update is Σ weight · update of the `inputs` ((path, weight) pairs).
 
@@ -120,7 +121,9 @@ def merge_loras(
         if not math.isfinite(weight):
             raise UserError(f"--lora {path}:{weight}: the weight must be a finite number, e.g. 0.5 or -1.")
     check_output(output, overwrite=overwrite, inputs=paths)
-    opened = [open_lora(path, key="--lora", config_dir=config_dir) for path in paths]
+    opened = [
+        open_lora(path, key="--lora", config_dir=config_dir, allow_pickle=allow_pickle) for path in paths
+    ]
     _check_one_version(opened)
     conv_rank = rank if conv_rank is None else conv_rank
 

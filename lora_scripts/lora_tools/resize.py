@@ -111,6 +111,7 @@ def resize(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     config_dir: Path | None = None,
+    allow_pickle: bool = False,
 ) -> ResizeReport:
     """Write the LoRA at `source` to `output` (same layout) at `rank` (`conv_rank` for 3x3 conv modules,
     default `rank`), or at the rank `dynamic` ("sv_ratio", "sv_fro", "sv_cumulative") with `dynamic_param`
@@ -121,7 +122,7 @@ def resize(
     choice.check()
     where = pick_device(device)
     check_output(output, overwrite=overwrite, inputs=[source])
-    opened = open_lora(source, key="resize", config_dir=config_dir)
+    opened = open_lora(source, key="resize", config_dir=config_dir, allow_pickle=allow_pickle)
     model = opened.model
     if dynamic:
         log.info("Ranks by %s %s, at most %d (conv %d)", dynamic, dynamic_param, rank, choice.conv_rank)

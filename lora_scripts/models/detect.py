@@ -47,15 +47,15 @@ _CONDITIONED_VARIANTS = {5: "depth-to-image", 7: "4x upscaler", 8: "instruct-pix
 logger = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: Path, key: str = "base_model") -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint, on CPU in their stored dtype (often fp16).
 
     `.safetensors` is read directly; `.ckpt`/`.pt`/`.pth`/`.bin` only through `torch.load(weights_only=True)`,
     because unpickling anything else can run arbitrary code. A top-level "state_dict" (PyTorch Lightning's
     wrapper, used by the original CompVis checkpoints) is unwrapped; non-tensor entries (global_step, ...)
-    are dropped.
+    are dropped. Messages start with `key` (the option or config key that named the file).
     """
-    _refuse_text_file(path)
+    _refuse_text_file(path, key)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -63,7 +63,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every problem
             raise UserError(
-                f"base_model: '{path}' is not a readable .safetensors file ({err}); it may be truncated or "
+                f"{key}: '{path}' is not a readable .safetensors file ({err}); it may be truncated or "
                 "corrupt, so download it again."
             ) from err
     try:
@@ -71,24 +71,24 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
             raise UserError(
-                f"base_model: '{path}' contains pickled Python objects besides tensors, which are refused "
+                f"{key}: '{path}' contains pickled Python objects besides tensors, which are refused "
                 "because loading them can run arbitrary code; use the .safetensors release of this model or "
                 "convert the file to .safetensors with a tool you trust."
             ) from err
-        raise UserError(f"base_model: '{path}' is not a readable PyTorch checkpoint ({err}).") from err
+        raise UserError(f"{key}: '{path}' is not a readable PyTorch checkpoint ({err}).") from err
     except Exception as err:  # noqa: BLE001 - zip/EOF/IO errors all mean "this file is damaged"
         raise UserError(
-            f"base_model: '{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); it "
+            f"{key}: '{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); it "
             "may be truncated or corrupt, so download it again."
         ) from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise UserError(f"base_model: '{path}' does not hold a state dict (found {type(obj).__name__}).")
+        raise UserError(f"{key}: '{path}' does not hold a state dict (found {type(obj).__name__}).")
     return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
 
 
-def _refuse_text_file(path: Path) -> None:
+def _refuse_text_file(path: Path, key: str = "base_model") -> None:
     """A failed download often leaves a text file under the model's name (an HTML error page, a Git LFS
     pointer); say so, rather than quoting the binary reader's error about a header or a zip archive."""
     with open(path, "rb") as fh:
@@ -100,7 +100,7 @@ def _refuse_text_file(path: Path) -> None:
     if head and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
         raise UserError(
-            f"base_model: '{path}' is a text file (it starts with '{first}'), not a checkpoint; a failed "
+            f"{key}: '{path}' is a text file (it starts with '{first}'), not a checkpoint; a failed "
             "download or a Git LFS pointer leaves such a file, so download the model again."
         )
 

@@ -5,6 +5,11 @@ layers_per_block and block count so that tiny test models convert too (diffusers
 scripts/convert_diffusers_to_original_stable_diffusion.py, hard-codes SD 1.5's layout). Tensors are passed
 through untouched (no copies, same dtype) except where LDM stores a different shape: the VAE attention's
 1x1 convs and OpenCLIP's fused q/k/v projection.
+
+The text encoders' names (the prefixes, OpenCLIP's names and q/k/v order) are the package's
+(lora_scripts/models/checkpoint_layout.py, what merge and extract write by). The UNet's and VAE's are this
+module's own: tests/export checks the package's UNet map (export/sdxl_keys.py SgmUnetMap) against this
+independent conversion, and the loaders read every tensor through diffusers' importers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from lora_scripts.models.checkpoint_layout import open_clip_name
+from lora_scripts.models.detect import CLIP_PREFIX, OPEN_CLIP_PREFIX
 
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -30,13 +38,6 @@ _UNET_TOP = {
     "conv_out": "out.2",
 }
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_OPEN_CLIP_LAYER = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-    "self_attn.out_proj": "attn.out_proj",
-}
 
 
 def _resnet(rest: list[str], renames: dict[str, str]) -> str:
@@ -124,14 +125,15 @@ def vae_to_compvis(vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def clip_text_to_compvis(text_encoder_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIPTextModel state dict -> SD 1.x's `cond_stage_model.transformer.text_model.*` (+ position_ids)."""
+    prefix = CLIP_PREFIX + "text_model."
     out = {
-        "cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): value
+        prefix + key.removeprefix("text_model."): value
         for key, value in text_encoder_sd.items()
         if not key.endswith("position_ids")
     }
-    positions = out["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"].shape[0]
+    positions = out[prefix + "embeddings.position_embedding.weight"].shape[0]
     # Real SD 1.x files carry this buffer (older transformers saved it); loaders must cope with it.
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    out[prefix + "embeddings.position_ids"] = torch.arange(positions)[None]
     return out
 
 
@@ -145,22 +147,21 @@ def open_clip_text_to_compvis(
     the last block, an identity projection) so tests see what loaders meet in the wild.
     """
     sd = {key.removeprefix("text_model."): value for key, value in text_encoder_sd.items()}
-    prefix = "cond_stage_model.model."
-    out = {
-        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-        prefix + "ln_final.weight": sd["final_layer_norm.weight"],
-        prefix + "ln_final.bias": sd["final_layer_norm.bias"],
-    }
+    prefix = OPEN_CLIP_PREFIX
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, torch.Tensor]] = {}  # in_proj_weight / in_proj_bias: q, k, v by row third
+    for key, value in sd.items():
+        found = open_clip_name(key)
+        if found is None:
+            continue  # position_ids: open_clip has no such buffer
+        name, third = found
+        if third is None:
+            out[prefix + name] = value
+        else:
+            fused.setdefault(prefix + name, {})[third] = value
+    for name, thirds in fused.items():
+        out[name] = torch.cat([thirds[0], thirds[1], thirds[2]])
     layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
-                [sd[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            )
-            for ours, theirs in _OPEN_CLIP_LAYER.items():
-                out[dst + f"{theirs}.{kind}"] = sd[src + f"{ours}.{kind}"]
     if add_unused_final_block:
         last, extra = (
             f"{prefix}transformer.resblocks.{layers[-1]}.",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.models.detect import CLIP_PREFIX, OPEN_CLIP_PREFIX, SGM_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX
 from tests.helpers.compvis import (
     clip_text_to_compvis,
     open_clip_text_to_compvis,
@@ -21,8 +22,8 @@ from tests.helpers.compvis import (
     vae_to_compvis,
 )
 
-SGM_CLIP = "conditioner.embedders.0.transformer."
-SGM_OPEN_CLIP = "conditioner.embedders.1.model."
+SGM_CLIP = SGM_CLIP_PREFIX
+SGM_OPEN_CLIP = SGM_OPEN_CLIP_PREFIX
 _LABEL_EMB = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
@@ -45,7 +46,7 @@ def open_clip_bigg_to_sgm(text_encoder_2_sd: dict[str, torch.Tensor]) -> dict[st
     beyond what SDXL files hold: the transposed text_projection and logit_scale)."""
     out = _reprefixed(
         open_clip_text_to_compvis(text_encoder_2_sd, add_unused_final_block=False),
-        "cond_stage_model.model.",
+        OPEN_CLIP_PREFIX,
         SGM_OPEN_CLIP,
     )
     out[SGM_OPEN_CLIP + "text_projection"] = text_encoder_2_sd["text_projection.weight"].T
@@ -65,7 +66,7 @@ def to_sgm_state_dict(
     return {
         **sdxl_unet_to_sgm(unet_sd, layers_per_block),
         **vae_to_compvis(vae_sd),
-        **_reprefixed(clip_text_to_compvis(text_encoder_sd), "cond_stage_model.transformer.", SGM_CLIP),
+        **_reprefixed(clip_text_to_compvis(text_encoder_sd), CLIP_PREFIX, SGM_CLIP),
         **open_clip_bigg_to_sgm(text_encoder_2_sd),
     }
 

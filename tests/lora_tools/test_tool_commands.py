@@ -42,5 +42,54 @@ def test_merge_resize_and_inspect_from_the_command_line(tmp_path, tiny_sd_dir, c
 
     assert main(["merge", "--lora", f"{a}:x", "-o", str(tmp_path / "c.safetensors"), *config]) == 2
     assert "'x' is not a number" in capsys.readouterr().err
-    assert main(["resize", str(a), "-o", str(tmp_path / "d.safetensors"), "--rank", "2", "--dynamic", "sv_fro"]) == 2
+    assert (
+        main(["resize", str(a), "-o", str(tmp_path / "d.safetensors"), "--rank", "2", "--dynamic", "sv_fro"])
+        == 2
+    )
     assert "--dynamic sv_fro needs --dynamic-param" in capsys.readouterr().err
+
+
+def test_merge_into_a_checkpoint_and_extract_it_back_from_the_command_line(tmp_path, tiny_sd_dir, capsys):
+    from lora_scripts.models.tiny import build_tiny_sd_components
+    from tests.helpers.compvis import write_compvis_checkpoint
+
+    tiny = build_tiny_sd_components()
+    base_file = write_compvis_checkpoint(
+        tmp_path / "base.safetensors", tiny.unet, tiny.vae, tiny.text_encoder
+    )
+    base = meta_model("sd_v1", tiny_sd_dir)
+    lora = _lora(tmp_path / "a.safetensors", base, rank=4, dtype=torch.float32, odd_alpha_every=10**6)
+    config = ["--base-config", str(tiny_sd_dir)]
+    merged = tmp_path / "merged.safetensors"
+    args = ["merge", "--base", str(base_file), "--lora", f"{lora}:1:0.5", "-o", str(merged), *config]
+    assert main(args) == 0
+    assert "LoRA modules fused into" in capsys.readouterr().out
+    assert main([*args, "--rank", "4"]) == 2  # a LoRA-merge option with --base
+    assert "--rank: only for merging LoRAs into one LoRA" in capsys.readouterr().err
+
+    extracted = tmp_path / "extracted.safetensors"
+    extract = ["extract", "--base", str(base_file), "--tuned", str(merged), "-o", str(extracted)]
+    assert main([*extract, "--rank", "4", "--precision", "fp32", "--min-diff", "0", *config]) == 0
+    assert "Frobenius norm kept" in capsys.readouterr().out
+    got = {m.name: m for m in open_lora(extracted, config_dir=tiny_sd_dir).model.modules}
+    for module in open_lora(lora, config_dir=tiny_sd_dir).model.modules:
+        weight = 0.5 if module.component == "unet" else 1.0  # PATH:TE:UNET
+        torch.testing.assert_close(got[module.name].update(), weight * module.update(), rtol=1e-3, atol=1e-4)
+
+
+def test_pickle_inputs_need_allow_pickle(tmp_path, tiny_sd_dir, capsys):
+    base = meta_model("sd_v1", tiny_sd_dir)
+    tensors = synthetic_kohya(base, rank=2, dtype=torch.float32)
+    torch.save(tensors, tmp_path / "old.pt")
+    out = tmp_path / "new.safetensors"
+    config = ["--base-config", str(tiny_sd_dir)]
+    assert main(["convert", str(tmp_path / "old.pt"), "-o", str(out), "--to", "kohya", *config]) == 2
+    assert "is a pickle file, refused" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(
+            ["convert", str(tmp_path / "old.pt"), "-o", str(out), "--to", "kohya", "--allow-pickle", *config]
+        )
+        == 0
+    )
+    written = safetensors.torch.load_file(str(out))
+    assert written.keys() == tensors.keys() and all(torch.equal(written[k], v) for k, v in tensors.items())
