@@ -118,8 +118,8 @@ def extract_lora(
     check_output(output, overwrite=overwrite, inputs=[base, tuned])
     where = pick_device(device)
     with _open(base, "--base", allow_pickle) as old, _open(tuned, "--tuned", allow_pickle) as new:
-        version = detect_model_version(old.specs, base)
-        tuned_version = detect_model_version(new.specs, tuned)
+        version = detect_model_version(old.specs, base, "--base")
+        tuned_version = detect_model_version(new.specs, tuned, "--tuned")
         if tuned_version != version:
             raise UserError(
                 f"--tuned {tuned} is an {VERSION_NAMES[tuned_version]} checkpoint and --base {base} an "

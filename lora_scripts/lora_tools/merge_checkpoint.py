@@ -129,7 +129,7 @@ def merge_into_checkpoint(
     check_output(output, overwrite=overwrite, inputs=[base, *(lora.path for lora in loras)])
     where = pick_device(device)
     with open_base(base, allow_pickle=allow_pickle) as ckpt:
-        version = detect_model_version(ckpt.specs, base)
+        version = detect_model_version(ckpt.specs, base, "--base")
         model = meta_model(version, config_dir)
         stored = CheckpointLayout.of(model)
         opened = [open_on_base(lora.path, model, base, allow_pickle=allow_pickle) for lora in loras]

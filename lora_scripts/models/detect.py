@@ -119,34 +119,34 @@ def detect_sd_version(state_dict: dict[str, Any], path: Path) -> SDVersion:
     return version
 
 
-def detect_model_version(state_dict: dict[str, Any], path: Path) -> ModelVersion:
+def detect_model_version(state_dict: dict[str, Any], path: Path, key: str = "base_model") -> ModelVersion:
     """SD 1.x, 2.x or SDXL base from the text encoders' layout; anything else is refused with one sentence.
 
     The text encoders are the reliable signal: SD 2.x replaced CLIP with OpenCLIP, whose weights keep
     open_clip's names (`cond_stage_model.model.*`), and SDXL's sgm layout keeps them under
     `conditioner.embedders.*`. The UNet's cross-attention width (768 / 1024 / 2048) is checked separately
     against the config in use, so a non-standard (e.g. tiny test) architecture can still load. Values need
-    only a `.shape`.
+    only a `.shape`. Messages start with `key`, the option or config key that named the file.
     """
     keys = state_dict.keys()
     if any(k.startswith("lora_") or ".lora_down." in k for k in keys):
         raise UserError(
-            f"base_model: '{path}' is a LoRA, not a base model; point base_model at the Stable Diffusion "
+            f"{key}: '{path}' is a LoRA, not a base model; point {key} at the Stable Diffusion "
             "checkpoint the LoRA was trained on."
         )
     other = _other_family(keys)
     if other is not None:
         raise UserError(
-            f"base_model: '{path}' is {other}; {TRAINABLE}, and other model families are not supported yet."
+            f"{key}: '{path}' is {other}; {TRAINABLE}, and other model families are not supported yet."
         )
     is_sgm = _has(keys, SGM_PREFIX)
     if is_sgm and not _has(keys, SGM_PREFIX + "1.") and _has(keys, SGM_REFINER_PREFIX):
         raise UserError(
-            f"base_model: '{path}' is an SDXL refiner checkpoint, which is not supported yet; {TRAINABLE}."
+            f"{key}: '{path}' is an SDXL refiner checkpoint, which is not supported yet; {TRAINABLE}."
         )
     if not is_sgm and not _has(keys, LDM_UNET_PREFIX + "input_blocks."):
         raise UserError(
-            f"base_model: '{path}' is not a Stable Diffusion 1.x/2.x or SDXL checkpoint (it has no "
+            f"{key}: '{path}' is not a Stable Diffusion 1.x/2.x or SDXL checkpoint (it has no "
             f"'{LDM_UNET_PREFIX}input_blocks.*' UNet weights); other model families are not supported yet."
         )
     if is_sgm:
@@ -157,10 +157,10 @@ def detect_model_version(state_dict: dict[str, Any], path: Path) -> ModelVersion
         version = "sd_v1"
     else:
         version = None
-    _refuse_conditioned_variant(state_dict, path, version)
+    _refuse_conditioned_variant(state_dict, path, version, key)
     if version is None:
         raise UserError(
-            f"base_model: '{path}' has no text encoder weights ('cond_stage_model.*'); use a full SD 1.x/2.x "
+            f"{key}: '{path}' has no text encoder weights ('cond_stage_model.*'); use a full SD 1.x/2.x "
             "checkpoint, not a UNet-only file."
         )
     return version
@@ -180,17 +180,19 @@ def _other_family(keys: Any) -> str | None:
     return None
 
 
-def _refuse_conditioned_variant(state_dict: dict[str, Any], path: Path, version: ModelVersion | None) -> None:
+def _refuse_conditioned_variant(
+    state_dict: dict[str, Any], path: Path, version: ModelVersion | None, key: str
+) -> None:
     """Inpainting, instruct-pix2pix, ...: a UNet whose conv_in takes image channels besides the 4 latents."""
     conv_in = state_dict.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None or len(conv_in.shape) != 4 or conv_in.shape[1] == 4:
         return  # (only a real [out, in, 3, 3] conv tells the channel count)
     channels = int(conv_in.shape[1])
-    family = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL", None: ""}[version]
+    family = VERSION_NAMES.get(version or "", "")
     what = " ".join(part for part in (family, _CONDITIONED_VARIANTS.get(channels, ""), "model") if part)
     article = "a" if what[0] in "d4m" else "an"  # a depth-/4x/model; an SD/SDXL/inpainting/instruct-pix2pix
     raise UserError(
-        f"base_model: '{path}' is {article} {what} ({channels}-channel UNet input), which is not supported "
+        f"{key}: '{path}' is {article} {what} ({channels}-channel UNet input), which is not supported "
         f"yet; lora-scripts trains text-to-image models, so use the plain {family or 'text-to-image'} "
         "checkpoint."
     )

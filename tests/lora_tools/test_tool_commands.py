@@ -93,3 +93,13 @@ def test_pickle_inputs_need_allow_pickle(tmp_path, tiny_sd_dir, capsys):
     )
     written = safetensors.torch.load_file(str(out))
     assert written.keys() == tensors.keys() and all(torch.equal(written[k], v) for k, v in tensors.items())
+
+
+def test_a_lora_given_as_the_base_checkpoint_is_named_by_its_option(tmp_path, capsys):
+    lora = _lora(tmp_path / "a.safetensors", meta_model("sd_v1"), rank=2, text_encoder=False)
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", "--base", str(lora), "--lora", str(lora), "-o", str(out)]) == 2
+    assert f"error: --base: '{lora}' is a LoRA, not a base model" in capsys.readouterr().err
+    assert main(["extract", "--base", str(lora), "--tuned", str(lora), "-o", str(out), "--rank", "2"]) == 2
+    assert f"error: --base: '{lora}' is a LoRA, not a base model" in capsys.readouterr().err
+    assert not out.exists()
