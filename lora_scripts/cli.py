@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
 from lora_scripts.generation import cli_args as generate_args
+from lora_scripts.gui.command import add_gui_command
 from lora_scripts.lora_tools.commands import add_lora_tool_commands
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_caption_commands(sub)
     add_lora_tool_commands(sub)
+    add_gui_command(sub)
     _add_bench_command(sub)
     return parser
 
