@@ -29,7 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # --resume on the command line wins over the config's resume.
     config = load_config(args.config, {"resume": args.resume} if args.resume else None)
     try:
-        result = train(config)
+        result = train(config, config_path=args.config)
     except Exception as exc:
         # A full disk, a read-only output_dir or too little GPU memory is the user's to fix: one sentence,
         # like every other user error. Anything else keeps its traceback.

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from accelerate import Accelerator
 
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.training.nan_guard import MAX_ROLLBACKS, NanGuard
+from lora_scripts.training.progress_file import ProgressFile
 from lora_scripts.training.saving import LoraSaver
 from lora_scripts.training.state import Progress, StateStore
 from lora_scripts.training.tensorboard import purge_after, tensorboard_writer
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Checkpoints:
-    """Saves a step: its LoRA file (main process) and, when the run keeps them, its training state."""
+    """Saves a step: its LoRA file (main process) and, when the run keeps them, its training state; each
+    reported to the progress file."""
 
     saver: LoraSaver
     store: StateStore
@@ -31,6 +34,7 @@ class Checkpoints:
     last_file: Path | None = None  # the newest LoRA step file, of this run or the one it resumed
     last_state: Path | None = None
     last_step: int | None = None
+    progress_file: ProgressFile | None = None
 
     def note_existing(self, path: Path) -> None:
         if path.is_file():
@@ -43,6 +47,7 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             self.last_file = self.saver.save_step(progress.global_step, progress.epoch)
             self.files.append(self.last_file)
+            self._report(progress.global_step, self.last_file, "lora")
         # TensorBoard's points up to here reach the disk before the state exists, so a run killed later and
         # resumed from this state has each step's point once (the resume purges the ones after).
         writer = tensorboard_writer(self.accelerator)
@@ -50,6 +55,11 @@ class Checkpoints:
             writer.flush()
         if self.keep_states:
             self.last_state = self.store.save(progress)
+            self._report(progress.global_step, self.last_state, "state")
+
+    def _report(self, step: int, path: Path, kind: Literal["lora", "state"]) -> None:
+        if self.progress_file is not None:
+            self.progress_file.saved(step, path, kind)
 
 
 def roll_back(
@@ -76,15 +86,22 @@ def roll_back(
 
 
 def validate(
-    validator: Validator, family: ModelFamily, saver: LoraSaver, accelerator: Accelerator, progress: Progress
+    validator: Validator,
+    family: ModelFamily,
+    saver: LoraSaver,
+    accelerator: Accelerator,
+    progress: Progress,
+    progress_file: ProgressFile | None = None,
 ) -> ValidationOutcome:
     """Measure the validation loss (every process: the denoiser may be DDP-wrapped), log it, keep the best
-    LoRA as `<output_name>-best.safetensors`, and say whether to stop early."""
+    LoRA as `<output_name>-best.safetensors` (reported to `progress_file`), and say whether to stop early."""
     step = progress.global_step
     outcome = validator.record(step, validator.loss(family))
     accelerator.log({"validation_loss": outcome.loss}, step=step)
     if outcome.improved and accelerator.is_main_process:
         path = saver.save_best(step, progress.epoch, outcome.loss)
+        if progress_file is not None:
+            progress_file.saved(step, path, "lora")
         log.info("Validation loss %.5f at step %d: the best so far, saved as %s", outcome.loss, step, path)
     elif not outcome.improved:
         log.info(

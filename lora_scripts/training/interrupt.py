@@ -1,4 +1,5 @@
-"""Stop a run cleanly on Ctrl-C or SIGTERM: finish the optimizer step under way, save, say how to resume.
+"""Stop a run cleanly on Ctrl-C, SIGTERM or a stop file: finish the optimizer step under way, save, say how to
+resume.
 
 The first SIGINT or SIGTERM only sets a flag, which the training loop reads after each step. The same signal
 a second time raises KeyboardInterrupt at once (the CLI ends with code 130, no traceback); every save is
@@ -6,6 +7,9 @@ atomic, so the last saved state stays valid. A different second signal does not 
 `accelerate launch` answer the terminal's Ctrl-C by sending SIGTERM to processes that already got the
 SIGINT, and those should still finish their step and save. Under several processes the flag is summed over
 them, so all stop after the same step.
+
+`<output_dir>/STOP` (training/progress_file.py) sets the same flag, for programs that cannot send a signal
+(on Windows); the main process looks for it when the loop asks whether to stop.
 
 Fault injection, for the test suite only: `LORA_SCRIPTS_TEST_FAULT=<action>@<step>[:<rank>]` makes the
 process (of that rank only, when given) signal or kill itself at a step (`sigint`, `sigint-twice`, `sigterm`,
@@ -29,6 +33,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from lora_scripts.training.progress_file import STOP_FILE_NAME, StopFile
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -38,14 +44,19 @@ _ACTIONS = (*_AFTER_STEP, "sigkill-in-save")
 
 
 class StopRequest:
-    """Set by the first SIGINT/SIGTERM; `signal_name` says which ("SIGINT"), None until then."""
+    """Set by the first SIGINT/SIGTERM or the stop file; `signal_name` says which ("SIGINT", "STOP file"),
+    None until then."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: StopFile | None = None) -> None:
         self.signal_name: str | None = None
+        self.stop_file = stop_file
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """Whether to stop after this step: this process's flag, or any process's when there are several
         (a collective call: every process must make it after every step)."""
+        if self.signal_name is None and self.stop_file is not None and self.stop_file.requested():
+            self.signal_name = f"{STOP_FILE_NAME} file"
+            log.warning("%s: stopping after this step and saving the training state", self.stop_file.path)
         wanted = self.signal_name is not None
         if accelerator.num_processes == 1:
             return wanted
@@ -54,13 +65,14 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """Install the SIGINT/SIGTERM handlers described above for the `with` block, then put back the old ones.
+def stop_on_signals(stop_file: StopFile | None = None) -> Iterator[StopRequest]:
+    """Install the SIGINT/SIGTERM handlers described above for the `with` block, then put back the old ones;
+    `stop_file` (the main process's) is looked for too.
 
-    Outside the main thread (a UI running `train` in a worker) Python cannot install handlers: the request
-    then never fires and Ctrl-C behaves as it did.
+    Outside the main thread (a UI running `train` in a worker) Python cannot install handlers: only the stop
+    file then stops the run cleanly, and Ctrl-C behaves as it did.
     """
-    request = StopRequest()
+    request = StopRequest(stop_file)
     if threading.current_thread() is not threading.main_thread():
         yield request
         return

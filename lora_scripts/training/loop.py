@@ -9,6 +9,9 @@ A run never loses its work: every `save_steps` it saves a LoRA file and the full
 (training/state.py); Ctrl-C or SIGTERM finish the step and save both (training/interrupt.py); `resume`
 continues from a state exactly, bit for bit on the same machine; a NaN loss stops the run, or rolls it back to
 the last state, at the step it appears (training/nan_guard.py).
+
+Other programs (the GUI) watch a run through `<output_dir>/progress.jsonl`, which the loop appends to as it
+goes, and stop it with `<output_dir>/STOP` as Ctrl-C would (training/progress_file.py).
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ from lora_scripts.config import TrainConfig, dump_config
 from lora_scripts.data.dataset import EpochBatchSampler
 from lora_scripts.data.text_cache import TextEncoderCache
 from lora_scripts.data.training_set import TrainingSet
+from lora_scripts.errors import UserError
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.registry import load_family
 from lora_scripts.training.caching import cache_latents, cache_text_encoder_outputs
 from lora_scripts.training.checkpoints import Checkpoints, validate
+from lora_scripts.training.failures import explain_failure
 from lora_scripts.training.interrupt import FaultInjection, stop_on_signals
 from lora_scripts.training.loss_log import PendingLosses, read_losses
 from lora_scripts.training.nan_guard import NanGuard
 from lora_scripts.training.noise import training_noise_schedule
 from lora_scripts.training.output_dir import STATE_FOLDER, prepare_output_dir
+from lora_scripts.training.progress_file import EndStatus, ProgressFile, StopFile
 from lora_scripts.training.run_info import run_metadata
 from lora_scripts.training.run_lock import output_dir_lock
 from lora_scripts.training.sampling import TrainingSampler
@@ -79,8 +85,9 @@ class TrainResult:
     state_dir: Path | None = None  # the training state saved when it stopped (None: save_state is off)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train a LoRA as `config` says and write its files under `config.output_dir`."""
+def train(config: TrainConfig, *, config_path: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as `config` says and write its files under `config.output_dir`. `config_path`, the file
+    `config` was read from, goes into the progress file's start event (for a program that resumes the run)."""
     if os.environ.get("RANK", "0") != "0":  # launched as a second process: one copy of each message is enough
         logging.getLogger("lora_scripts").setLevel(logging.WARNING)
     # The data, the base model (headers and configs) and output_dir: check's UserError, nothing written.
@@ -101,7 +108,33 @@ def train(config: TrainConfig) -> TrainResult:
                 resume_requested=config.resume is not None,
             )
         accelerator.wait_for_everyone()
-        return _train_in(config, accelerator, training_set, resume_from, sampler)
+        is_main = accelerator.is_main_process
+        stop_file = StopFile(config.output_dir) if is_main else None
+        if stop_file is not None:
+            stop_file.remove(stale=True)  # no run held the lock: a killed run's request, not this one's
+        report = ProgressFile(config.output_dir, enabled=is_main, config_path=config_path)
+        try:
+            return _train_in(config, accelerator, training_set, resume_from, sampler, report, stop_file)
+        except BaseException as exc:
+            # A new run that dies while loading leaves no folder behind; a resume's or a started run's
+            # progress file says how it ended.
+            if report.path.is_file():
+                report.end(*_end_of_error(exc, config))
+            raise
+        finally:
+            if stop_file is not None:
+                stop_file.remove()  # or a resume would stop at once
+
+
+def _end_of_error(exc: BaseException, config: TrainConfig) -> tuple[EndStatus, str]:
+    """The progress file's end event for a run ended by `exc`: a stop (Ctrl-C before the handlers, or a
+    second one) or a failure, in the sentence the CLI shows for it where there is one."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "stopped", "interrupted at once (Ctrl-C); the files and states saved before are intact"
+    if isinstance(exc, UserError):
+        return "failed", " ".join(exc.messages)
+    explained = explain_failure(exc, output_dir=config.output_dir, config=config)
+    return "failed", " ".join(explained.messages) if explained else f"{type(exc).__name__}: {exc}"
 
 
 def _train_in(
@@ -110,8 +143,11 @@ def _train_in(
     training_set: TrainingSet,
     resume_from: Path | None,
     sampler: TrainingSampler,
+    report: ProgressFile,
+    stop_file: StopFile | None,
 ) -> TrainResult:
-    """The run itself, from loading the model on, in a checked, prepared and locked output_dir."""
+    """The run itself, from loading the model on, in a checked, prepared and locked output_dir; its events
+    go to `report`, and `stop_file` (main process) stops it as Ctrl-C does."""
     set_seed(config.seed)
     family = load_family(
         config.base_model,
@@ -188,8 +224,13 @@ def _train_in(
         config.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, config.output_dir / "config.yaml")
         start_tensorboard(accelerator, config, progress.global_step if resume_from else None)
+    report.start(
+        total_steps=plan.max_train_steps,
+        epochs=plan.num_epochs,
+        resumed_from=progress.global_step if resume_from is not None else None,
+    )
     if resume_from is None:
-        sampler.at_start(family)
+        report.sampled(0, sampler.at_start(family))
     log.info(
         "%d images (%d regularization), %d samples/epoch, %d batches/epoch per process, %d epochs, %d steps; "
         "effective batch size %d (batch_size %d x gradient_accumulation_steps %d x %d processes)",
@@ -206,13 +247,16 @@ def _train_in(
     )
     settings = loss_settings(config)
     guard = NanGuard.from_config(config)
-    checkpoints = Checkpoints(saver, store, accelerator, config.save_state or config.nan_policy == "rollback")
+    checkpoints = Checkpoints(
+        saver, store, accelerator, config.save_state or config.nan_policy == "rollback", progress_file=report
+    )
     if resume_from is not None:
         checkpoints.note_existing(
             config.output_dir / step_file_name(config.output_name, progress.global_step)
         )
     if config.nan_policy == "rollback" and store.latest() is None:
-        store.save(progress)  # so that a NaN before the first save_steps has a state to go back to
+        # So that a NaN before the first save_steps has a state to go back to.
+        report.saved(progress.global_step, store.save(progress), "state")
 
     losses = PendingLosses(accelerator)
     micro_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current update
@@ -229,7 +273,7 @@ def _train_in(
     for module in prepared:
         module.train()
     del module  # the loop's name would keep a DDP wrapper alive past the end of the run (see below)
-    with stop_on_signals() as stop, trackers_closed_on_error(accelerator):
+    with stop_on_signals(stop_file) as stop, trackers_closed_on_error(accelerator):
         while progress.global_step < plan.max_train_steps and stopped_by is None and not stopped_early:
             rolled_back = False
             for batch in epoch_batches(dataloader, epoch_sampler, progress):
@@ -263,15 +307,15 @@ def _train_in(
                     or validation_due
                     or (sampler.every_n_steps and step % sampler.every_n_steps == 0)
                 ):
-                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress, report)
                     if restored is not None:
                         progress, rolled_back = restored, True
                         break
                 if save_due:
                     checkpoints.save(progress)
-                sampler.after_step(family, step)
+                report.sampled(step, sampler.after_step(family, step))
                 if validation_due:
-                    outcome = validate(validator, family, saver, accelerator, progress)
+                    outcome = validate(validator, family, saver, accelerator, progress, report)
                     if outcome.should_stop:
                         stopped_early = True
                         break
@@ -281,7 +325,7 @@ def _train_in(
                     break
                 if stop.agreed(accelerator):  # after every step on every process (a collective)
                     stopped_by = stop.signal_name or "a signal to another process"
-                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress, report)
                     if restored is not None:  # the NaN guard first; then go on from the restored state
                         progress, rolled_back, stopped_by = restored, True, None
                         break
@@ -289,11 +333,13 @@ def _train_in(
                     break
             if not rolled_back and stopped_by is None and not stopped_early:
                 if sampler.every_n_epochs and progress.epoch % sampler.every_n_epochs == 0:
-                    restored = read_losses(losses, guard, store, checkpoints, bar, progress)
+                    restored = read_losses(losses, guard, store, checkpoints, bar, progress, report)
                     if restored is not None:  # no samples of a broken LoRA
                         progress = restored
                         continue
-                sampler.after_epoch(family, progress.global_step, progress.epoch)
+                report.sampled(
+                    progress.global_step, sampler.after_epoch(family, progress.global_step, progress.epoch)
+                )
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -302,6 +348,8 @@ def _train_in(
     if stopped_by is None and accelerator.is_main_process:
         final_files = saver.save_final(progress.global_step, progress.epoch)
         log.info("Saved %s", ", ".join(str(p) for p in final_files))
+        for path in final_files:
+            report.saved(progress.global_step, path, "lora")
     # DDP's wrappers go before the process group does. Freed after it, a wrapper's Reducer drops the group's
     # last reference while holding the GIL, and gloo's destructor waits for a worker thread that needs the GIL
     # to free a collective's tensors: the process hangs at the end of the run (torch issue #56297). Freed
@@ -310,6 +358,7 @@ def _train_in(
     prepared.clear()
     accelerator.free_memory()
     accelerator.end_training()
+    report.end(*_end_of_run(progress.global_step, stopped_by, stopped_early, checkpoints.last_state))
     return TrainResult(
         progress.global_step,
         progress.epoch,
@@ -320,6 +369,17 @@ def _train_in(
         stopped_by=stopped_by,
         state_dir=checkpoints.last_state if stopped_by else None,
     )
+
+
+def _end_of_run(
+    step: int, stopped_by: str | None, stopped_early: bool, state_dir: Path | None
+) -> tuple[EndStatus, str, int]:
+    """The progress file's end event for a run that ended without an error: (status, message, step)."""
+    if stopped_by is None:
+        early = " (stopped early: the validation loss stopped improving)" if stopped_early else ""
+        return "finished", f"done at step {step}{early}", step
+    saved = f"training state {state_dir}" if state_dir else "no training state (save_state: false)"
+    return "stopped", f"stopped at step {step} by {stopped_by}; {saved}", step
 
 
 def epoch_batches(

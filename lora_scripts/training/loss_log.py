@@ -1,5 +1,6 @@
 """The training loss on its way to the log: kept on the device each step, read every `logging_steps`, checked
-for NaN at the step it appeared (training/nan_guard.py), logged to TensorBoard each at its own step."""
+for NaN at the step it appeared (training/nan_guard.py), logged to TensorBoard and the progress file
+(training/progress_file.py) each at its own step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lora_scripts.training.checkpoints import Checkpoints, roll_back
 from lora_scripts.training.nan_guard import NanGuard
+from lora_scripts.training.progress_file import ProgressFile
 from lora_scripts.training.state import Progress, StateStore
 
 
@@ -51,23 +53,31 @@ def read_losses(
     checkpoints: Checkpoints,
     bar: tqdm,
     progress: Progress,
+    progress_file: ProgressFile | None = None,
 ) -> Progress | None:
-    """Log the pending losses (TensorBoard, each at its own step) up to the first non-finite one; at that one
-    the NaN guard raises its stop error or rolls back: returns the restored progress, else None."""
+    """Log the pending losses (TensorBoard, each at its own step, and the progress file) up to the first
+    non-finite one; at that one the NaN guard raises its stop error or rolls back: returns the restored
+    progress, else None."""
     accelerator = checkpoints.accelerator
-    for step, value, lrs in losses.read():
-        if not math.isfinite(value):  # every process sees the same gathered value
-            # Raises the stop error, or counts a rollback and returns.
-            guard.on_nonfinite(
-                value, step=step, lr=lrs[0], last_file=checkpoints.last_file, last_state=store.latest()
-            )
-            restored = roll_back(store, progress, guard, accelerator, value, step)
-            bar.n = restored.global_step
-            bar.refresh()
-            return restored
-        log_loss(accelerator, bar, step, value, lrs, progress.epoch)
-        losses.last_value = value
-    return None
+    logged: list[tuple[int, float, list[float]]] = []
+    try:
+        for step, value, lrs in losses.read():
+            if not math.isfinite(value):  # every process sees the same gathered value
+                # Raises the stop error, or counts a rollback and returns.
+                guard.on_nonfinite(
+                    value, step=step, lr=lrs[0], last_file=checkpoints.last_file, last_state=store.latest()
+                )
+                restored = roll_back(store, progress, guard, accelerator, value, step)
+                bar.n = restored.global_step
+                bar.refresh()
+                return restored
+            log_loss(accelerator, bar, step, value, lrs, progress.epoch)
+            losses.last_value = value
+            logged.append((step, value, lrs))
+        return None
+    finally:
+        if progress_file is not None:  # one write for the lot, also of those before a NaN
+            progress_file.steps(logged, progress.epoch)
 
 
 def log_loss(

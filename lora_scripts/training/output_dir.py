@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 from lora_scripts.errors import UserError
+from lora_scripts.training.progress_file import PROGRESS_FILE_NAME
+from lora_scripts.training.saved_states import latest_state
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ def run_files(output_dir: Path) -> list[str]:
 def has_saved_state(output_dir: Path) -> bool:
     """True when `output_dir/state/` holds a complete training state, i.e. `resume: auto` continues the run
     (the same test train() makes; a half-saved state of a killed run does not count)."""
-    # Imported here: state.py builds on this module (STATE_FOLDER), and `check` needs only the test.
-    from lora_scripts.training.state import latest_state
-
     return latest_state(Path(output_dir) / STATE_FOLDER) is not None
 
 
@@ -165,8 +164,11 @@ def prepare_output_dir(
     if resuming or not existing:
         return None
     backup = _new_backup_folder(output_dir / BACKUP_FOLDER)
-    # Leftover temporary files of a killed save (`.<name>.<random>.tmp`, export/atomic.py) go with the run.
+    # Leftover temporary files of a killed save (`.<name>.<random>.tmp`, export/atomic.py) go with the run,
+    # and so does its progress file (never without the files above; not one of them, so that `check` and
+    # this message name what a user knows a run by).
     leftovers = [p.name for p in output_dir.glob(".*.tmp") if p.is_file()]
+    leftovers += [PROGRESS_FILE_NAME] if (output_dir / PROGRESS_FILE_NAME).is_file() else []
     for name in [entry.rstrip("/") for entry in existing] + leftovers:
         # Same folder, same file system: a rename, instant even for gigabytes of states.
         os.replace(output_dir / name, backup / name)

@@ -150,17 +150,19 @@ class TrainingSampler:
         self.accelerator = accelerator
         self._pipeline: SamplingPipeline | None = None
 
-    def at_start(self, family: ModelFamily) -> None:
-        if self.at_first:
-            self.sample(family, step=0)
+    # Each returns the files it wrote (none when this is not a sampling round).
+    def at_start(self, family: ModelFamily) -> list[Path]:
+        return self.sample(family, step=0) if self.at_first else []
 
-    def after_step(self, family: ModelFamily, step: int) -> None:
+    def after_step(self, family: ModelFamily, step: int) -> list[Path]:
         if self.every_n_steps and step % self.every_n_steps == 0:
-            self.sample(family, step=step)
+            return self.sample(family, step=step)
+        return []
 
-    def after_epoch(self, family: ModelFamily, step: int, epoch: int) -> None:
+    def after_epoch(self, family: ModelFamily, step: int, epoch: int) -> list[Path]:
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
-            self.sample(family, step=step)
+            return self.sample(family, step=step)
+        return []
 
     def sample(self, family: ModelFamily, step: int) -> list[Path]:
         """Render every prompt now (main process only) and return the files written."""

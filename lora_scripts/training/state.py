@@ -49,13 +49,19 @@ from lora_scripts.export.atomic import write_atomic, write_text_atomic
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.models.registry import base_model_zero_terminal_snr
 from lora_scripts.training.output_dir import STATE_FOLDER
+from lora_scripts.training.saved_states import (  # finding states needs no torch: they live apart
+    FORMAT_VERSION,
+    PROGRESS_FILE,
+    STATE_PREFIX,
+    latest_state,
+    list_states,
+    read_progress,
+    state_name,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-PROGRESS_FILE = "progress.json"
 VALIDATION_FILE = "validation.json"  # the best validation loss so far, when the run validates
-STATE_PREFIX = "step-"
 
 # Config keys that may change between a run and its resume. Every other key changes what is trained (the
 # network, the data, the noise, the optimizer...), so a resumed run with it changed would be neither the old
@@ -116,37 +122,6 @@ class TrainingParts:
     lr_scheduler: Any
     scaler: torch.amp.GradScaler | None = None
     validator: Any | None = None  # training/validation.py's Validator: best loss so far, patience count
-
-
-def state_name(step: int) -> str:
-    return f"{STATE_PREFIX}{step:08d}"
-
-
-def read_progress(folder: Path) -> dict[str, Any] | None:
-    """progress.json of a complete state folder, or None when `folder` is not one."""
-    try:
-        data = json.loads((Path(folder) / PROGRESS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT_VERSION else None
-
-
-def list_states(root: Path) -> list[Path]:
-    """The complete states under `root` (`<output_dir>/state`), oldest saved first."""
-    if not Path(root).is_dir():
-        return []
-    found = []
-    for folder in Path(root).iterdir():
-        if folder.is_dir() and folder.name.startswith(STATE_PREFIX):
-            progress = read_progress(folder)
-            if progress is not None:
-                found.append((progress.get("saved_at", 0.0), progress["global_step"], folder))
-    return [folder for *_, folder in sorted(found)]
-
-
-def latest_state(root: Path) -> Path | None:
-    states = list_states(root)
-    return states[-1] if states else None
 
 
 def data_fingerprint(training_set: TrainingSet) -> dict[str, Any]:
