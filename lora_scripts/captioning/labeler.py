@@ -127,12 +127,17 @@ def compose_caption(caption: str, *, trigger: str = "", prefix: str = "", suffix
     return text
 
 
-def label_images(options: LabelOptions, load: Callable[[], Captioner]) -> LabelSummary:
+def label_images(
+    options: LabelOptions,
+    load: Callable[[], Captioner],
+    progress: Callable[[int, int], None] | None = None,
+) -> LabelSummary:
     """Caption every image without a caption (all of them with `overwrite`) and write the captions.
 
     `load` is called only if some image needs a caption, so a rerun with nothing to do loads no model.
     Unreadable images are listed in the summary and skipped. Raises UserError before loading anything if
-    an option, the folder or the existing captions are unusable.
+    an option, the folder or the existing captions are unusable. `progress(done, total)` is called once the
+    images to caption are known and after every batch (the web app's progress bar; the CLI has tqdm's).
     """
     store, images = _open_store(options)
     todo = [n for n in images if options.overwrite or n not in store.existing]
@@ -145,11 +150,13 @@ def label_images(options: LabelOptions, load: Callable[[], Captioner]) -> LabelS
         term_kind="tags" if options.captioner == "wd14" else "words",
     )
     new: dict[str, str] = {}
+    if progress is not None:
+        progress(0, len(todo))
     captioner = load() if todo else None
     start = time.monotonic()  # after loading, so that images/s is the captioning speed
     try:
         if captioner is not None:
-            _caption_all(options, captioner, todo, store, new, summary.skipped)
+            _caption_all(options, captioner, todo, store, new, summary.skipped, progress)
     finally:
         # Also on Ctrl-C or a crash: whatever was captioned is kept, and a rerun captions only the rest.
         store.save(new)
@@ -204,6 +211,7 @@ def _caption_all(
     store: CaptionStore,
     new: dict[str, str],
     skipped: list[tuple[str, str]],
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Caption `todo` in batches into `new`; the next batch is decoded in a thread while the model runs."""
     batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
@@ -228,6 +236,8 @@ def _caption_all(
                 else:  # a trigger or suffix alone would hide that the model saw nothing to describe
                     skipped.append((name, f"{captioner.name} gave no caption; write one by hand"))
             bar.update(len(loaded))
+            if progress is not None:
+                progress(bar.n, len(todo))
             if time.monotonic() - last_save > SAVE_EVERY_S:
                 store.save(new)
                 last_save = time.monotonic()

@@ -27,6 +27,7 @@ from lora_scripts.errors import UserError
 from lora_scripts.export.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
+METADATA_FILE = "metadata.csv"  # the labeler's default CSV, and the one a folder's captions are read from
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class CsvCaptions:
     image_dir: Path
     overwrite: bool = False
     prune: bool = False
+    backup: bool = True  # False: the caller has just backed the file up itself (the web app's edits)
     existing: dict[str, str] = field(init=False)
     missing: list[str] = field(init=False)
     backups: list[Path] = field(init=False, default_factory=list)
@@ -264,7 +266,7 @@ class CsvCaptions:
         if not captions and not drop:
             return
         replacing = self.overwrite and any(name in self.existing for name in captions)
-        if (replacing or drop) and self._csv is not None and not self.backups:
+        if self.backup and (replacing or drop) and self._csv is not None and not self.backups:
             self.backups.append(backup_file(self.location))
         write_bytes_atomic(
             self.location, render_metadata_csv(self._csv, captions, replace=self.overwrite, drop=drop)
@@ -279,6 +281,7 @@ class TxtCaptions:
     images: list[str]
     overwrite: bool = False
     recursive: bool = False
+    backup: bool = True  # False: the caller has just backed the files up itself (the web app's edits)
     existing: dict[str, str] = field(init=False)
     missing: list[str] = field(init=False)
     backups: list[Path] = field(init=False, default_factory=list)
@@ -312,9 +315,36 @@ class TxtCaptions:
             if path.exists():
                 if not self.overwrite:
                     continue
-                self.backups.append(backup_file(path))
+                if self.backup:
+                    self.backups.append(backup_file(path))
             write_bytes_atomic(path, text)
             self._written.add(name)
+
+
+def folder_caption_format(image_dir: Path, images: list[str]) -> str | None:
+    """How the captions of `image_dir` are kept: "csv" when it has a metadata.csv, else "txt" when one of
+    `images` has a `.txt` beside it, else None (no captions yet)."""
+    if (image_dir / METADATA_FILE).is_file():
+        return "csv"
+    if any((image_dir / _txt_name(name)).is_file() for name in images):
+        return "txt"
+    return None
+
+
+def open_folder_captions(
+    image_dir: Path, images: list[str], caption_format: str, *, overwrite: bool = False, backup: bool = True
+) -> CaptionStore:
+    """The captions of `images` in `image_dir`, as `<image_dir>/metadata.csv` ("csv") or `.txt` files."""
+    if caption_format == "csv":
+        return CsvCaptions(image_dir / METADATA_FILE, image_dir, overwrite=overwrite, backup=backup)
+    if caption_format == "txt":
+        return TxtCaptions(image_dir, images, overwrite=overwrite, backup=backup)
+    raise UserError(f"format: '{caption_format}' is not a caption format; use csv or txt.")
+
+
+def caption_file_of(image_dir: Path, image_name: str, caption_format: str) -> Path:
+    """The file that holds the caption of `image_name`: the folder's metadata.csv, or its `.txt`."""
+    return image_dir / (METADATA_FILE if caption_format == "csv" else _txt_name(image_name))
 
 
 def _txt_name(image_name: str) -> str:

@@ -8,7 +8,6 @@ word past it is never seen at all.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lora_scripts.config import TrainConfig
 from lora_scripts.config.datasets import dataset_settings
 from lora_scripts.data import CaptionedImage, caption_words, tag_frequency
-from lora_scripts.data.captions import metadata_warnings
+from lora_scripts.data.captions import metadata_warnings, trigger_pattern
 from lora_scripts.data.training_set import validation_spec
 from lora_scripts.models.sd_loading import load_clip_tokenizer
 
@@ -105,15 +104,6 @@ def analyze_captions(
         without_trigger=sorted(without_trigger),
         trigger_cut_off=sorted(trigger_cut_off),
     )
-
-
-def trigger_pattern(trigger_word: str) -> re.Pattern[str]:
-    """Matches `trigger_word` as a whole word (or phrase), ignoring case as CLIP's tokenizer does.
-
-    "sks" matches "a photo of sks, smiling" but not "sksdog"; whitespace inside a phrase may vary.
-    """
-    words = [re.escape(word) for word in trigger_word.split()]
-    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
 
 
 def _tokens_before(tokenizer: PreTrainedTokenizerBase, caption: str, position: int) -> int:

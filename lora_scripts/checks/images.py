@@ -77,7 +77,11 @@ class ImageReport:
 
 def analyze_images(root: Path, file_names: list[str], resolution: int) -> ImageReport:
     """Hash and measure every image `root / name` and group the findings (see ImageReport)."""
-    facts = scan_images(root, file_names)
+    return image_report(scan_images(root, file_names), resolution)
+
+
+def image_report(facts: list[ImageFacts], resolution: int) -> ImageReport:
+    """Group the facts of `scan_images` into findings (the web app keeps facts of unchanged files)."""
     readable = [f for f in facts if f.error is None]
     return ImageReport(
         scanned=len(facts),

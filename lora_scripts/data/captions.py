@@ -395,6 +395,15 @@ def caption_words(caption: str) -> list[str]:
     return [word for word in _WORD.findall(caption.lower()) if word not in _STOPWORDS]
 
 
+def trigger_pattern(trigger_word: str) -> re.Pattern[str]:
+    """Matches `trigger_word` as a whole word (or phrase), ignoring case as CLIP's tokenizer does.
+
+    "sks" matches "a photo of sks, smiling" but not "sksdog"; whitespace inside a phrase may vary.
+    """
+    words = [re.escape(word) for word in trigger_word.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
 def tag_frequency(items: Iterable[CaptionedImage]) -> dict[str, int]:
     """How often each comma-separated tag occurs over all captions (kohya's `ss_tag_frequency` counts).
 

@@ -26,13 +26,16 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 _ERRNO_IN_MESSAGE = re.compile(r"\bos error (\d+)|\bOs \{ code: (\d+)")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None], *, overwrite: bool = True) -> None:
     """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
     The rename is atomic on POSIX and Windows (os.replace), so readers see the old file or the new one,
     never a truncated one. A disk error (full, read-only, permission denied) comes out as an OSError naming
     `path`, even when the writer reported it otherwise (safetensors raises its own error type), so callers
     and `training.failures` can tell the user which file could not be written.
+
+    With `overwrite=False` an existing `path` is never replaced: FileExistsError, also when the file appears
+    while `write` runs (uploads into a folder another program writes to).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,10 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
@@ -58,6 +64,24 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             if named is not None:
                 raise named from exc
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` unless `path` exists (FileExistsError), without a moment of overwriting.
+
+    A hard link fails atomically when the name is taken; file systems without hard links (FAT, exFAT, some
+    network shares) get a check-then-rename, which on POSIX leaves a window of microseconds.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.rename(tmp, path)  # Windows' rename refuses an existing target by itself
+        return
+    tmp.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

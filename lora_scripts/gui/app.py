@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from lora_scripts import __version__
 from lora_scripts.errors import UserError
-from lora_scripts.gui import files_api
+from lora_scripts.gui import dataset_api, files_api
 from lora_scripts.gui.i18n import LANGUAGES, pick_language, strings
 from lora_scripts.gui.roots import Roots
 from lora_scripts.gui.security import SecurityMiddleware, SecuritySettings
@@ -25,6 +26,7 @@ LANGUAGE_COOKIE = "lora_scripts_lang"
 class GuiSettings:
     roots: Roots
     security: SecuritySettings
+    max_upload_bytes: int = 50 * 2**20  # one uploaded image at most (--max-upload-mb)
 
 
 def create_app(settings: GuiSettings) -> FastAPI:
@@ -37,6 +39,15 @@ def create_app(settings: GuiSettings) -> FastAPI:
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError) -> JSONResponse:
         return JSONResponse({"errors": list(err.messages)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        """A missing or ill-typed parameter: one sentence per problem, in the app's error shape."""
+        messages = []
+        for problem in err.errors():
+            where = ".".join(str(part) for part in problem.get("loc", ())[1:]) or "request"
+            messages.append(f"{where}: {problem.get('msg')}.")
+        return JSONResponse({"errors": messages}, status_code=400)
 
     @app.get("/", response_class=HTMLResponse)
     async def index(request: Request) -> HTMLResponse:
@@ -58,4 +69,5 @@ def create_app(settings: GuiSettings) -> FastAPI:
         return strings(language)
 
     app.include_router(files_api.router)
+    app.include_router(dataset_api.router_for(settings))
     return app

@@ -27,6 +27,9 @@ def add_gui_command(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="another host name the server may be reached by (a reverse proxy's)",
     )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=50, help="the largest image the app accepts (default 50 MB)"
+    )
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.set_defaults(func=_cmd_gui)
 
@@ -40,5 +43,6 @@ def _cmd_gui(args: argparse.Namespace) -> int:
         listen=args.listen,
         open_browser=not args.no_browser,
         allow_hosts=tuple(args.allow_host),
+        max_upload_mb=args.max_upload_mb,
     )
     return 0

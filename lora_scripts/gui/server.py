@@ -14,7 +14,9 @@ from lora_scripts.gui.security import SecuritySettings, own_host_names
 DEFAULT_PORT = 7860
 
 
-def make_settings(roots: list[Path], *, listen: bool, allow_hosts: tuple[str, ...] = ()) -> GuiSettings:
+def make_settings(
+    roots: list[Path], *, listen: bool, allow_hosts: tuple[str, ...] = (), max_upload_mb: float = 50
+) -> GuiSettings:
     """The app's settings: `listen` (other machines may connect) adds this machine's names to the allowed
     hosts and an access token every request must carry."""
     return GuiSettings(
@@ -23,6 +25,7 @@ def make_settings(roots: list[Path], *, listen: bool, allow_hosts: tuple[str, ..
             allowed_hosts=own_host_names(listen, allow_hosts),
             access_token=secrets.token_urlsafe(24) if listen else None,
         ),
+        max_upload_bytes=int(max_upload_mb * 2**20),
     )
 
 
@@ -33,11 +36,12 @@ def serve(
     listen: bool = False,
     open_browser: bool = True,
     allow_hosts: tuple[str, ...] = (),
+    max_upload_mb: float = 50,
 ) -> None:
     """Run the web app until Ctrl-C: on 127.0.0.1, or on every interface with `listen`."""
     import uvicorn
 
-    settings = make_settings(roots, listen=listen, allow_hosts=allow_hosts)
+    settings = make_settings(roots, listen=listen, allow_hosts=allow_hosts, max_upload_mb=max_upload_mb)
     app = create_app(settings)
     host = "0.0.0.0" if listen else "127.0.0.1"  # noqa: S104 - all interfaces only when asked (--listen)
     token = settings.security.access_token

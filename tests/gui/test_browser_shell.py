@@ -19,7 +19,9 @@ def test_the_page_loads_offline_and_switches_language(root, tmp_path):
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         page = browser.new_page()
         outside = []
-        page.on("request", lambda request: None if request.url.startswith(url) else outside.append(request.url))
+        page.on(
+            "request", lambda request: None if request.url.startswith(url) else outside.append(request.url)
+        )
         page.goto(url)
         assert page.locator("nav a[data-part=dataset]").inner_text() == "Dataset"
         page.screenshot(path=screenshot_dir(tmp_path) / "start.png")

@@ -66,3 +66,9 @@ def test_without_listen_there_is_no_token_and_only_loopback_names(root):
     settings = make_settings([root], listen=False)
     assert settings.security.access_token is None
     assert settings.security.allowed_hosts == {"127.0.0.1", "localhost", "::1"}
+
+
+def test_a_missing_parameter_is_one_sentence_in_the_error_shape(client):
+    response = client.get("/api/files")
+    assert response.status_code == 400
+    assert response.json() == {"errors": ["path: Field required."]}
