@@ -5,11 +5,12 @@
 """
 
 from lora_scripts.checks.report import CheckReport, render_text, report_to_json
-from lora_scripts.checks.run import check_before_training, check_config_file, run_check
+from lora_scripts.checks.run import check_before_training, check_config_dict, check_config_file, run_check
 
 __all__ = [
     "CheckReport",
     "check_before_training",
+    "check_config_dict",
     "check_config_file",
     "render_text",
     "report_to_json",

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from lora_scripts.checks.captions import analyze_captions, metadata_csv_warnings
 from lora_scripts.checks.findings import caption_warnings, image_warnings, output_problems, plan_warnings
 from lora_scripts.checks.images import analyze_images
 from lora_scripts.checks.plan import network_facts, output_facts, plan_facts, speed_facts
 from lora_scripts.checks.report import CheckReport, DatasetFacts
-from lora_scripts.config import TrainConfig, load_config
+from lora_scripts.config import TrainConfig, load_config, validate_config_dict
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.data import CaptionedImage, find_images
 from lora_scripts.data.training_set import TrainingSet, training_set_for
@@ -34,6 +36,15 @@ def check_config_file(path: str | Path) -> CheckReport:
     except UserError as err:
         return CheckReport(config_path=str(path), errors=err.messages)
     return run_check(config, config_path=str(path))
+
+
+def check_config_dict(data: Mapping[str, Any], source: str) -> CheckReport:
+    """check_config_file for a config given as a mapping (the web app's form); `source` names it."""
+    try:
+        config = validate_config_dict(data, source)
+    except UserError as err:
+        return CheckReport(config_path=source, errors=err.messages)
+    return run_check(config, config_path=source)
 
 
 def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:

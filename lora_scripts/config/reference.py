@@ -22,7 +22,7 @@ from lora_scripts.config.schema import (
     field_default_doc,
 )
 
-_SECTION_TITLES = {
+SECTION_TITLES = {
     "data": "Data: images and captions",
     "buckets": "Aspect-ratio buckets",
     "caching": "Caching: latents and text-encoder outputs",
@@ -67,7 +67,7 @@ def render_reference() -> str:
     for section, names in TrainConfig.fields_by_section().items():
         if section not in SECTIONS or not names:
             continue
-        parts.append(f"\n## {_SECTION_TITLES[section]}\n\n")
+        parts.append(f"\n## {SECTION_TITLES[section]}\n\n")
         parts.append("| Key | Type | Default | Allowed | Description |\n")
         parts.append("|---|---|---|---|---|\n")
         for name in names:
@@ -144,6 +144,55 @@ def allowed_text(name: str) -> str:
         elif isinstance(rule, MinLen):
             rules.append(f"at least {rule.min_length} item{'s' if rule.min_length != 1 else ''}")
     return ", ".join(rules) or "any"
+
+
+def key_facts(name: str) -> dict[str, Any]:
+    """What a form needs to show field `name`, as plain JSON types: its widget kind ("bool", "int", "float",
+    "choice", "path", "string", "list", "mapping", "other"), type and allowed values in words, default
+    (None when required or derived), choices, numeric bounds and help."""
+    field = TrainConfig.model_fields[name]
+    annotation, nullable = _unwrap(field.annotation)
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        for attr in ("ge", "gt", "le", "lt", "multiple_of"):
+            if hasattr(rule, attr) and getattr(rule, attr) is not None:
+                bounds[attr] = getattr(rule, attr)
+    required = field.default is PydanticUndefined and field.default_factory is None
+    default = None if required else field.get_default(call_default_factory=True)
+    return {
+        "name": name,
+        "kind": _kind(annotation),
+        "nullable": nullable,
+        "required": required,
+        "type": type_text(name),
+        "default": _json_value(default),
+        "default_text": default_text(name),
+        "allowed": allowed_text(name),
+        "choices": None if allowed_values(name) is None else [_json_value(c) for c in allowed_values(name)],
+        "bounds": bounds,
+        "help": _description(name),
+    }
+
+
+def _kind(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "choice"
+    if get_origin(annotation) in (tuple, list):
+        return "list"
+    if get_origin(annotation) is dict:
+        return "mapping"
+    simple = {bool: "bool", int: "int", float: "float", str: "string", Path: "path"}
+    return simple.get(annotation, "other")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
 
 
 def _description(name: str) -> str:

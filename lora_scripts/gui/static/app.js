@@ -1,5 +1,7 @@
 // The page's script: small and dependency-free, one ES module per part (no build step).
 import { api } from "./api.js";
+import { initCheck } from "./check.js";
+import { initConfig } from "./config.js";
 import { initDataset } from "./dataset.js";
 
 export { api, showErrors } from "./api.js";
@@ -13,6 +15,8 @@ async function start() {
   });
   const roots = await api("/api/roots");
   await initDataset(roots);
+  await initConfig();
+  initCheck();
 }
 
 start();
