@@ -295,7 +295,7 @@ def test_an_unexplained_failure_keeps_its_traceback(
         output_dir=str(tmp_path / "out"),
     )
 
-    def bug(config):
+    def bug(config, **_):
         raise ValueError("a bug")
 
     monkeypatch.setattr(loop, "train", bug)
@@ -315,7 +315,7 @@ def test_out_of_memory_through_the_cli(
         gradient_checkpointing=True,
     )
 
-    def oom(config):
+    def oom(config, **_):
         raise OOM
 
     monkeypatch.setattr(loop, "train", oom)
