@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from lora_scripts import __version__
 from lora_scripts.errors import UserError
-from lora_scripts.gui import config_api, dataset_api, files_api
+from lora_scripts.gui import config_api, dataset_api, files_api, runs_api
 from lora_scripts.gui.i18n import LANGUAGES, pick_language, strings
 from lora_scripts.gui.roots import Roots
 from lora_scripts.gui.security import SecurityMiddleware, SecuritySettings
@@ -71,4 +71,5 @@ def create_app(settings: GuiSettings) -> FastAPI:
     app.include_router(files_api.router)
     app.include_router(dataset_api.router_for(settings))
     app.include_router(config_api.router_for(settings))
+    app.include_router(runs_api.router_for(settings))
     return app

@@ -3,6 +3,7 @@ import { api } from "./api.js";
 import { initCheck } from "./check.js";
 import { initConfig } from "./config.js";
 import { initDataset } from "./dataset.js";
+import { initTrain } from "./train.js";
 
 export { api, showErrors } from "./api.js";
 
@@ -17,6 +18,7 @@ async function start() {
   await initDataset(roots);
   await initConfig();
   initCheck();
+  initTrain();
 }
 
 start();
