@@ -260,6 +260,9 @@ def _add_missing_caption(spec: SubsetSpec, name: str, problems: _Problems) -> No
     if spec.metadata_path is None:
         caption_path = caption_path_of(image_path, spec.caption_extension)
         missing, fix = f"no {caption_path.name} beside it", f"write its caption in {caption_path}"
+        metadata = Path(spec.image_dir) / "metadata.csv"  # the labeler's and the web app's caption file
+        if metadata.is_file():  # captions kept the diffusers way, which is read only when the config says so
+            fix = f"set metadata_path: {metadata} in the config to read the folder's captions, or {fix}"
     else:
         missing = f"no row in {Path(spec.metadata_path).name}"
         fix = f"add a row for '{name}'"

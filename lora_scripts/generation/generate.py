@@ -10,17 +10,24 @@ import logging
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from PIL import Image
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.lora_reader import read_lora_header, version_family
 from lora_scripts.generation.grid import make_grid
 from lora_scripts.generation.infotext import build_infotext, checkpoint_short_hash, format_number
-from lora_scripts.generation.lora_apply import LoadedLora, check_family, load_lora, set_lora_weights
+from lora_scripts.generation.lora_apply import (
+    LoadedLora,
+    check_family,
+    load_lora,
+    set_lora_weights,
+    unload_loras,
+)
 from lora_scripts.generation.lora_library import LoraFile, LoraLibrary, looks_like_path
 from lora_scripts.generation.options import MAX_SEED, GenerateOptions
 from lora_scripts.generation.outputs import OutputTarget, image_paths, resolve_output, save_png
@@ -34,7 +41,7 @@ from lora_scripts.generation.pipeline import (
     resolve_dtype,
 )
 from lora_scripts.generation.prompt_tags import LoraTag, ParsedPrompt, has_lora_tags, parse_prompt
-from lora_scripts.generation.samplers import resolve_sampler
+from lora_scripts.generation.samplers import SamplerSpec, resolve_sampler
 from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.locate import BaseModelLocation, locate_base_model
 from lora_scripts.models.registry import FAMILIES, base_model_version
@@ -46,12 +53,14 @@ T = TypeVar("T")
 
 @dataclass
 class GenerateResult:
-    """What was written: the PNG files, the seed of the first image and whether it was drawn at random."""
+    """What was written: the PNG files, the seed of the first image and whether it was drawn at random;
+    `stopped` when `should_stop` ended the work early (the files are those finished before)."""
 
     files: list[Path]
     seed: int
     random_seed: bool
     infotexts: list[str]
+    stopped: bool = False
 
 
 @dataclass
@@ -65,40 +74,94 @@ class _Plan:
     location: BaseModelLocation
 
 
-def run_generate(options: GenerateOptions) -> GenerateResult:
-    """Render `options.num_images` images (or one weight grid) and write them as PNGs with infotext."""
+class GenerationStopped(Exception):
+    """Raised inside a render when the caller's `should_stop()` says so."""
+
+
+# Loads (or hands out an already loaded) pipeline for the options' base model on a device in a dtype; the
+# web app passes one that keeps the last pipeline loaded between requests.
+PipelineLoader = Callable[[GenerateOptions, SamplerSpec, torch.device, torch.dtype], LoadedPipeline]
+
+
+def load_fresh(
+    options: GenerateOptions, sampler: SamplerSpec, device: torch.device, dtype: torch.dtype
+) -> LoadedPipeline:
+    """The CLI's loader: load the base model anew."""
+    return load_pipeline(
+        options.base_model, sampler, device=device, dtype=dtype, config_dir=options.base_model_config
+    )
+
+
+@dataclass
+class _Progress:
+    """Steps done over all renders, reported as `report(done, total)`; the stop check runs at every step."""
+
+    renders: int
+    report: Callable[[int, int], None] | None
+    should_stop: Callable[[], bool] | None
+    finished: int = 0  # renders completed
+
+    def on_step(self, done: int, steps: int) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise GenerationStopped
+        if self.report is not None:
+            self.report(self.finished * steps + done, self.renders * steps)
+
+
+@dataclass
+class _Written:
+    files: list[Path] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def run_generate(
+    options: GenerateOptions,
+    *,
+    load: PipelineLoader = load_fresh,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerateResult:
+    """Render `options.num_images` images (or one weight grid) and write them as PNGs with infotext.
+
+    `on_progress(done, total)` counts denoising steps over every image; `should_stop()` is asked at each
+    step, and True ends the work after the images already written (`GenerateResult.stopped`). The prompt's
+    LoRAs are taken out of the pipeline again at the end, so a pipeline `load` keeps can serve the next call.
+    """
     plan = _plan(options)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.precision, device)
     logger.info("Loading %s on %s (%s)", options.base_model, device, str(dtype).removeprefix("torch."))
-    loaded = load_pipeline(
-        options.base_model,
-        plan.settings.sampler,
-        device=device,
-        dtype=dtype,
-        config_dir=options.base_model_config,
-    )
+    loaded = load(options, plan.settings.sampler, device, dtype)
     enable_memory_savers(
         loaded.pipe,
         attention_slicing=options.attention_slicing,
         vae_slicing=options.vae_slicing,
         vae_tiling=options.vae_tiling,
     )
-    loras = [
-        load_lora(loaded.pipe, file.path, adapter=f"lora_{i}", label=tag.name)
-        for i, (tag, file) in enumerate(zip(plan.prompt.loras, plan.lora_files, strict=True))
-    ]
     random_seed = options.seed == -1
     seed = secrets.randbelow(MAX_SEED) if random_seed else options.seed
     seeds = [seed + i for i in range(options.num_images)]
-    infotext_fields = _model_fields(loaded, plan)
-    if options.lora_weights is not None:
-        files, texts = _render_grid(options, plan, loaded, loras, seeds, infotext_fields)
-    else:
-        weights = [(tag.te_weight, tag.unet_weight) for tag in plan.prompt.loras]
-        set_lora_weights(loaded.pipe, loras, weights)
-        files, texts = _render_images(options, plan, loaded, seeds, infotext_fields)
-    return GenerateResult(files=files, seed=seed, random_seed=random_seed, infotexts=texts)
+    columns = len(options.lora_weights) if options.lora_weights is not None else 1
+    progress = _Progress(len(seeds) * columns, on_progress, should_stop)
+    written = _Written()
+    loras: list[LoadedLora] = []
+    try:
+        for i, (tag, file) in enumerate(zip(plan.prompt.loras, plan.lora_files, strict=True)):
+            loras.append(load_lora(loaded.pipe, file.path, adapter=f"lora_{i}", label=tag.name))
+        infotext_fields = _model_fields(loaded, plan)
+        if options.lora_weights is not None:
+            _render_grid(options, plan, loaded, loras, seeds, infotext_fields, progress, written)
+        else:
+            weights = [(tag.te_weight, tag.unet_weight) for tag in plan.prompt.loras]
+            set_lora_weights(loaded.pipe, loras, weights)
+            _render_images(options, plan, loaded, seeds, infotext_fields, progress, written)
+    except GenerationStopped:
+        logger.info("Stopped after %d image(s)", len(written.files))
+        return GenerateResult(written.files, seed, random_seed, written.texts, stopped=True)
+    finally:
+        if loras:
+            unload_loras(loaded.pipe, loras)
+    return GenerateResult(files=written.files, seed=seed, random_seed=random_seed, infotexts=written.texts)
 
 
 def _plan(options: GenerateOptions) -> _Plan:
@@ -215,19 +278,23 @@ def _infotext(
 
 
 def _render_images(
-    options: GenerateOptions, plan: _Plan, loaded: LoadedPipeline, seeds: list[int], fields: dict[str, object]
-) -> tuple[list[Path], list[str]]:
-    files, texts = [], []
+    options: GenerateOptions,
+    plan: _Plan,
+    loaded: LoadedPipeline,
+    seeds: list[int],
+    fields: dict[str, object],
+    progress: _Progress,
+    written: _Written,
+) -> None:
     file_paths = image_paths(plan.target, seeds) if plan.target.is_file else None
     for i, seed in enumerate(seeds):
-        image = render_image(loaded.pipe, plan.prompt.text, plan.settings, seed, progress=options.progress)
+        image = _render(options, plan, loaded, seed, progress)
         text = _infotext(options, plan, seed, fields)
         # In a folder, number each file when it is written, after whatever is there by then.
         path = file_paths[i] if file_paths else image_paths(plan.target, [seed])[0]
         save_png(path, image, text)
-        files.append(path)
-        texts.append(text)
-    return files, texts
+        written.files.append(path)
+        written.texts.append(text)
 
 
 def _render_grid(
@@ -237,7 +304,9 @@ def _render_grid(
     loras: list[LoadedLora],
     seeds: list[int],
     fields: dict[str, object],
-) -> tuple[list[Path], list[str]]:
+    progress: _Progress,
+    written: _Written,
+) -> None:
     """One row per seed, one column per weight (the tag's weight replaced, text encoder and UNet alike)."""
     weights = options.lora_weights or []
     rows: list[list[Image.Image]] = []
@@ -245,9 +314,7 @@ def _render_grid(
         row = []
         for weight in weights:
             set_lora_weights(loaded.pipe, loras, [(weight, weight)])
-            row.append(
-                render_image(loaded.pipe, plan.prompt.text, plan.settings, seed, progress=options.progress)
-            )
+            row.append(_render(options, plan, loaded, seed, progress))
         rows.append(row)
     labels = [format_number(w) for w in weights]
     grid = make_grid(rows, labels)
@@ -255,4 +322,14 @@ def _render_grid(
     text = _infotext(options, plan, seeds[0], fields, extra=extra)
     path = image_paths(plan.target, [seeds[0]], suffix="-grid")[0]
     save_png(path, grid, text)
-    return [path], [text]
+    written.files.append(path)
+    written.texts.append(text)
+
+
+def _render(
+    options: GenerateOptions, plan: _Plan, loaded: LoadedPipeline, seed: int, progress: _Progress
+) -> Image.Image:
+    pipe, text, settings = loaded.pipe, plan.prompt.text, plan.settings
+    image = render_image(pipe, text, settings, seed, progress=options.progress, on_step=progress.on_step)
+    progress.finished += 1
+    return image

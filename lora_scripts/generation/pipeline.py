@@ -13,6 +13,7 @@ Either way `render_image` draws one picture for one seed, so image i of a batch 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,12 @@ def render_image(
     seed: int,
     *,
     progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
     """One image for `prompt` (LoRA tags already removed) and `seed`, with the pipeline's LoRAs as set.
+
+    `on_step(done, total)` is called after each denoising step (`total`: the sampler's steps, which for Heun
+    are not the steps asked for); an exception it raises stops the image there and propagates.
 
     The pipeline gets a fresh scheduler for `settings.sampler` (same noise schedule and prediction type), so
     no sampler state carries over from the previous image.
@@ -145,6 +150,14 @@ def render_image(
     pipe.scheduler = make_scheduler(settings.sampler, config, config.get("prediction_type", "epsilon"))
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    step_callback = {}
+    if on_step is not None:
+
+        def after_step(pipe: DiffusionPipeline, index: int, timestep: object, tensors: dict) -> dict:
+            on_step(index + 1, pipe.num_timesteps)
+            return tensors
+
+        step_callback = {"callback_on_step_end": after_step}
     latents = pipe(
         **prompt_arguments(pipe, prompt, settings.negative_prompt, settings.clip_skip),
         num_inference_steps=settings.steps,
@@ -153,5 +166,6 @@ def render_image(
         height=settings.height,
         generator=generator,
         output_type="latent",
+        **step_callback,
     ).images
     return decode_latents(pipe, latents)[0]

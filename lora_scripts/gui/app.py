@@ -13,8 +13,10 @@ from fastapi.templating import Jinja2Templates
 
 from lora_scripts import __version__
 from lora_scripts.errors import UserError
-from lora_scripts.gui import config_api, dataset_api, files_api, runs_api
+from lora_scripts.gui import config_api, dataset_api, files_api, generate_api, library_api, runs_api
+from lora_scripts.gui.generate_api import PipelineCache
 from lora_scripts.gui.i18n import LANGUAGES, pick_language, strings
+from lora_scripts.gui.lora_folders import LoraFolders
 from lora_scripts.gui.roots import Roots
 from lora_scripts.gui.security import SecurityMiddleware, SecuritySettings
 
@@ -27,6 +29,10 @@ class GuiSettings:
     roots: Roots
     security: SecuritySettings
     max_upload_bytes: int = 50 * 2**20  # one uploaded image at most (--max-upload-mb)
+    webui_lora_dir: Path | None = None  # WebUI's models/Lora (--webui-lora-dir), resolved
+
+    def lora_folders(self) -> LoraFolders:
+        return LoraFolders(self.roots, self.webui_lora_dir)
 
 
 def create_app(settings: GuiSettings) -> FastAPI:
@@ -71,5 +77,10 @@ def create_app(settings: GuiSettings) -> FastAPI:
     app.include_router(files_api.router)
     app.include_router(dataset_api.router_for(settings))
     app.include_router(config_api.router_for(settings))
-    app.include_router(runs_api.router_for(settings))
+    # One generate pipeline stays loaded between requests (as WebUI keeps its model); a training run started
+    # here releases it first, so the two never share the GPU's memory.
+    pipelines = PipelineCache()
+    app.include_router(runs_api.router_for(settings, before_start=pipelines.clear))
+    app.include_router(generate_api.router_for(settings, pipelines))
+    app.include_router(library_api.router_for(settings))
     return app

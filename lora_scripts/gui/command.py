@@ -30,6 +30,12 @@ def add_gui_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-upload-mb", type=float, default=50, help="the largest image the app accepts (default 50 MB)"
     )
+    p.add_argument(
+        "--webui-lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="WebUI's models/Lora folder: the LoRA library lists it and copies LoRAs into it",
+    )
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.set_defaults(func=_cmd_gui)
 
@@ -44,5 +50,6 @@ def _cmd_gui(args: argparse.Namespace) -> int:
         open_browser=not args.no_browser,
         allow_hosts=tuple(args.allow_host),
         max_upload_mb=args.max_upload_mb,
+        webui_lora_dir=args.webui_lora_dir,
     )
     return 0

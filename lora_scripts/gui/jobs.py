@@ -95,9 +95,14 @@ class JobRegistry:
             (j for j in list(self._jobs.values()) if j.folder == folder and j.status == "running"), None
         )
 
-    def latest(self, folder: str) -> Job | None:
-        """The folder's most recent job, running or finished."""
-        return next((j for j in reversed(list(self._jobs.values())) if j.folder == folder), None)
+    def latest(self, folder: str | None = None) -> Job | None:
+        """The folder's most recent job (any folder's with None), running or finished."""
+        jobs = reversed(list(self._jobs.values()))
+        return next((j for j in jobs if folder is None or j.folder == folder), None)
+
+    def all(self) -> list[Job]:
+        """Every job remembered, oldest first."""
+        return list(self._jobs.values())
 
     def _forget_old(self) -> None:
         finished = [j for j in self._jobs.values() if j.status != "running"]

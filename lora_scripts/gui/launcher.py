@@ -50,10 +50,16 @@ def train_command(config_path: Path, *, resume: bool) -> list[str]:
 
 
 class RunLauncher:
-    """The runs one server starts. `others_running()` tells whether a run not started here holds a lock."""
+    """The runs one server starts. `others_running()` tells whether a run not started here holds a lock;
+    `before_start()` is called (and must not block) just before each run's process starts."""
 
-    def __init__(self, others_running: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        others_running: Callable[[], bool] = lambda: False,
+        before_start: Callable[[], None] = lambda: None,
+    ) -> None:
         self._others_running = others_running
+        self._before_start = before_start
         self._queue: deque[Launch] = deque()
         self._current: Launch | None = None
         self._ended: deque[Launch] = deque(maxlen=KEEP_LAUNCHED)
@@ -140,6 +146,7 @@ class RunLauncher:
             if self._current is not None or not self._queue:
                 return
             launch = self._queue.popleft()
+            self._before_start()
             try:
                 launch.process = _spawn(launch)
             except OSError as err:

@@ -14,6 +14,7 @@ GET  /api/runs/sample?path=   one sample image (a PNG under a root)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ class PathBody(BaseModel):
     path: str  # ROOT/output_dir
 
 
-def router_for(settings: Any) -> APIRouter:  # noqa: ANN401 - GuiSettings (app.py imports this module)
-    routes = RunRoutes(settings.roots)
+def router_for(settings: Any, before_start: Callable[[], None] = lambda: None) -> APIRouter:  # noqa: ANN401
+    """The routes over `settings` (GuiSettings; app.py imports this module); `before_start` runs, without
+    blocking, just before a run's process starts (the app frees the generate pipeline's memory)."""
+    routes = RunRoutes(settings.roots, before_start)
     router = APIRouter(prefix="/api")
     router.add_api_route("/runs", routes.list_runs, methods=["GET"])
     router.add_api_route("/runs", routes.start, methods=["POST"])
@@ -56,9 +59,9 @@ def router_for(settings: Any) -> APIRouter:  # noqa: ANN401 - GuiSettings (app.p
 
 
 class RunRoutes:
-    def __init__(self, roots: Roots) -> None:
+    def __init__(self, roots: Roots, before_start: Callable[[], None] = lambda: None) -> None:
         self.roots = roots
-        self.launcher = RunLauncher(self._any_running)
+        self.launcher = RunLauncher(self._any_running, before_start)
 
     def list_runs(self) -> dict[str, Any]:
         runs = find_runs([root.path for root in self.roots])

@@ -8,6 +8,7 @@ import webbrowser
 from pathlib import Path
 
 from lora_scripts.gui.app import GuiSettings, create_app
+from lora_scripts.gui.lora_folders import webui_folder
 from lora_scripts.gui.roots import Roots
 from lora_scripts.gui.security import SecuritySettings, own_host_names
 
@@ -15,7 +16,12 @@ DEFAULT_PORT = 7860
 
 
 def make_settings(
-    roots: list[Path], *, listen: bool, allow_hosts: tuple[str, ...] = (), max_upload_mb: float = 50
+    roots: list[Path],
+    *,
+    listen: bool,
+    allow_hosts: tuple[str, ...] = (),
+    max_upload_mb: float = 50,
+    webui_lora_dir: Path | None = None,
 ) -> GuiSettings:
     """The app's settings: `listen` (other machines may connect) adds this machine's names to the allowed
     hosts and an access token every request must carry."""
@@ -26,6 +32,7 @@ def make_settings(
             access_token=secrets.token_urlsafe(24) if listen else None,
         ),
         max_upload_bytes=int(max_upload_mb * 2**20),
+        webui_lora_dir=webui_folder(webui_lora_dir),
     )
 
 
@@ -37,11 +44,18 @@ def serve(
     open_browser: bool = True,
     allow_hosts: tuple[str, ...] = (),
     max_upload_mb: float = 50,
+    webui_lora_dir: Path | None = None,
 ) -> None:
     """Run the web app until Ctrl-C: on 127.0.0.1, or on every interface with `listen`."""
     import uvicorn
 
-    settings = make_settings(roots, listen=listen, allow_hosts=allow_hosts, max_upload_mb=max_upload_mb)
+    settings = make_settings(
+        roots,
+        listen=listen,
+        allow_hosts=allow_hosts,
+        max_upload_mb=max_upload_mb,
+        webui_lora_dir=webui_lora_dir,
+    )
     app = create_app(settings)
     host = "0.0.0.0" if listen else "127.0.0.1"  # noqa: S104 - all interfaces only when asked (--listen)
     token = settings.security.access_token
@@ -53,6 +67,8 @@ def serve(
         )
     for root in settings.roots:
         print(f"  root {root.name}: {root.path}")
+    if settings.webui_lora_dir is not None:
+        print(f"  WebUI LoRA folder: {settings.webui_lora_dir}")
     if open_browser:
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -104,9 +104,9 @@ def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bo
         version=_version_text(opened),
         network_type="LoCon" if any(s.conv_modules for s in summaries) else "LoRA",
         components=summaries,
-        training=_training(metadata),
-        datasets=_datasets(metadata),
-        top_tags=_top_tags(metadata),
+        training=training_facts(metadata),
+        datasets=dataset_folders(metadata),
+        top_tags=top_tags(metadata),
         hashes=_hashes(Path(path), metadata),
         loads_in=loads_in(model, list(opened.base.networks)),
         history=_json(metadata.get(HISTORY_KEY), []),
@@ -139,7 +139,8 @@ def _components(model: LoraModel) -> list[ComponentSummary]:
     return out
 
 
-def _training(metadata: dict[str, str]) -> dict[str, str]:
+def training_facts(metadata: dict[str, str]) -> dict[str, str]:
+    """sd-scripts' training keys present in `metadata`, label → value (TRAINING_KEYS' labels and order)."""
     out = {}
     for key, label in TRAINING_KEYS.items():
         value = metadata.get(key)
@@ -154,7 +155,7 @@ def _training(metadata: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _datasets(metadata: dict[str, str]) -> list[Dataset]:
+def dataset_folders(metadata: dict[str, str]) -> list[Dataset]:
     """sd-scripts' `ss_dataset_dirs` ({folder: {n_repeats, img_count}}), or the subsets of `ss_datasets`
     (its dataset-config runs)."""
     dirs = _json(metadata.get("ss_dataset_dirs"), {})
@@ -172,7 +173,7 @@ def _datasets(metadata: dict[str, str]) -> list[Dataset]:
     return out
 
 
-def _top_tags(metadata: dict[str, str]) -> list[tuple[str, int]]:
+def top_tags(metadata: dict[str, str]) -> list[tuple[str, int]]:
     """The most frequent caption tags over all folders (`ss_tag_frequency`: {folder: {tag: count}})."""
     counts: Counter[str] = Counter()
     frequency = _json(metadata.get("ss_tag_frequency"), {})

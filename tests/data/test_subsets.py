@@ -146,6 +146,19 @@ def test_missing_caption_with_default_txt(tmp_path: Path) -> None:
     )
 
 
+def test_missing_caption_beside_a_metadata_csv_names_metadata_path(tmp_path: Path) -> None:
+    """A folder whose captions are in metadata.csv (the labeler's and the web app's default), read with
+    metadata_path unset: the message says which key reads them."""
+    write_image(tmp_path / "bare.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\nbare.png,a cat\n", encoding="utf-8")
+    [message] = problems_of([SubsetSpec(tmp_path)])
+    assert message == (
+        f"{tmp_path / 'bare.png'}: image without a caption (no bare.txt beside it); set metadata_path: "
+        f"{tmp_path / 'metadata.csv'} in the config to read the folder's captions, or write its caption in "
+        f"{tmp_path / 'bare.txt'} or remove the image."
+    )
+
+
 def test_missing_caption_with_caption_extension(tmp_path: Path) -> None:
     captioned(tmp_path / "ok.png", extension=".caption")
     write_image(tmp_path / "sub" / "bare.png")

@@ -123,7 +123,7 @@ def test_default_size_is_the_family_native_one(xl_dir, tiny_dir, tmp_path, monke
     and written in the infotext; rendering is stubbed, sizes are rendered for real above)."""
     asked = []
 
-    def render(pipe, prompt, settings, seed, *, progress):
+    def render(pipe, prompt, settings, seed, *, progress, on_step):
         asked.append((type(pipe).__name__, settings.width, settings.height))
         return Image.new("RGB", (settings.width, settings.height))
 

@@ -3,6 +3,8 @@ import { api } from "./api.js";
 import { initCheck } from "./check.js";
 import { initConfig } from "./config.js";
 import { initDataset } from "./dataset.js";
+import { initGenerate } from "./generate.js";
+import { initLibrary } from "./library.js";
 import { initTrain } from "./train.js";
 
 export { api, showErrors } from "./api.js";
@@ -19,6 +21,8 @@ async function start() {
   await initConfig();
   initCheck();
   initTrain();
+  initGenerate();
+  initLibrary();
 }
 
 start();

@@ -105,9 +105,9 @@ function chart(steps, values, label) {
       fill: "none", stroke: "var(--accent, #3b6fd8)", "stroke-width": 1.5,
     }),
     svgNode("text", { x: 2, y: sy(y1) + 4, "font-size": 9 }, format(y1)),
-    svgNode("text", { x: 2, y: sy(y0), "font-size": 9 }, format(y0)),
     svgNode("text", { x: sx(x1), y: height - 4, "font-size": 9, "text-anchor": "end" }, String(x1)),
   );
+  if (y0 !== y1) svg.append(svgNode("text", { x: 2, y: sy(y0), "font-size": 9 }, format(y0))); // a flat line has one value
   return svg;
 }
 
