@@ -2,9 +2,9 @@
 
 A run is `python -m lora_scripts.cli train --config <file>` in a new session (process group), so a Ctrl-C
 in the server's terminal does not reach it and a crash of either never takes the other down. Its stdout and
-stderr go to `<output_dir>/train.log` (training/runs.py reads the tail). The queue lives in this server
-process only: a restart forgets runs that had not started, while runs that did start go on and are found
-again through their output folders (runs.find_runs).
+stderr go to `<output_dir>/train.log` (training/runs.py reads the tail). The queue and the ended launches
+are kept on disk (gui/launch_record.py), so a restarted server goes on with the queue; runs that did start go
+on by themselves and are found again through their output folders (runs.find_runs).
 
 One run at a time, also across a restart: a queued run waits while any run under the roots holds its lock.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from lora_scripts.errors import UserError
+from lora_scripts.gui.launch_record import LaunchRecord, LaunchStore
 from lora_scripts.training.runs import RUN_LOG_FILE_NAME, request_stop
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,35 @@ class Launch:
     state: Literal["queued", "running", "ended"] = "queued"
     queued_at: float = field(default_factory=time.time)
     returncode: int | None = None
+    dequeued: bool = False  # taken out of the queue before it started
     process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def record(self) -> LaunchRecord:
+        return LaunchRecord(
+            self.config_path,
+            self.output_dir,
+            self.resume,
+            self.state,
+            self.queued_at,
+            self.returncode,
+            self.dequeued,
+        )
+
+    @classmethod
+    def restored(cls, record: LaunchRecord) -> Launch:
+        """A launch of an earlier server: queued ones wait again; one that was running is not this server's
+        process any more, so it counts as ended with its outcome unknown (its folder tells the rest)."""
+        state = "queued" if record.state == "queued" else "ended"
+        returncode = record.returncode if record.state == "ended" else None
+        return cls(
+            record.config_path,
+            record.output_dir,
+            record.resume,
+            state,  # type: ignore[arg-type]
+            record.queued_at,
+            returncode,
+            record.dequeued,
+        )
 
 
 def train_command(config_path: Path, *, resume: bool) -> list[str]:
@@ -57,15 +86,24 @@ class RunLauncher:
         self,
         others_running: Callable[[], bool] = lambda: False,
         before_start: Callable[[], None] = lambda: None,
+        store: LaunchStore | None = None,
     ) -> None:
         self._others_running = others_running
         self._before_start = before_start
+        self._store = store
         self._queue: deque[Launch] = deque()
         self._current: Launch | None = None
         self._ended: deque[Launch] = deque(maxlen=KEEP_LAUNCHED)
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        if store is not None:
+            for launch in map(Launch.restored, store.load()):
+                (self._queue if launch.state == "queued" else self._ended).append(launch)
+            if self._queue:
+                with self._lock:
+                    self._ensure_thread()
 
     def submit(self, config_path: Path, output_dir: Path, *, resume: bool) -> Launch:
         """Queue the run; it starts at once when nothing runs. UserError: that folder is queued already."""
@@ -79,6 +117,7 @@ class RunLauncher:
             launch = Launch(Path(config_path), Path(output_dir), resume)
             self._queue.append(launch)
             self._ensure_thread()
+        self._save()
         self._wake.set()
         self._start_next()  # at once when it may, so the answer already says "running"
         return launch
@@ -88,13 +127,15 @@ class RunLauncher:
         step finishes and the state is saved), "terminated" (a process still loading, before it took the
         folder's lock), or "none" (nothing there to stop)."""
         with self._lock:
-            for launch in self._queue:
-                if launch.output_dir == output_dir:
-                    self._queue.remove(launch)
-                    launch.state = "ended"
-                    self._ended.append(launch)
-                    return "dequeued"
+            queued = next((launch for launch in self._queue if launch.output_dir == output_dir), None)
+            if queued is not None:
+                self._queue.remove(queued)
+                queued.state, queued.dequeued = "ended", True
+                self._ended.append(queued)
             current = self._current
+        if queued is not None:
+            self._save()
+            return "dequeued"
         if request_stop(output_dir):
             return "requested"
         if current is not None and current.output_dir == output_dir and current.process is not None:
@@ -135,6 +176,7 @@ class RunLauncher:
             current.state = "ended"
             self._ended.append(current)
             self._current = None
+        self._save()
 
     def _start_next(self) -> None:
         with self._lock:
@@ -153,9 +195,21 @@ class RunLauncher:
                 log.error("Could not start the run of %s: %s", launch.config_path, err)
                 launch.state, launch.returncode = "ended", -1
                 self._ended.append(launch)
-                return
-            launch.state = "running"
-            self._current = launch
+            else:
+                launch.state = "running"
+                self._current = launch
+        self._save()
+
+    def _save(self) -> None:
+        """Write the record: oldest ended first, then the running one, then the queue in order (one writer
+        at a time, so an older picture never lands after a newer one)."""
+        if self._store is None:
+            return
+        with self._save_lock:
+            with self._lock:
+                launches = [*self._ended, *([self._current] if self._current else []), *self._queue]
+                records = [launch.record() for launch in launches]
+            self._store.save(records)
 
 
 def _spawn(launch: Launch) -> subprocess.Popen:

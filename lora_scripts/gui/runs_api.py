@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from lora_scripts.config import load_config
 from lora_scripts.errors import UserError
 from lora_scripts.gui.dataset_api import parse
+from lora_scripts.gui.launch_record import LaunchStore
 from lora_scripts.gui.launcher import Launch, RunLauncher
 from lora_scripts.gui.roots import Roots
 from lora_scripts.training.runs import RunInfo, find_runs, read_events, read_run
@@ -61,7 +62,8 @@ def router_for(settings: Any, before_start: Callable[[], None] = lambda: None) -
 class RunRoutes:
     def __init__(self, roots: Roots, before_start: Callable[[], None] = lambda: None) -> None:
         self.roots = roots
-        self.launcher = RunLauncher(self._any_running, before_start)
+        store = LaunchStore(next(iter(roots)).path)
+        self.launcher = RunLauncher(self._any_running, before_start, store)
 
     def list_runs(self) -> dict[str, Any]:
         runs = find_runs([root.path for root in self.roots])
@@ -73,7 +75,7 @@ class RunRoutes:
         unseen = [
             self._launch_json(launch)
             for launch in launches
-            if launch.state != "queued" and launch.output_dir.resolve() not in found
+            if launch.state != "queued" and not launch.dequeued and launch.output_dir.resolve() not in found
         ]
         return {
             "runs": unseen + [self._run_json(run, brief=True) for run in runs],
@@ -176,6 +178,8 @@ class RunRoutes:
         status = {"queued": "queued", "running": "starting"}.get(launch.state, "failed")
         if launch.state == "ended" and launch.returncode in (0, 130):
             status = "stopped" if launch.returncode == 130 else "finished"
+        elif launch.state == "ended" and launch.returncode is None:
+            status = "stopped" if launch.dequeued else "unknown"  # "unknown": it was going at a restart
         return {
             "path": self._name(launch.output_dir),
             "config": self._name(launch.config_path),
