@@ -128,6 +128,25 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """The denoiser's output (noise or v, per `info.prediction_type`), same shape as the latents."""
 
+    # The denoising objective. These defaults are DDPM's (SD 1.x/2.x, SDXL: `noise_scheduler`'s discrete
+    # timesteps, epsilon or v target); a flow-matching family (FLUX) overrides all four.
+
+    def sample_timesteps(self, latents: torch.Tensor) -> torch.Tensor:
+        """The timesteps of one training step for `latents` [B, C, h, w], drawn from the global torch RNG,
+        on their device. DDPM: long [B] in [0, T)."""
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device).long()
+
+    def timesteps_at(self, quantiles: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """The timesteps at these quantiles of the training distribution (float64 in [0, 1), any shape) for
+        latents of `latent_size` (h, w): fixed timesteps for the validation loss. DDPM: long floor(q * T)."""
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        return torch.floor(quantiles * num_timesteps).long().clamp_(0, num_timesteps - 1)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The noisy latents the denoiser sees at `timesteps`."""
+        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+
     def training_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:

@@ -225,7 +225,6 @@ def prepare_batches(
         settings = buckets[item.subset] if item.subset < len(buckets) else buckets[0]
         by_bucket[assign_bucket(image_size(item.path), settings)].append(item)
     generator = torch.Generator().manual_seed(seed)
-    num_timesteps = family.noise_scheduler.config.num_train_timesteps
     cache_cond = not _trains_text_encoder(family)
     batches: list[ValidationBatch] = []
     for bucket, items in sorted(by_bucket.items()):
@@ -234,7 +233,8 @@ def prepare_batches(
         latents = latents.repeat_interleave(timesteps_per_image, dim=0)  # [n * K, C, h, w], image-major
         sizes = torch.stack([center_size_conditioning(image_size(item.path), bucket) for item in items])
         sizes = sizes.repeat_interleave(timesteps_per_image, dim=0)
-        timesteps = stratified_timesteps(len(items), timesteps_per_image, num_timesteps, generator).flatten()
+        quantiles = stratified_quantiles(len(items), timesteps_per_image, generator)
+        timesteps = family.timesteps_at(quantiles, tuple(latents.shape[-2:])).flatten()
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         for start in range(0, len(captions), batch_size):
             part = slice(start, start + batch_size)
@@ -251,15 +251,13 @@ def prepare_batches(
     return batches
 
 
-def stratified_timesteps(
-    num_images: int, per_image: int, num_timesteps: int, generator: torch.Generator
-) -> torch.Tensor:
-    """long [num_images, per_image]: column k uniform in the k-th of `per_image` equal strata of
-    [0, num_timesteps), e.g. [0, 250), [250, 500), [500, 750), [750, 1000) for 4 of 1000."""
+def stratified_quantiles(num_images: int, per_image: int, generator: torch.Generator) -> torch.Tensor:
+    """float64 [num_images, per_image] in [0, 1): column k uniform in the k-th of `per_image` equal strata,
+    e.g. [0, .25), [.25, .5), [.5, .75), [.75, 1) for 4; the family maps them to its timesteps (DDPM with
+    T = 1000: [0, 250), [250, 500), …)."""
     u = torch.rand(num_images, per_image, generator=generator, dtype=torch.float64)
     strata = torch.arange(per_image, dtype=torch.float64)
-    timesteps = torch.floor((strata + u) * num_timesteps / per_image).long()
-    return timesteps.clamp_(0, num_timesteps - 1)
+    return (strata + u) / per_image
 
 
 def _mean_latents(

@@ -15,9 +15,11 @@ SHAPE = (3, 4, 6, 6)
 
 
 class FakeFamily:
-    """Just what diffusion_loss uses: info, noise_scheduler, predict and the real training_target."""
+    """Just what diffusion_loss uses: info, noise_scheduler, predict and the real DDPM objective."""
 
     training_target = ModelFamily.training_target
+    sample_timesteps = ModelFamily.sample_timesteps
+    add_noise = ModelFamily.add_noise
 
     def __init__(self, prediction_type: str = "epsilon", scheduler: DDPMScheduler | None = None):
         self.info = FamilyInfo("sd_v1", False, prediction_type, "stable-diffusion-v1")

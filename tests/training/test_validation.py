@@ -25,7 +25,7 @@ from lora_scripts.models.sd_loading import SDComponents
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 from lora_scripts.models.tiny import build_tiny_sd_components
 from lora_scripts.training.losses import LossSettings
-from lora_scripts.training.validation import Validator, stratified_timesteps, validator_for
+from lora_scripts.training.validation import Validator, stratified_quantiles, validator_for
 
 # Per dataset (CaptionedImage.subset): 64x64, and 64 wide by 128 tall (latents 8x16).
 BUCKETS = [BucketSettings(resolution=(64, 64)), BucketSettings(resolution=(64, 128))]
@@ -161,7 +161,9 @@ def test_latents_are_posterior_means_and_timesteps_cover_every_stratum(images) -
 
 
 def test_stratified_timesteps_stay_in_their_strata() -> None:
-    t = stratified_timesteps(500, 4, 1000, torch.Generator().manual_seed(0))
+    quantiles = stratified_quantiles(500, 4, torch.Generator().manual_seed(0))
+    assert quantiles.dtype == torch.float64 and 0 <= quantiles.min() and quantiles.max() < 1
+    t = tiny_family().timesteps_at(quantiles, (8, 8))  # a DDPM family: T = 1000
     assert t.dtype == torch.long and t.shape == (500, 4)
     for k in range(4):
         assert t[:, k].min() >= 250 * k and t[:, k].max() < 250 * (k + 1)
