@@ -11,7 +11,12 @@ if TYPE_CHECKING:
 
 # Not imported from the library, so that `lora-scripts --help` starts without torch.
 LAYOUTS = ("kohya", "diffusers", "peft")  # export/lora_layouts.LAYOUTS
-VERSION_LABELS = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL"}  # models/detect.VERSION_NAMES
+VERSION_LABELS = {
+    "sd_v1": "SD 1.x",
+    "sd_v2": "SD 2.x",
+    "sdxl": "SDXL",
+    "flux1": "FLUX.1",
+}  # models/detect.VERSION_NAMES
 PRECISIONS = ("fp16", "bf16", "fp32")
 BASE_CONFIG_HELP = (
     "a diffusers folder whose configs name and size the layers (default: the full-size model of the file's "

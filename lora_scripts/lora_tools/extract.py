@@ -38,7 +38,7 @@ from lora_scripts.lora_tools.files import check_output, history_entry, lora_fact
 from lora_scripts.lora_tools.svd import low_rank, retained_fro
 from lora_scripts.models.checkpoint_file import CheckpointFile
 from lora_scripts.models.checkpoint_layout import CheckpointLayout, WeightLocation
-from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_model_version
+from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_unet_model_version
 from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 
@@ -118,8 +118,8 @@ def extract_lora(
     check_output(output, overwrite=overwrite, inputs=[base, tuned])
     where = pick_device(device)
     with _open(base, "--base", allow_pickle) as old, _open(tuned, "--tuned", allow_pickle) as new:
-        version = detect_model_version(old.specs, base, "--base")
-        tuned_version = detect_model_version(new.specs, tuned, "--tuned")
+        version = detect_unet_model_version(old.specs, base, "--base")
+        tuned_version = detect_unet_model_version(new.specs, tuned, "--tuned")
         if tuned_version != version:
             raise UserError(
                 f"--tuned {tuned} is an {VERSION_NAMES[tuned_version]} checkpoint and --base {base} an "

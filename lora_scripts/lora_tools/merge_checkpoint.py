@@ -41,7 +41,7 @@ from lora_scripts.lora_tools.files import (
 )
 from lora_scripts.models.checkpoint_file import CheckpointFile, write_checkpoint
 from lora_scripts.models.checkpoint_layout import CheckpointLayout, WeightLocation
-from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_model_version
+from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_unet_model_version
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def merge_into_checkpoint(
     check_output(output, overwrite=overwrite, inputs=[base, *(lora.path for lora in loras)])
     where = pick_device(device)
     with open_base(base, allow_pickle=allow_pickle) as ckpt:
-        version = detect_model_version(ckpt.specs, base, "--base")
+        version = detect_unet_model_version(ckpt.specs, base, "--base")
         model = meta_model(version, config_dir)
         stored = CheckpointLayout.of(model)
         opened = [open_on_base(lora.path, model, base, allow_pickle=allow_pickle) for lora in loras]

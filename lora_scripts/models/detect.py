@@ -1,9 +1,11 @@
-"""Read a single-file checkpoint and tell what it is: SD 1.x, 2.x or SDXL base, epsilon or v-pred.
+"""Read a single-file checkpoint and tell what it is: SD 1.x, 2.x, SDXL base or FLUX.1, epsilon or v-pred.
 
 A single file carries no config, so everything here is inferred from key names and tensor shapes, the same
 way AUTOMATIC1111's WebUI and kohya's sd-scripts do it, so a file that works there works here. SD 1.x/2.x
 files use the CompVis/LDM layout, SDXL files Stability's sgm layout (the same UNet names, the text encoders
-under `conditioner.embedders.N.`); every other family is named in a one-sentence refusal.
+under `conditioner.embedders.N.`), FLUX.1 files Black Forest Labs' layout (`double_blocks.*`, bare in
+flux1-dev.safetensors, under `model.diffusion_model.` in ComfyUI's all-in-one checkpoints); every other
+family is named in a one-sentence refusal.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from safetensors import safe_open
 from lora_scripts.errors import UserError
 
 SDVersion = Literal["sd_v1", "sd_v2"]
-# What a single file can be loaded as: an SD 1.x/2.x version or an SDXL base model.
-ModelVersion = Literal["sd_v1", "sd_v2", "sdxl"]
+# What a single file can be loaded as: an SD 1.x/2.x version, an SDXL base model or FLUX.1 (dev or schnell).
+ModelVersion = Literal["sd_v1", "sd_v2", "sdxl", "flux1"]
 # How messages and reports name each version.
-VERSION_NAMES: dict[str, str] = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL"}
+VERSION_NAMES: dict[str, str] = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sdxl": "SDXL", "flux1": "FLUX.1"}
 PredictionType = Literal["epsilon", "v_prediction"]
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -34,6 +36,13 @@ SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-
 SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG/14, open_clip's layout
 SGM_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP ViT-bigG/14 only
 VAE_PREFIX = "first_stage_model."
+# FLUX.1 (BFL's layout): the transformer alone has no prefix (flux1-dev.safetensors, .sft, fp8 variants);
+# ComfyUI's all-in-one checkpoints keep it under LDM_UNET_PREFIX, the VAE under VAE_PREFIX and the text
+# encoders (transformers' layouts) under these two.
+FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
+FLUX_GUIDANCE_KEY = "guidance_in.in_layer.weight"  # FLUX.1-dev's guidance embedding; schnell has none
+COMFY_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+COMFY_T5XXL_PREFIX = "text_encoders.t5xxl.transformer."
 # Community v-prediction checkpoints (kohya sd-scripts, NoobAI, ...) mark themselves with an empty tensor.
 V_PRED_KEY = "v_pred"
 # ... and those trained with zero terminal SNR (NoobAI-XL v-pred) with another; ComfyUI samples them so.
@@ -116,11 +125,29 @@ def detect_sd_version(state_dict: dict[str, Any], path: Path) -> SDVersion:
             f"base_model: '{path}' is an SDXL checkpoint, not an SD 1.x/2.x one; load it as SDXL "
             "(models/registry.py load_family does)."
         )
+    if version == "flux1":
+        raise UserError(
+            f"base_model: '{path}' is a FLUX.1 checkpoint, not an SD 1.x/2.x one; load it as FLUX.1 "
+            "(models/flux_loading.py load_flux_components does)."
+        )
+    return version
+
+
+def detect_unet_model_version(state_dict: dict[str, Any], path: Path, key: str) -> ModelVersion:
+    """detect_model_version for the tools that work on UNet models only (merge, extract): a FLUX.1 file is
+    refused with one sentence naming `key`. Values need only a `.shape`."""
+    version = detect_model_version(state_dict, path, key)
+    if version == "flux1":
+        raise UserError(
+            f"{key}: '{path}' is a FLUX.1 checkpoint; this tool works on SD 1.x, SD 2.x and SDXL checkpoints "
+            "only so far."
+        )
     return version
 
 
 def detect_model_version(state_dict: dict[str, Any], path: Path, key: str = "base_model") -> ModelVersion:
-    """SD 1.x, 2.x or SDXL base from the text encoders' layout; anything else is refused with one sentence.
+    """SD 1.x, 2.x or SDXL base from the text encoders' layout, or "flux1" for a FLUX.1 transformer (alone or
+    in a ComfyUI all-in-one file); anything else is refused with one sentence.
 
     The text encoders are the reliable signal: SD 2.x replaced CLIP with OpenCLIP, whose weights keep
     open_clip's names (`cond_stage_model.model.*`), and SDXL's sgm layout keeps them under
@@ -134,6 +161,9 @@ def detect_model_version(state_dict: dict[str, Any], path: Path, key: str = "bas
             f"{key}: '{path}' is a LoRA, not a base model; point {key} at the Stable Diffusion "
             "checkpoint the LoRA was trained on."
         )
+    if flux_prefix(keys) is not None:
+        _refuse_conditioned_flux(state_dict, path, key)
+        return "flux1"
     other = _other_family(keys)
     if other is not None:
         raise UserError(
@@ -170,9 +200,48 @@ def _has(keys: Any, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
-def _other_family(keys: Any) -> str | None:
-    """'a FLUX checkpoint' etc. for the diffusion transformers users most often mistake for SD, else None."""
+def flux_prefix(keys: Any) -> str | None:
+    """ "" for a bare FLUX.1 transformer (BFL's layout), LDM_UNET_PREFIX for a ComfyUI all-in-one file, None
+    for anything else (FLUX.2 and Chroma share FLUX.1's block names but not its per-block modulation)."""
     for prefix in ("", LDM_UNET_PREFIX):
+        if (
+            prefix + FLUX_MARKER in keys
+            and prefix + "double_blocks.0.img_mod.lin.weight" in keys
+            and prefix + "vector_in.in_layer.weight" in keys
+        ):
+            return prefix
+    return None
+
+
+def flux_variant(state_dict: dict[str, Any]) -> Literal["dev", "schnell"]:
+    """ "dev" when the FLUX.1 transformer has the guidance embedding (`guidance_in.*`, guidance-distilled
+    FLUX.1-dev and its fine-tunes), else "schnell". Reads key names only (a header's will do)."""
+    return "dev" if any(p + FLUX_GUIDANCE_KEY in state_dict for p in ("", LDM_UNET_PREFIX)) else "schnell"
+
+
+def _refuse_conditioned_flux(state_dict: dict[str, Any], path: Path, key: str) -> None:
+    """FLUX.1 Fill (384 input channels) and Depth/Canny (128): image-conditioned, not text-to-image."""
+    img_in = state_dict.get(flux_prefix(state_dict.keys()) + "img_in.weight")
+    if img_in is None or len(img_in.shape) != 2 or img_in.shape[1] == 64:
+        return
+    channels = int(img_in.shape[1])
+    what = {384: "FLUX.1 Fill", 128: "FLUX.1 Depth or Canny"}.get(channels, "image-conditioned FLUX.1")
+    raise UserError(
+        f"{key}: '{path}' is a {what} model ({channels}-channel transformer input), which is not supported "
+        "yet; lora-scripts trains text-to-image models, so use FLUX.1-dev or FLUX.1-schnell."
+    )
+
+
+def _other_family(keys: Any) -> str | None:
+    """'a FLUX.2 checkpoint' etc. for the diffusion transformers users most often mistake for SD or FLUX.1
+    (detect_model_version accepts FLUX.1 before asking), else None."""
+    for prefix in ("", LDM_UNET_PREFIX):
+        if _has(keys, prefix + "single_stream_modulation.") or _has(
+            keys, prefix + "early_stream_modulations."
+        ):
+            return "a FLUX.2 checkpoint"
+        if _has(keys, prefix + "distilled_guidance_layer."):
+            return "a Chroma checkpoint"
         if _has(keys, prefix + "joint_blocks."):
             return "a Stable Diffusion 3 checkpoint"
         if _has(keys, prefix + "double_blocks.") or _has(keys, prefix + "single_blocks."):

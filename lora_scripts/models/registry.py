@@ -7,7 +7,14 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from lora_scripts.models.detect import ModelVersion, checkpoint_shapes, detect_model_version
+from lora_scripts.errors import UserError
+from lora_scripts.models.detect import (
+    TRAINABLE,
+    VERSION_NAMES,
+    ModelVersion,
+    checkpoint_shapes,
+    detect_model_version,
+)
 from lora_scripts.models.family import ModelFamily
 from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.sd_loading import (
@@ -24,14 +31,36 @@ from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 
 
 def base_model_version(base_model: str) -> ModelVersion:
-    """ "sd_v1", "sd_v2" or "sdxl", read from the file's header or the folder's configs (no weights loaded).
-    Raises the loaders' UserError for what is neither (a refiner, SD3, FLUX, a LoRA, a broken file)."""
+    """ "sd_v1", "sd_v2" or "sdxl" (or a version in FAMILIES), read from the file's header or the folder's
+    configs (no weights loaded). Raises the loaders' UserError for what is neither (a refiner, SD3, a LoRA,
+    a broken file), and for FLUX.1 while it has no family here."""
     location = locate_base_model(base_model)
     if location.kind == "single_file":
-        return detect_model_version(checkpoint_shapes(location.path), location.path)
-    if _lists_component(location.path, "text_encoder_2") or _lists_component(location.path, "transformer"):
+        version = detect_model_version(checkpoint_shapes(location.path), location.path)
+    elif _is_flux_folder(location.path):
+        version = "flux1"
+    elif _lists_component(location.path, "text_encoder_2") or _lists_component(location.path, "transformer"):
         return "sdxl"  # the SDXL loader words the refusal of refiners and transformers
-    return version_from_unet_config(folder_config(UNet2DConditionModel, location.path, "unet"), location.path)
+    else:
+        version = version_from_unet_config(
+            folder_config(UNet2DConditionModel, location.path, "unet"), location.path
+        )
+    if version not in FAMILIES:
+        raise UserError(
+            f"base_model: '{location.path}' is a {VERSION_NAMES[version]} model; {TRAINABLE}, and "
+            f"{VERSION_NAMES[version]} training is not supported yet."
+        )
+    return version
+
+
+def _is_flux_folder(folder: Path) -> bool:
+    """Whether a diffusers folder's model_index.json names a FLUX.1 transformer (FluxTransformer2DModel)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    entry = index.get("transformer") if isinstance(index, dict) else None
+    return isinstance(entry, list) and bool(entry) and entry[-1] == "FluxTransformer2DModel"
 
 
 def base_model_zero_terminal_snr(base_model: str, config_dir: Path | None = None) -> bool:

@@ -130,7 +130,9 @@ def _load_single_file(
     state_dict = read_checkpoint(path)
     version = detect_model_version(state_dict, path)
     if version != "sdxl":
-        family = "Stable Diffusion 1.x" if version == "sd_v1" else "Stable Diffusion 2.x"
+        family = {"sd_v1": "Stable Diffusion 1.x", "sd_v2": "Stable Diffusion 2.x", "flux1": "FLUX.1"}[
+            version
+        ]
         raise UserError(f"base_model: '{path}' is a {family} checkpoint, not an SDXL one.")
     require_sdxl_parts(state_dict, path)
     cfg_dir = Path(config_dir) if config_dir is not None else shipped_config_dir("sdxl")
