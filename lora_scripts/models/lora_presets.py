@@ -19,12 +19,25 @@ from lora_scripts.models.lora import check_targets, matching_module_names
 
 UNET_PRESETS = ("attn", "attn-ff", "kohya")
 TEXT_ENCODER_PRESETS = ("attn", "attn-mlp", "kohya")
+FLUX_PRESETS = ("attn", "kohya")
 
 _UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 _TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 _KOHYA_UNET_BLOCKS = ("Transformer2DModel",)
-_KOHYA_TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+# sd-scripts' TEXT_ENCODER_TARGET_REPLACE_MODULE, T5's classes included (FLUX's lora_te3).
+_KOHYA_TEXT_ENCODER_BLOCKS = (
+    "CLIPAttention",
+    "CLIPSdpaAttention",
+    "CLIPMLP",
+    "T5Attention",
+    "T5DenseGatedActDense",
+)
+# FLUX (diffusers' FluxTransformer2DModel): both streams' attention projections; sd-scripts' default trains
+# every Linear of its DoubleStreamBlock and SingleStreamBlock, diffusers' FluxTransformerBlock and
+# FluxSingleTransformerBlock (qkv, projections, MLPs and the modulation layers).
+_FLUX_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_KOHYA_FLUX_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 _LOCON_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
@@ -72,17 +85,33 @@ def unet_lora_layers(
 
 
 def resolve_lora_layers(
-    unet: nn.Module, text_encoders: list[nn.Module], targets: object, *, conv: bool
+    unet: nn.Module,
+    text_encoders: list[nn.Module],
+    targets: object,
+    *,
+    conv: bool,
+    presets: tuple[str, ...] = UNET_PRESETS,
+    component: str = "UNet",
 ) -> tuple[list[str], list[str], list[list[str]] | None]:
-    """(UNet layers at lora_rank, 3x3 convs at conv_rank, each text encoder's layers or None when the text
-    encoders stay frozen) for `targets` (a models.family.LoraTargets). Raises one UserError listing every
-    target that matches nothing, UNet and text encoders together."""
+    """(denoiser layers at lora_rank, 3x3 convs at conv_rank, each text encoder's layers or None when the
+    text encoders stay frozen) for `targets` (a models.family.LoraTargets). The denoiser is a UNet (presets
+    UNET_PRESETS) or FLUX's transformer (FLUX_PRESETS, no convs). Raises one UserError listing every target
+    that matches nothing, denoiser and text encoders together."""
     unet_targets: list[str] = []
     conv_targets: list[str] = []
     te_targets: list[list[str]] | None = None
     problems: list[str] = []
     try:
-        unet_targets, conv_targets = unet_lora_layers(unet, targets.unet, conv=conv)  # type: ignore[attr-defined]
+        if presets == UNET_PRESETS:
+            unet_targets, conv_targets = unet_lora_layers(unet, targets.unet, conv=conv)  # type: ignore[attr-defined]
+        else:
+            unet_targets = resolve_targets(
+                unet,
+                targets.unet,
+                key="target_modules",
+                component=component,
+                presets=presets,  # type: ignore[attr-defined]
+            )
     except UserError as err:
         problems += err.messages
     if targets.text_encoder is not None:  # type: ignore[attr-defined]
@@ -118,6 +147,10 @@ _PRESET_RULES: dict[tuple[str, ...], dict[str, Callable[[nn.Module], list[str]]]
         "attn": lambda m: matching_module_names(m, _UNET_ATTENTION),
         "attn-ff": lambda m: matching_module_names(m, [*_UNET_ATTENTION, "ff.net.0.proj", "ff.net.2"]),
         "kohya": lambda m: _inside_blocks(m, _KOHYA_UNET_BLOCKS, _is_linear_or_1x1),
+    },
+    FLUX_PRESETS: {
+        "attn": lambda m: matching_module_names(m, _FLUX_ATTENTION),
+        "kohya": lambda m: _inside_blocks(m, _KOHYA_FLUX_BLOCKS, lambda layer: isinstance(layer, nn.Linear)),
     },
     TEXT_ENCODER_PRESETS: {
         "attn": lambda m: matching_module_names(m, _TEXT_ENCODER_ATTENTION),

@@ -1,0 +1,240 @@
+"""FLUX.1 (dev and schnell): a rectified-flow transformer over packed 16-channel latents, conditioned on
+T5-XXL's token states and CLIP-L's pooled embedding, with a guidance input in the guidance-distilled dev.
+
+The objective and its options follow the reference trainers (models/flow_matching.py): timesteps are noise
+levels sigma drawn by `timestep_sampling`, the noisy latents (1 - sigma) x + sigma noise, the target the
+velocity noise - x. The conditioning is what diffusers' FluxPipeline computes (`_get_clip_prompt_embeds`,
+`_get_t5_prompt_embeds`): CLIP-L's pooled output for 77 tokens, T5's last hidden state for 512 tokens (dev) or
+256 (schnell), padded to that length. The latents are the VAE posterior shifted and scaled,
+(z - shift_factor) * scaling_factor, packed into 2×2 patches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel, T5EncoderModel
+
+from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.metadata import FamilyInfo
+from lora_scripts.models.family import LoraTargets, ModelFamily
+from lora_scripts.models.flow_matching import (
+    FlowSettings,
+    image_ids,
+    noisy_latents,
+    pack_latents,
+    sample_sigmas,
+    sigmas_at,
+    unpack_latents,
+)
+from lora_scripts.models.flux_loading import FluxComponents
+from lora_scripts.models.lora import LoraSpec, add_lora_adapter
+from lora_scripts.models.lora_presets import FLUX_PRESETS, resolve_lora_layers
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+    from lora_scripts.models.inference import SamplingPipeline, Unwrap
+
+log = logging.getLogger(__name__)
+
+# sd-scripts' ss_base_model_version and the model spec architectures of FLUX.1 LoRAs.
+FLUX_BASE_MODEL_VERSION = "flux1"
+FLUX_MODELSPEC_ARCHITECTURE = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}
+# T5 tokens FLUX.1 was trained with (diffusers' FluxPipeline and sd-scripts use the same defaults).
+T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class FluxOptions:
+    """The config's FLUX keys: the objective, the guidance the dev model is given while training (1.0, as
+    the reference trainers; it is a distilled model's input, not classifier-free guidance), the T5 length
+    (None: the variant's), and whether T5 trains too (LoRA on both encoders)."""
+
+    flow: FlowSettings = FlowSettings()
+    guidance_scale: float = 1.0
+    t5_max_token_length: int | None = None
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1 dev / schnell. `text_encoders` is [CLIP-L, T5-XXL] (sd-scripts' lora_te1, lora_te3)."""
+
+    native_resolution = 1024
+    text_encoder_classes = (CLIPTextModel, T5EncoderModel)
+    text_encoder_parts = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, components: FluxComponents, options: FluxOptions | None = None):
+        self.components = components
+        self.options = options or FluxOptions()
+        self.variant = components.variant
+        self.transformer = components.transformer
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer = components.tokenizer
+        self.tokenizer_2 = components.tokenizer_2
+        self.noise_scheduler = None  # flow matching: the objective below, not a DDPM schedule
+        self.info = FamilyInfo(
+            base_model_version=FLUX_BASE_MODEL_VERSION,
+            v2=False,
+            prediction_type="flow",
+            modelspec_architecture=FLUX_MODELSPEC_ARCHITECTURE[components.variant],
+        )
+        self.t5_max_length = self.options.t5_max_token_length or T5_MAX_LENGTH[components.variant]
+        self.trains_text_encoder = False
+
+    # --- modules ---
+
+    @classmethod
+    def file_networks(cls, unet: nn.Module, text_encoders: list[nn.Module]) -> list[LoraNetwork]:
+        from lora_scripts.export.flux_keys import flux_networks
+
+        return flux_networks(unet, text_encoders)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.transformer, self.vae, self.text_encoder, self.text_encoder_2]
+
+    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
+        self.transformer = denoiser
+        for wrapped in text_encoders:
+            inner = getattr(wrapped, "module", wrapped)  # DDP keeps the module it wraps at .module
+            if inner is self.components.text_encoder:
+                self.text_encoder = wrapped
+            elif inner is self.components.text_encoder_2:
+                self.text_encoder_2 = wrapped
+            else:
+                raise ValueError("use_wrapped: a text encoder that is not one of this model's")
+
+    def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
+        from lora_scripts.export.flux_keys import flux_networks
+
+        layers, _, te_targets = resolve_lora_layers(
+            self.transformer,
+            self.text_encoders,
+            targets,
+            conv=False,
+            presets=FLUX_PRESETS,
+            component="transformer",
+        )
+        add_lora_adapter(self.transformer, layers, spec.rank, spec.alpha, dropout=spec.dropout)
+        trained: list[nn.Module | None] = []
+        for encoder, encoder_layers in zip(
+            self.text_encoders, targets.text_encoder_layers(te_targets), strict=False
+        ):
+            if encoder_layers is not None:
+                add_lora_adapter(encoder, encoder_layers, spec.rank, spec.alpha, dropout=spec.dropout)
+            trained.append(encoder if encoder_layers is not None else None)
+        self.trains_text_encoder = any(trained)
+        return flux_networks(self.transformer, trained)
+
+    # --- images ---
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.vae
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            pixels = pixel_values.to(self.vae.device, self.vae.dtype)
+            return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        # As KLVaeLatents (models/family.py): randn on the moments' device from the global RNG, contiguous.
+        mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        return self._scaled(mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
+
+    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
+        return self._scaled(mean)
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        return (latents - config.shift_factor) * config.scaling_factor
+
+    # --- text ---
+
+    def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """{"pooled_projections": [B, 768] CLIP-L pooled, "encoder_hidden_states": [B, L, 4096] T5's last
+        hidden state} (full-size widths; L = t5_max_length)."""
+        clip_ids = self._token_ids(self.tokenizer, captions, CLIP_MAX_LENGTH).to(device)
+        t5_ids = self._token_ids(self.tokenizer_2, captions, self.t5_max_length).to(device)
+        with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
+            pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+            hidden = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+        return {"pooled_projections": pooled, "encoder_hidden_states": hidden}
+
+    @staticmethod
+    def _token_ids(tokenizer: object, captions: list[str], length: int) -> torch.Tensor:
+        return tokenizer(  # type: ignore[operator]
+            captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    # --- the objective ---
+
+    def sample_timesteps(self, latents: torch.Tensor) -> torch.Tensor:
+        """fp32 [B] noise levels sigma in (0, 1), drawn by the `timestep_sampling` option."""
+        size = (latents.shape[-2], latents.shape[-1])
+        return sample_sigmas(latents.shape[0], self.options.flow, size, latents.device)
+
+    def timesteps_at(self, quantiles: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        return sigmas_at(quantiles, self.options.flow, latent_size)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noisy_latents(latents, noise, timesteps)
+
+    def training_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The velocity noise - latents (`raw` and `additive`), or the clean latents (`sigma_scaled`, whose
+        `predict` returns the clean latents the output implies)."""
+        if self.options.flow.model_prediction_type == "sigma_scaled":
+            return latents.float()
+        return noise.float() - latents.float()
+
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer's output unpacked to [B, 16, h, w], read as `model_prediction_type` says."""
+        batch, size = noisy_latents.shape[0], (noisy_latents.shape[-2], noisy_latents.shape[-1])
+        dtype = noisy_latents.dtype
+        hidden = cond["encoder_hidden_states"]
+        guidance = None
+        if self.variant == "dev":
+            guidance = torch.full(
+                (batch,), self.options.guidance_scale, device=noisy_latents.device, dtype=dtype
+            )
+        output = self.transformer(
+            hidden_states=pack_latents(noisy_latents),
+            encoder_hidden_states=hidden.to(dtype),
+            pooled_projections=cond["pooled_projections"].to(dtype),
+            timestep=timesteps.to(noisy_latents.device, dtype),
+            img_ids=image_ids(size, noisy_latents.device, dtype),
+            txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy_latents.device, dtype=dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        output = unpack_latents(output, size)
+        kind = self.options.flow.model_prediction_type
+        if kind == "additive":
+            return output + noisy_latents
+        if kind == "sigma_scaled":
+            sigmas = timesteps.to(output.device, output.dtype).view(-1, 1, 1, 1)
+            return noisy_latents - sigmas * output
+        return output
+
+    def sampling_pipeline(self, scheduler: SchedulerMixin, unwrap: Unwrap | None = None) -> SamplingPipeline:
+        raise NotImplementedError("FLUX sampling comes with the FLUX pipeline")  # filled in with generate
