@@ -22,6 +22,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from lora_scripts.export.fused import FusedPart, PartLora, fuse
+
 # The adapter name every trained network carries (peft's default).
 ADAPTER_NAME = "default"
 
@@ -43,6 +45,11 @@ class LoraNetwork:
     name_prefix: str = ""
     adapter_name: str = ADAPTER_NAME
     key_map: Callable[[str], str] | None = None
+    # The diffusers component files name the module by ("" : from kohya_prefix, lora_reader's
+    # DIFFUSERS_COMPONENT); FLUX's transformer is "transformer".
+    component: str = ""
+    # For a layout that fuses layers (FLUX's BFL names): the fused layer a module path is a part of, or None.
+    fusion: Callable[[str], FusedPart | None] | None = None
 
     def __post_init__(self) -> None:
         if self.key_map is not None and self.name_prefix:
@@ -86,6 +93,7 @@ def kohya_state_dict(
     out: dict[str, torch.Tensor] = {}
     for net in networks:
         adapter = net.adapter_name
+        fused: dict[str, tuple[FusedPart, dict[int, PartLora]]] = {}
         for path, layer in lora_layers(net):
             rank, alpha = layer.r[adapter], float(layer.lora_alpha[adapter])
             # kohya's scale is alpha / rank; DoRA, rsLoRA or a bias would not survive the format.
@@ -94,14 +102,23 @@ def kohya_state_dict(
                 raise ValueError(
                     f"{path}: only plain LoRA (scale alpha / rank) can be exported to kohya keys"
                 )
-            name = net.kohya_name(path)
-            for suffix, weight in (
-                ("lora_down.weight", layer.lora_A[adapter].weight),
-                ("lora_up.weight", layer.lora_B[adapter].weight),
-            ):
-                out[f"{name}.{suffix}"] = weight.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+            down, up = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+            part = net.fusion(path) if net.fusion is not None else None
+            if part is not None:  # written below, with the other parts of its fused layer
+                fused.setdefault(part.path, (part, {}))[1][part.index] = PartLora(down.cpu(), up.cpu(), alpha)
+                continue
+            write_module(out, net.kohya_name(path), PartLora(down, up, alpha), dtype)
+        for fused_path, (part, parts) in fused.items():
+            name = f"{net.kohya_prefix}_{fused_path.replace('.', '_')}"
+            write_module(out, name, fuse(parts, part.sizes), dtype)
     return out
+
+
+def write_module(out: dict[str, torch.Tensor], name: str, lora: PartLora, dtype: torch.dtype) -> None:
+    """A module's kohya keys: `name.lora_down.weight`, `.lora_up.weight`, `.alpha`, on the CPU in `dtype`."""
+    out[f"{name}.lora_down.weight"] = lora.down.to("cpu", dtype).contiguous()
+    out[f"{name}.lora_up.weight"] = lora.up.to("cpu", dtype).contiguous()
+    out[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
 
 
 def count_modules(state_dict: dict[str, torch.Tensor]) -> int:

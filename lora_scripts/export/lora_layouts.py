@@ -22,12 +22,14 @@ import safetensors.torch
 import torch
 
 from lora_scripts.errors import UserError
-from lora_scripts.export.kohya import LoraNetwork
+from lora_scripts.export.fused import FusedPart, PartLora, fuse
+from lora_scripts.export.kohya import LoraNetwork, write_module
 from lora_scripts.export.lora_model import LoraModel, LoraModule, resolve_modules
 from lora_scripts.export.lora_reader import (
     DIFFUSERS_COMPONENT,
     file_modules,
     module_index,
+    network_component,
     read_lora_tensors,
 )
 
@@ -46,7 +48,7 @@ def component_networks(networks: list[LoraNetwork]) -> dict[str, LoraNetwork]:
     `lora_te`, not its `lora_te1` alias)."""
     out: dict[str, LoraNetwork] = {}
     for net in networks:
-        out.setdefault(DIFFUSERS_COMPONENT.get(net.kohya_prefix, net.kohya_prefix), net)
+        out.setdefault(network_component(net), net)
     return out
 
 
@@ -126,12 +128,21 @@ def kohya_tensors(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, to
     it) under the name the family's network gives its layer."""
     nets = component_networks(networks)
     out: dict[str, torch.Tensor] = {}
+    fused: dict[str, tuple[FusedPart, dict[int, PartLora]]] = {}
     for module in model.modules:
         net = nets[module.component]
-        name = net.kohya_name(module.path.removeprefix(net.name_prefix))
-        out[f"{name}.lora_down.weight"] = module.down.contiguous()
-        out[f"{name}.lora_up.weight"] = module.up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=module.down.dtype)
+        path = module.path.removeprefix(net.name_prefix)
+        part = net.fusion(path) if net.fusion is not None else None
+        if part is not None:  # FLUX's BFL layout: written with the other parts of its fused layer
+            name = f"{net.kohya_prefix}_{part.path.replace('.', '_')}"
+            fused.setdefault(name, (part, {}))[1][part.index] = PartLora(module.down, module.up, module.alpha)
+            continue
+        write_module(
+            out, net.kohya_name(path), PartLora(module.down, module.up, module.alpha), module.down.dtype
+        )
+    for name, (part, parts) in fused.items():
+        lora = fuse(parts, part.sizes)
+        write_module(out, name, lora, lora.down.dtype)
     return out
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lora_scripts.export.lora_reader import FileModule, ModuleRef
+from lora_scripts.export.fused import PartLora, split
+from lora_scripts.export.lora_reader import FileModule, FusedRef, ModuleRef
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' names, in save order
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # diffusers' names, in save order
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Resolution:
         return not self.missing and not self.wrong_shape
 
 
-def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef]) -> Resolution:
+def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef | FusedRef]) -> Resolution:
     """Each file module on the layer `index` names (see `lora_reader.module_index`): its component, its path
     in the diffusers layout, and its tensors as stored (a 1x1 conv stored as a matrix gets its 1x1 dims back;
     a module without alpha gets alpha = rank, as every loader does)."""
@@ -106,6 +107,9 @@ def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef])
         ref = index.get(module.stem)
         if ref is None:
             result.missing.append(module.stem)
+            continue
+        if isinstance(ref, FusedRef):
+            _resolve_fused(module, ref, result)
             continue
         layer = getattr(ref.layer, "base_layer", ref.layer)  # a layer that carries an adapter already
         down, up = module.down, module.up
@@ -118,6 +122,28 @@ def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef])
         path = ref.network.name_prefix + ref.path
         result.modules.append(LoraModule(ref.component, path, down, up, alpha, source=module.stem))
     return result
+
+
+def _resolve_fused(module: FileModule, ref: FusedRef, result: Resolution) -> None:
+    """A file module on a fused layer (FLUX's `qkv`, `linear1`), split into its parts (export/fused.py)."""
+    layers = [getattr(part.layer, "base_layer", part.layer) for part in ref.parts]
+    down, up = module.down, module.up
+    rows = sum(ref.sizes)
+    if (
+        down.dim() != 2
+        or up.dim() != 2
+        or up.shape != (rows, down.shape[0])
+        or down.shape[1] != layers[0].weight.shape[1]
+    ):
+        result.wrong_shape.append(module.stem)
+        return
+    alpha = float(down.shape[0]) if module.alpha is None else module.alpha
+    for index, lora in split(PartLora(down, up, alpha), ref.sizes).items():
+        part = ref.parts[index]
+        path = part.network.name_prefix + part.path
+        result.modules.append(
+            LoraModule(part.component, path, lora.down, lora.up, lora.alpha, source=module.stem)
+        )
 
 
 def fits(layer: nn.Module, down: torch.Tensor, up: torch.Tensor) -> bool:

@@ -172,11 +172,24 @@ class ModuleRef:
 
     @property
     def component(self) -> str:
-        """The diffusers component name (`unet`, `text_encoder`, `text_encoder_2`)."""
-        return DIFFUSERS_COMPONENT.get(self.network.kohya_prefix, self.network.kohya_prefix)
+        """The diffusers component name (`unet`, `text_encoder`, `text_encoder_2`, `transformer`)."""
+        return network_component(self.network)
 
 
-def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef]:
+@dataclass(frozen=True)
+class FusedRef:
+    """A fused layer a file may name (FLUX's BFL `qkv` / `linear1`): its parts' layers in output order."""
+
+    parts: tuple[ModuleRef, ...]
+    sizes: tuple[int, ...]
+
+
+def network_component(network: LoraNetwork) -> str:
+    """The diffusers component a network's files name its module by."""
+    return network.component or DIFFUSERS_COMPONENT.get(network.kohya_prefix, network.kohya_prefix)
+
+
+def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef | FusedRef]:
     """Every stem a file may give each Linear/Conv2d of the networks (`FileModule.stem`): kohya
     (`lora_te_text_model_…` and without `text_model_`; SDXL's UNet by sgm path, as sd-scripts writes it, and
     by diffusers path) and diffusers (`text_encoder.text_model.…` and without `text_model.`).
@@ -185,7 +198,8 @@ def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef]:
     names the model really has. A layer already wrapped by peft is listed under its own path, not
     `<path>.base_layer`, so a file's module reaches the wrapper.
     """
-    index: dict[str, ModuleRef] = {}
+    index: dict[str, ModuleRef | FusedRef] = {}
+    fused: dict[str, tuple[tuple[int, ...], dict[int, ModuleRef]]] = {}
     for net in networks:
         for name, layer in net.module.named_modules():
             if not isinstance(layer, (nn.Linear, nn.Conv2d)) or ".lora_" in name:
@@ -196,9 +210,21 @@ def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef]:
             for dotted in {full, full.removeprefix("text_model.")}:
                 index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = ref
                 index[f"{ref.component}.{dotted}"] = ref
-            kohya = net.kohya_path(path)  # == full unless the network has a key_map
+            part = net.fusion(path) if net.fusion is not None else None
+            if part is not None:  # named in kohya files only as part of its fused layer
+                fused.setdefault(f"{net.kohya_prefix}_{part.path.replace('.', '_')}", (part.sizes, {}))[1][
+                    part.index
+                ] = ref
+                continue
+            try:
+                kohya = net.kohya_path(path)  # == full unless the network has a key_map
+            except ValueError:  # a layer the layout has no name for (FLUX's final norm)
+                continue
             for dotted in {kohya, kohya.removeprefix("text_model.")}:
                 index[f"{net.kohya_prefix}_{dotted.replace('.', '_')}"] = ref
+    for stem, (sizes, parts) in fused.items():
+        if len(parts) == len(sizes):
+            index[stem] = FusedRef(tuple(parts[i] for i in range(len(sizes))), sizes)
     return index
 
 
