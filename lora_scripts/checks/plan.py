@@ -9,33 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
 from lora_scripts.models.detect import ModelVersion, checkpoint_shapes
 from lora_scripts.models.family import LoraTargets
+from lora_scripts.models.flux_loading import missing_part_problems
 from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.lora import add_lora_adapter
 from lora_scripts.models.lora_presets import resolve_lora_layers
-from lora_scripts.models.registry import base_model_version
+from lora_scripts.models.registry import FAMILIES, base_model_version, single_file_config_dir
 
 # The loader's own rules for a diffusers folder, so that `check` and `train` refuse the same models.
 from lora_scripts.models.sd_loading import (
-    folder_config,
     require_configs,
-    shipped_config_dir,
 )
 from lora_scripts.models.sdxl_loading import check_sdxl_folder, require_sdxl_parts
 from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
 from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, step_file_name
+from lora_scripts.training.setup import text_encoder_mask
 
 CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
 FOLDER_PARTS = ("unet", "vae", "text_encoder")  # what training loads from a diffusers folder
@@ -172,31 +169,40 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
     if location.kind == "single_file":
         if version == "sdxl":
             require_sdxl_parts(checkpoint_shapes(location.path), location.path)
-        config_dir = Path(config.base_model_config or shipped_config_dir(version))
+        if version == "flux1":  # the VAE and text encoders are separate files unless it is an all-in-one file
+            given = {"vae": config.vae, "clip_l": config.clip_l, "t5xxl": config.t5xxl}
+            problems = missing_part_problems(location.path, given)
+            if problems:
+                raise UserError(problems)
+        config_dir = Path(config.base_model_config or single_file_config_dir(version, location.path))
         require_configs(config_dir, parts)
-        unet_config = dict(
-            UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
-        )
     else:
         config_dir = location.path
         if version == "sdxl":
             check_sdxl_folder(config_dir)
-        unet_config = folder_config(UNet2DConditionModel, config_dir, "unet")
         _check_folder_weights(config_dir, parts)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
-    with init_empty_weights():  # meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory
-        unet = UNet2DConditionModel.from_config(unet_config)
-        encoders = _meta_text_encoders(config_dir, version) if config.train_text_encoder else []
-        rates = config.text_encoder_rates(len(encoders))
+    family = FAMILIES[version]
+    problems = family.key_problems(config.changed_values())
+    if problems:
+        raise UserError(problems)
+    # Meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory.
+    unet, encoders = family.meta_modules(config_dir, text_encoders=config.train_text_encoder)
+    with init_empty_weights():
         targets = LoraTargets(
             unet=_listed(config.target_modules),
             text_encoder=_listed(config.text_encoder_target_modules) if config.train_text_encoder else None,
-            text_encoder_mask=tuple(rate > 0 for rate in rates),
+            text_encoder_mask=text_encoder_mask(config, family),
         )
         unet_targets, conv_targets, te_targets = resolve_lora_layers(
-            unet, encoders, targets, conv=bool(config.conv_rank)
+            unet,
+            encoders,
+            targets,
+            conv=bool(config.conv_rank) and family.has_convs,
+            presets=family.denoiser_presets,
+            component="UNet" if family.denoiser_part == "unet" else family.denoiser_part,
         )
         unet_count = add_lora_adapter(
             unet,
@@ -217,15 +223,7 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
 
 def folder_parts(version: str) -> tuple[str, ...]:
     """The diffusers-folder parts training loads for a model version."""
-    return FOLDER_PARTS + (("text_encoder_2",) if version == "sdxl" else ())
-
-
-def _meta_text_encoders(config_dir: Path, version: str) -> list[Any]:
-    """The text encoders (meta device, inside init_empty_weights) in training's order."""
-    encoders = [CLIPTextModel(_text_encoder_config(config_dir, "text_encoder"))]
-    if version == "sdxl":
-        encoders.append(CLIPTextModelWithProjection(_text_encoder_config(config_dir, "text_encoder_2")))
-    return encoders
+    return FAMILIES[version].diffusers_parts()
 
 
 def _check_folder_weights(folder: Path, parts: tuple[str, ...] = FOLDER_PARTS) -> None:
@@ -262,12 +260,6 @@ def _check_folder_weights(folder: Path, parts: tuple[str, ...] = FOLDER_PARTS) -
 
 def _listed(targets: str | tuple[str, ...]) -> str | list[str]:
     return targets if isinstance(targets, str) else list(targets)
-
-
-def _text_encoder_config(config_dir: Path, part: str) -> CLIPTextConfig:
-    if not (config_dir / part / "config.json").is_file():
-        raise UserError(f"base_model: '{config_dir}' has no {part}/config.json; it is not a complete model.")
-    return CLIPTextConfig.from_pretrained(config_dir, subfolder=part, local_files_only=True)
 
 
 @dataclass(frozen=True)

@@ -355,18 +355,24 @@ def _bucket_lines(plan: PlanFacts) -> list[str]:
     return lines
 
 
+_DENOISER_NAMES = {"flux1": "transformer"}  # how the report names a family's denoiser (default: UNet)
+
+
 def _network_lines(network: NetworkFacts) -> list[str]:
     kind = network.base_model_kind.replace("_", " ")
     lines = [
         "",
         f"LoRA: rank {network.rank}, alpha {network.alpha:g}, "
         f"{VERSION_NAMES.get(network.sd_version, network.sd_version)} ({kind})",
-        _row("UNet", f"{network.unet_parameters:,} trainable parameters"),
+        _row(
+            _DENOISER_NAMES.get(network.sd_version, "UNet"),
+            f"{network.unet_parameters:,} trainable parameters",
+        ),
     ]
     if network.text_encoder_parameters:
         lines.append(
             _row(
-                "text encoders" if network.sd_version == "sdxl" else "text encoder",
+                "text encoders" if network.sd_version in ("sdxl", "flux1") else "text encoder",
                 f"{network.text_encoder_parameters:,} trainable parameters",
             )
         )

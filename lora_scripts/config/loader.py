@@ -56,6 +56,9 @@ MUST_EXIST: dict[str, str] = {
     "reg_data_dir": "folder",
     "network_weights": "file",
     "validation_data_dir": "folder",
+    "vae": "file",
+    "clip_l": "file",
+    "t5xxl": "file",
 }
 
 _MAX_SHOWN = 60  # characters of a value quoted in a message

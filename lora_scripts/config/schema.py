@@ -27,6 +27,7 @@ from lora_scripts.config.fields import (
     yaml_no,
 )
 from lora_scripts.config.keys_data import BucketKeys, CacheKeys, DatasetKeys
+from lora_scripts.config.keys_flux import FluxKeys
 from lora_scripts.config.keys_safety import SafetyKeys, StateKeys
 from lora_scripts.config.keys_training import (
     LossKeys,
@@ -59,6 +60,7 @@ SavePrecision = Literal["fp16", "bf16", "fp32"]
 
 
 class TrainConfig(
+    FluxKeys,
     SpeedKeys,
     SafetyKeys,
     StateKeys,
@@ -341,10 +343,12 @@ class TrainConfig(
         "Also render the sample prompts before the first step (step 0), to compare against the base model.",
         False,
     )
-    sample_sampler: Annotated[str, AfterValidator(sampler_name)] = field(
+    sample_sampler: Annotated[str, AfterValidator(sampler_name)] | None = field(
         "logging",
-        "Sampler for the sample images, in our or AUTOMATIC1111's spelling ('euler_a' = 'Euler a').",
-        "euler_a",
+        "Sampler for the sample images, in our or AUTOMATIC1111's spelling ('euler_a' = 'Euler a'). FLUX.1 "
+        "samples with its flow-matching Euler only ('euler').",
+        None,
+        default_doc="euler_a (FLUX.1: euler)",
         allowed_doc="euler, euler_a, heun, dpm++ 2m, dpm++ 2m karras, dpm++ 2m sde, dpm++ 2m sde karras, "
         "ddim, unipc",
     )
@@ -432,6 +436,14 @@ class TrainConfig(
                 "text encoder(s); give one number."
             )
         return [float(r) for r in rates]
+
+    def changed_values(self) -> dict[str, Any]:
+        """The keys the config sets to something other than their default, with their values."""
+        return {
+            name: getattr(self, name)
+            for name in self.model_fields_set
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The config as plain YAML-friendly types (paths as str, lists), in schema order."""

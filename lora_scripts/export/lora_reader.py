@@ -230,7 +230,9 @@ def module_index(networks: list[LoraNetwork]) -> dict[str, ModuleRef | FusedRef]
 
 # --- which model family a file was made for -----------------------------------------------------------------
 
-SD_FAMILY, SDXL_FAMILY = "SD 1.x/2.x", "SDXL"  # as messages name them
+SD_FAMILY, SDXL_FAMILY, FLUX_FAMILY = "SD 1.x/2.x", "SDXL", "FLUX.1"  # as messages name them
+# sd-scripts' FLUX.1 names (export/flux_keys.py) and diffusers' FLUX transformer prefix.
+_FLUX_ONLY = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_", "transformer.")
 _SDXL_ONLY = (  # a second text encoder, or sgm UNet names (sd-scripts' SDXL layout, export/sdxl_keys.py)
     "lora_te2_",
     "text_encoder_2.",
@@ -259,11 +261,15 @@ def lora_family(keys: Iterable[str], metadata: dict[str, str], *, guess: bool = 
     if declared is not None:
         return declared
     architecture = metadata.get("modelspec.architecture", "").lower()
+    if architecture.startswith("flux-1"):
+        return FLUX_FAMILY
     if architecture.startswith("stable-diffusion-xl"):
         return SDXL_FAMILY
     if architecture.startswith(_SD_ARCHITECTURES):
         return SD_FAMILY
     keys = list(keys)
+    if any(key.startswith(_FLUX_ONLY) for key in keys):
+        return FLUX_FAMILY
     if any(key.startswith(_SDXL_ONLY) for key in keys):
         return SDXL_FAMILY
     if any(key.startswith(_SD_ONLY) for key in keys):
@@ -276,9 +282,12 @@ def lora_family(keys: Iterable[str], metadata: dict[str, str], *, guess: bool = 
 
 
 def version_family(version: str) -> str | None:
-    """SDXL_FAMILY or SD_FAMILY for a base model version: sd-scripts' `ss_base_model_version` ("sd_v1",
-    "sd_v2_768_v", "sdxl_base_v1-0") or models/detect.py's ("sd_v1", "sd_v2", "sdxl"); None for another."""
+    """SDXL_FAMILY, SD_FAMILY or FLUX_FAMILY for a base model version: sd-scripts' `ss_base_model_version`
+    ("sd_v1", "sd_v2_768_v", "sdxl_base_v1-0", "flux1") or models/detect.py's ("sd_v1", "sd_v2", "sdxl",
+    "flux1"); None for another."""
     version = re.sub(r"[^a-z0-9]", "", version.lower())
+    if version.startswith("flux"):
+        return FLUX_FAMILY
     if version.startswith("sdxl"):
         return SDXL_FAMILY
     return SD_FAMILY if version.startswith(_SD_VERSIONS) else None

@@ -20,7 +20,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--base-model",
         required=True,
-        help="SD 1.x/2.x or SDXL checkpoint (.safetensors), diffusers folder or hub id",
+        help="SD 1.x/2.x, SDXL or FLUX.1 checkpoint (.safetensors), diffusers folder or hub id",
     )
     add("--prompt", required=True, help="the prompt; <lora:NAME:WEIGHT> tags apply LoRAs (A1111 syntax)")
     add("--negative-prompt", default="", help="what to steer away from")
@@ -32,16 +32,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder searched (recursively) for the LoRAs named in the prompt; repeatable",
     )
     add("--steps", type=int, default=defaults.steps, help=f"sampling steps (default {defaults.steps})")
-    add("--cfg-scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance (default 7)")
+    add(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default 7; FLUX.1-dev: its distilled guidance, default 3.5)",
+    )
     add("--seed", type=int, default=-1, help="seed of the first image, image i uses seed+i; -1: random")
     native = "pixels, multiple of 8 (default: 512 for SD 1.x/2.x, 1024 for SDXL)"
     add("--width", type=int, default=defaults.width, help=native)
     add("--height", type=int, default=defaults.height, help=native)
     add(
         "--sampler",
-        default=defaults.sampler,
+        default=None,
         help="euler, euler_a, dpm++ 2m, dpm++ 2m karras, ddim, ... "
-        "(A1111's names such as 'DPM++ 2M Karras' work too; default euler_a)",
+        "(A1111's names such as 'DPM++ 2M Karras' work too; default euler_a; FLUX.1: euler only)",
     )
     add("--num-images", type=int, default=1, help="how many images (seeds seed, seed+1, ...)")
     add(
@@ -62,6 +67,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vae-slicing", action="store_true", help="decode images one at a time")
     add("--vae-tiling", action="store_true", help="decode in tiles (large sizes on small GPUs)")
     add("--base-model-config", default=None, help="diffusers config folder for a non-standard single file")
+    add("--vae", default=None, help="FLUX.1 single files: the VAE file (ae.safetensors)")
+    add("--clip-l", default=None, help="FLUX.1 single files: the CLIP-L file (clip_l.safetensors)")
+    add("--t5xxl", default=None, help="FLUX.1 single files: the T5-XXL file (t5xxl_fp16.safetensors)")
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
@@ -86,4 +94,7 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
         vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling,
         base_model_config=args.base_model_config,
+        vae=args.vae,
+        clip_l=args.clip_l,
+        t5xxl=args.t5xxl,
     )

@@ -43,6 +43,7 @@ from lora_scripts.generation.pipeline import (
 from lora_scripts.generation.prompt_tags import LoraTag, ParsedPrompt, has_lora_tags, parse_prompt
 from lora_scripts.generation.samplers import SamplerSpec, resolve_sampler
 from lora_scripts.models.detect import ModelVersion
+from lora_scripts.models.flux import FluxLoad
 from lora_scripts.models.locate import BaseModelLocation, locate_base_model
 from lora_scripts.models.registry import FAMILIES, base_model_version
 
@@ -87,8 +88,14 @@ def load_fresh(
     options: GenerateOptions, sampler: SamplerSpec, device: torch.device, dtype: torch.dtype
 ) -> LoadedPipeline:
     """The CLI's loader: load the base model anew."""
+    flux = FluxLoad(options.vae, options.clip_l, options.t5xxl)
     return load_pipeline(
-        options.base_model, sampler, device=device, dtype=dtype, config_dir=options.base_model_config
+        options.base_model,
+        sampler,
+        device=device,
+        dtype=dtype,
+        config_dir=options.base_model_config,
+        flux=flux,
     )
 
 
@@ -178,12 +185,20 @@ def _plan(options: GenerateOptions) -> _Plan:
     prompt = attempt(lambda: parse_prompt(options.prompt))
     if has_lora_tags(options.negative_prompt):
         problems.append("--negative-prompt: LoRA tags are applied from --prompt only; move the tag there.")
-    sampler = attempt(lambda: resolve_sampler(options.sampler))
     target = attempt(lambda: resolve_output(Path(options.output)))
     location = attempt(lambda: locate_base_model(options.base_model))
     # The model's family, from its header or configs: the size it was trained at (for --width / --height
-    # left unset) and the LoRAs that fit it.
+    # left unset), its default sampler and CFG, and the LoRAs that fit it.
     version = attempt(lambda: base_model_version(options.base_model)) if location is not None else None
+    family = FAMILIES[version] if version is not None else None
+    sampler_name = options.sampler or (family.default_sampler if family is not None else "euler_a")
+    sampler = attempt(lambda: resolve_sampler(sampler_name))
+    if family is not None and family.objective == "flow" and sampler is not None:
+        if sampler.key != "euler":
+            problems.append(
+                f"--sampler: FLUX.1 samples with flow-matching Euler only, not '{sampler.display_name}'; "
+                "use euler or leave --sampler out."
+            )
     problems.extend(_number_problems(options))
     attempt(lambda: resolve_dtype(options.precision, resolve_device(options.device)))
     lora_files: list[LoraFile] = []
@@ -204,11 +219,11 @@ def _plan(options: GenerateOptions) -> _Plan:
                         attempt(lambda tag=tag, found=found: _check_lora_family(tag, found, version))
     if problems:
         raise UserError(problems)
-    native = FAMILIES[version].native_resolution if version is not None else None
+    native = family.native_resolution if family is not None else None
     settings = SamplingSettings(
         sampler=sampler,
         steps=options.steps,
-        cfg_scale=options.cfg_scale,
+        cfg_scale=options.cfg_scale if options.cfg_scale is not None else family.default_cfg_scale,
         width=options.width or native,
         height=options.height or native,
         negative_prompt=options.negative_prompt,
@@ -232,7 +247,7 @@ def _number_problems(options: GenerateOptions) -> list[str]:
     for flag, value in (("--width", options.width), ("--height", options.height)):
         if value is not None and (value < 8 or value % 8):
             problems.append(f"{flag}: {value} must be a positive multiple of 8 (e.g. 512).")
-    if not math.isfinite(options.cfg_scale):
+    if options.cfg_scale is not None and not math.isfinite(options.cfg_scale):
         problems.append(f"--cfg-scale: {options.cfg_scale} is not a finite number.")
     if options.seed < -1 or options.seed > MAX_SEED:
         problems.append(f"--seed: {options.seed} is out of range (-1 for random, or 0 to {MAX_SEED}).")

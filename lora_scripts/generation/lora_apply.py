@@ -34,6 +34,7 @@ from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.lora_model import Resolution, resolve_modules
 from lora_scripts.export.lora_reader import (
+    FLUX_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
     UNSUPPORTED_SUFFIXES,
@@ -75,12 +76,12 @@ def load_lora(pipe: DiffusionPipeline, path: Path, adapter: str, label: str | No
         expected: set[str] = set()
     else:
         expected = {key.rsplit(".lora_", 1)[0] for key in peft_dict}
-        source = {k: v for k, v in peft_dict.items() if k.startswith("unet.")}
+        source = {k: v for k, v in peft_dict.items() if k.startswith(tuple(f"{d}." for d in DENOISERS))}
         for stem in sorted(
             k.removesuffix(".lora_A.weight") for k in peft_dict if k.endswith(".lora_A.weight")
         ):
             component, _, module_path = stem.partition(".")
-            if component != "unet":
+            if component not in DENOISERS:
                 pair = (peft_dict[f"{stem}.lora_A.weight"], peft_dict[f"{stem}.lora_B.weight"])
                 text_encoder_weights.setdefault(component, {})[module_path] = pair
     try:
@@ -91,6 +92,10 @@ def load_lora(pipe: DiffusionPipeline, path: Path, adapter: str, label: str | No
                 attach_lora_weights(getattr(pipe, component), weights, adapter)
             if isinstance(source, str):
                 pipe.load_lora_weights(source, adapter_name=adapter)
+            elif source and getattr(pipe, "transformer", None) is not None:  # FLUX.1
+                pipe.load_lora_into_transformer(
+                    source, network_alphas=None, transformer=pipe.transformer, adapter_name=adapter
+                )
             elif source:
                 pipe.load_lora_into_unet(source, network_alphas=None, unet=pipe.unet, adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as err:
@@ -131,7 +136,12 @@ def set_lora_weights(
     per_adapter = []
     for lora, (te_weight, unet_weight) in zip(loras, weights, strict=True):
         # Name only the components the adapter has: diffusers warns about the others.
-        values = {"text_encoder": te_weight, "text_encoder_2": te_weight, "unet": unet_weight}
+        values = {
+            "text_encoder": te_weight,
+            "text_encoder_2": te_weight,
+            "unet": unet_weight,
+            "transformer": unet_weight,
+        }
         per_adapter.append({part: values[part] for part in lora.components})
     pipe.set_adapters([lora.adapter for lora in loras], adapter_weights=per_adapter)
 
@@ -141,23 +151,33 @@ def unload_loras(pipe: DiffusionPipeline, loras: list[LoadedLora]) -> None:
     if loras:
         pipe.delete_adapters([lora.adapter for lora in loras])
         for lora in loras:  # attached through peft, so detached through it (see `load_lora`)
-            for component in lora.components - {"unet"}:
+            for component in lora.components - set(DENOISERS):
                 detach_lora(getattr(pipe, component), lora.adapter)
 
 
 # --- kohya -> PEFT ------------------------------------------------------------------------------------------
 
 
+# The pipeline's denoiser component: the UNet, or FLUX.1's transformer.
+DENOISERS = ("unet", "transformer")
+
+
 def pipeline_family(pipe: DiffusionPipeline) -> str:
-    """SDXL_FAMILY for a pipeline with a second text encoder (StableDiffusionXLPipeline), else SD_FAMILY."""
+    """FLUX_FAMILY for a pipeline with a transformer (FluxPipeline), SDXL_FAMILY for one with a second text
+    encoder (StableDiffusionXLPipeline), else SD_FAMILY."""
+    if getattr(pipe, "transformer", None) is not None:
+        return FLUX_FAMILY
     return SDXL_FAMILY if getattr(pipe, "text_encoder_2", None) is not None else SD_FAMILY
+
+
+_VERSION_OF = {SD_FAMILY: "sd_v1", SDXL_FAMILY: "sdxl", FLUX_FAMILY: "flux1"}  # SD 1.x and 2.x name alike
 
 
 def pipeline_networks(pipe: DiffusionPipeline) -> list[LoraNetwork]:
     """The pipeline's models as the networks LoRA files name (its family's `file_networks`)."""
-    version = "sdxl" if pipeline_family(pipe) == SDXL_FAMILY else "sd_v1"  # SD 1.x and 2.x name alike
-    encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if version == "sdxl" else [])]
-    return FAMILIES[version].file_networks(pipe.unet, encoders)
+    family = FAMILIES[_VERSION_OF[pipeline_family(pipe)]]
+    encoders = [getattr(pipe, part) for part in family.text_encoder_parts]
+    return family.file_networks(getattr(pipe, family.denoiser_part), encoders)
 
 
 def _folded_peft_dict(
@@ -183,7 +203,8 @@ def _folded_peft_dict(
                     f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them)."
                 )
     elif not all(
-        key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and split_key(key) for key in tensors
+        key.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) and split_key(key)
+        for key in tensors
     ):
         return None
     networks = pipeline_networks(pipe)
@@ -221,7 +242,7 @@ def _mismatch_message(label: str, found: Resolution, base: str) -> str:
         )
     if wrong_shape:
         parts.append(f"{len(wrong_shape)} have another size (e.g. '{wrong_shape[0]}')")
-    other = "another base model" if base == SDXL_FAMILY else "another model family (SD 1.x vs 2.x?)"
+    other = "another model family (SD 1.x vs 2.x?)" if base == SD_FAMILY else "another base model"
     return f"LoRA '{label}' does not fit this base model: {'; '.join(parts)}; it was made for {other}."
 
 
@@ -232,7 +253,7 @@ def _check_every_module_applied(
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     applied = set()
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in (*DENOISERS, "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
         for name, module in model.named_modules() if model is not None else ():
             if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):

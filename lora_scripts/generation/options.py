@@ -23,11 +23,11 @@ class GenerateOptions:
     negative_prompt: str = ""
     lora_dirs: list[Path] = field(default_factory=list)
     steps: int = 30
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the family's (7; FLUX.1's guidance 3.5)
     seed: int = -1  # -1: random
     width: int | None = None  # None: the base model's native size (512 SD 1.x/2.x, 1024 SDXL)
     height: int | None = None
-    sampler: str = "euler_a"
+    sampler: str | None = None  # None: the family's (euler_a; FLUX.1: euler)
     num_images: int = 1
     lora_weights: list[float] | None = None  # one grid column per weight for the prompt's single LoRA
     output: Path = Path("renders")
@@ -37,6 +37,9 @@ class GenerateOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     base_model_config: str | None = None
+    vae: str | None = None  # FLUX.1 single files: the part files, as the training config's keys
+    clip_l: str | None = None
+    t5xxl: str | None = None
     progress: bool = True
 
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.generation.options import DeviceName, Precision
 from lora_scripts.generation.samplers import SamplerSpec, make_scheduler
+from lora_scripts.models.flux import FluxLoad
 from lora_scripts.models.registry import load_family
 from lora_scripts.models.sd_loading import SDComponents
 from lora_scripts.models.sdxl_loading import SDXLComponents
@@ -82,15 +83,18 @@ def load_pipeline(
     dtype: torch.dtype,
     config_dir: str | None = None,
     v_parameterization: bool | None = None,
+    flux: FluxLoad | None = None,
 ) -> LoadedPipeline:
-    """Load `base_model` offline and build its family's pipeline with `sampler`, on `device` in `dtype`.
-    Raises the loaders' UserError for a model that is none of SD 1.x, 2.x and SDXL."""
+    """Load `base_model` offline and build its family's pipeline with `sampler`, on `device` in `dtype`
+    (`flux`: a FLUX.1 single file's vae / clip_l / t5xxl files). Raises the loaders' UserError for a model
+    that is none of SD 1.x, 2.x, SDXL and FLUX.1."""
     family = load_family(
         base_model,
         config_dir=Path(config_dir) if config_dir else None,
         v_parameterization=v_parameterization,
+        flux=flux,
     )
-    schedule = dict(family.noise_scheduler.config)
+    schedule = dict(family.schedule_config)
     if family.info.zero_terminal_snr:  # a `ztsnr` file (NoobAI v-pred) samples as ComfyUI samples it
         schedule["rescale_betas_zero_snr"] = True
     scheduler = make_scheduler(sampler, schedule, family.info.prediction_type)
@@ -147,7 +151,10 @@ def render_image(
     from lora_scripts.models.inference import decode_latents, prompt_arguments
 
     config = pipe.scheduler.config
-    pipe.scheduler = make_scheduler(settings.sampler, config, config.get("prediction_type", "epsilon"))
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # FLUX.1
+    pipe.scheduler = make_scheduler(
+        settings.sampler, config, "flow" if flow else config.get("prediction_type", "epsilon")
+    )
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     step_callback = {}
@@ -168,4 +175,4 @@ def render_image(
         output_type="latent",
         **step_callback,
     ).images
-    return decode_latents(pipe, latents)[0]
+    return decode_latents(pipe, latents, (settings.height, settings.width))[0]

@@ -18,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     SchedulerMixin,
     UniPCMultistepScheduler,
@@ -104,14 +105,23 @@ def resolve_sampler(name: str) -> SamplerSpec:
 
 
 def make_scheduler(
-    sampler: SamplerSpec | str, base_config: Mapping[str, Any], prediction_type: PredictionType
+    sampler: SamplerSpec | str, base_config: Mapping[str, Any], prediction_type: PredictionType | str
 ) -> SchedulerMixin:
     """A fresh scheduler for `sampler` with the model's noise schedule, taken from `base_config` (any
     scheduler's config: `SDComponents.noise_scheduler.config`, or a pipeline's current scheduler's), and
-    `prediction_type` ("epsilon" / "v_prediction").
+    `prediction_type` ("epsilon" / "v_prediction"; "flow": FLUX.1's FlowMatchEulerDiscreteScheduler from its
+    own config, Euler only).
 
     Stateful schedulers (DPM++ multistep) must not be shared between two pipelines running at once.
     """
     spec = resolve_sampler(sampler) if isinstance(sampler, str) else sampler
+    if prediction_type == "flow":
+        # FLUX.1 samples with its own flow-matching Euler (its config: shift, dynamic shifting by image size).
+        if spec.key != "euler":
+            raise UserError(
+                f"sampler: FLUX.1 samples with flow-matching Euler only, not '{spec.display_name}'; "
+                "use euler."
+            )
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(base_config))
     schedule = {key: base_config[key] for key in _SCHEDULE_KEYS if key in base_config}
     return spec.scheduler_class.from_config(schedule, prediction_type=prediction_type, **spec.options)

@@ -37,9 +37,9 @@ class GenerateBody(BaseModel):
     base_model: str
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
-    sampler: str = "euler_a"
+    sampler: str = ""  # "": the model's default (euler_a; FLUX.1: euler)
     steps: int = Field(30, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0, le=30)
+    cfg_scale: float | None = Field(None, ge=0, le=30)  # None: the model's (7; FLUX.1's guidance 3.5)
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     width: int | None = Field(None, ge=64, le=2048)
     height: int | None = Field(None, ge=64, le=2048)
@@ -113,7 +113,7 @@ class GenerateRoutes:
             seed=request.seed,
             width=request.width,
             height=request.height,
-            sampler=request.sampler,
+            sampler=request.sampler or None,
             num_images=request.num_images,
             lora_weights=weights,
             output=output,

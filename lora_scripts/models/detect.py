@@ -49,7 +49,7 @@ V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
 
 # The end of every "this family is not supported" sentence; the SDXL family changes it when it lands.
-TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
+TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x, SDXL and FLUX.1 base models"
 # conv_in input channels of the image-conditioned variants that share the text-to-image UNet layout.
 _CONDITIONED_VARIANTS = {5: "depth-to-image", 7: "4x upscaler", 8: "instruct-pix2pix", 9: "inpainting"}
 

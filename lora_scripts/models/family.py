@@ -8,14 +8,31 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
+from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.lora import LoraSpec
+from lora_scripts.models.lora_presets import UNET_PRESETS
+
+# The config keys only a FLUX.1 model reads (config/keys_flux.py has their definitions).
+FLUX_ONLY_KEYS = (
+    "vae",
+    "clip_l",
+    "t5xxl",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "sigmoid_scale",
+    "model_prediction_type",
+    "guidance_scale",
+    "t5xxl_max_token_length",
+)
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -55,6 +72,71 @@ class ModelFamily(ABC):
     # The transformers classes of its text encoders and their diffusers-folder parts, in training's order.
     text_encoder_classes: tuple[type[nn.Module], ...] = ()
     text_encoder_parts: tuple[str, ...] = ()
+    # The diffusers class of its denoiser and its folder part (UNet2DConditionModel / "unet"; FLUX:
+    # FluxTransformer2DModel / "transformer"), the `target_modules` presets it has, and whether LoCon's
+    # conv_rank applies (a UNet's 3x3 convs).
+    denoiser_class: type[nn.Module]
+    denoiser_part: str = "unet"
+    denoiser_presets: tuple[str, ...] = UNET_PRESETS
+    has_convs: bool = True
+    # The CFG scale and sampler sample images use when none is given (FLUX.1: its distilled guidance and its
+    # flow-matching Euler).
+    default_cfg_scale: float = 7.0
+    default_sampler: str = "euler_a"
+    # How it is trained and sampled, known without loading: "ddpm" (epsilon or v, from the checkpoint) or
+    # "flow" (FLUX.1's rectified flow).
+    objective: str = "ddpm"
+    # Which text encoders train when text_encoder_lr is one number (None: all); a list decides per encoder.
+    default_text_encoder_mask: tuple[bool, ...] | None = None
+
+    @classmethod
+    def key_problems(cls, values: dict[str, object]) -> list[str]:
+        """One sentence per config key (of the explicitly set `values`) this family cannot use. The default
+        refuses the keys only FLUX.1 reads (config/keys_flux.py FLUX_ONLY_KEYS, named here to keep the
+        models layer below the config layer)."""
+        return [
+            f"{key}: applies to FLUX.1 base models only; remove it for this base model."
+            for key in FLUX_ONLY_KEYS
+            if key in values
+        ]
+
+    @classmethod
+    def diffusers_parts(cls) -> tuple[str, ...]:
+        """The parts of a diffusers folder that training loads: the denoiser, the VAE, the text encoders."""
+        return (cls.denoiser_part, "vae", *cls.text_encoder_parts)
+
+    @classmethod
+    def meta_modules(cls, folder: Path, *, text_encoders: bool = True) -> tuple[nn.Module, list[nn.Module]]:
+        """The denoiser and (when asked) the text encoders, full size on the meta device (no memory, no
+        weights), from the configs of a diffusers-layout folder. UserError for a missing config."""
+        parts = [cls.denoiser_part, *(cls.text_encoder_parts if text_encoders else ())]
+        missing = [part for part in parts if not (folder / part / "config.json").is_file()]
+        if missing:
+            raise UserError(
+                f"'{folder}' has no {missing[0]}/config.json; give a diffusers-layout config folder."
+            )
+        try:
+            with init_empty_weights():
+                config = cls.denoiser_class.load_config(
+                    folder, subfolder=cls.denoiser_part, local_files_only=True
+                )
+                denoiser = cls.denoiser_class.from_config(config)
+                classes = (
+                    zip(cls.text_encoder_classes, cls.text_encoder_parts, strict=True)
+                    if text_encoders
+                    else ()
+                )
+                encoders = [
+                    encoder_class(
+                        encoder_class.config_class.from_pretrained(
+                            folder, subfolder=part, local_files_only=True
+                        )
+                    )
+                    for encoder_class, part in classes
+                ]
+        except (OSError, ValueError) as err:  # a damaged config.json
+            raise UserError(f"'{folder}': a config.json of the model could not be read ({err}).") from err
+        return denoiser, encoders
 
     @classmethod
     @abstractmethod
@@ -127,6 +209,11 @@ class ModelFamily(ABC):
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """The denoiser's output (noise or v, per `info.prediction_type`), same shape as the latents."""
+
+    @property
+    def schedule_config(self) -> Any:  # noqa: ANN401 - a diffusers scheduler config (a FrozenDict)
+        """The noise schedule samplers are built from (`generation/samplers.make_scheduler`)."""
+        return self.noise_scheduler.config
 
     # The denoising objective. These defaults are DDPM's (SD 1.x/2.x, SDXL: `noise_scheduler`'s discrete
     # timesteps, epsilon or v target); a flow-matching family (FLUX) overrides all four.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
@@ -61,12 +62,61 @@ class FluxOptions:
     t5_max_token_length: int | None = None
 
 
+@dataclass(frozen=True)
+class FluxLoad:
+    """How to load a FLUX.1 model for training: the separate part files (config keys vae, clip_l, t5xxl)
+    and the training options."""
+
+    vae: str | None = None
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    options: FluxOptions = FluxOptions()
+
+
+# Keys of the DDPM objective or of CLIP-only models that FLUX.1 has no use for: each set one is refused
+# with its reason, rather than silently ignored.
+_NOT_FOR_FLUX = {
+    "v_parameterization": "FLUX.1 predicts a flow velocity, not noise or v; leave it out",
+    "zero_terminal_snr": "FLUX.1's noise levels already reach pure noise; leave it out",
+    "min_snr_gamma": "FLUX.1's rectified-flow loss has no SNR weighting; leave it out",
+    "clip_skip": "FLUX.1 reads CLIP-L's pooled output and T5, not a CLIP layer; leave it out",
+    "max_token_length": "FLUX.1 reads T5 tokens; use t5xxl_max_token_length",
+    "conv_rank": "FLUX.1's transformer has no convolutions for LoCon; leave it out",
+    "conv_alpha": "FLUX.1's transformer has no convolutions for LoCon; leave it out",
+}
+
+
 class FluxFamily(ModelFamily):
     """FLUX.1 dev / schnell. `text_encoders` is [CLIP-L, T5-XXL] (sd-scripts' lora_te1, lora_te3)."""
 
     native_resolution = 1024
     text_encoder_classes = (CLIPTextModel, T5EncoderModel)
     text_encoder_parts = ("text_encoder", "text_encoder_2")
+    denoiser_class = FluxTransformer2DModel
+    denoiser_part = "transformer"
+    denoiser_presets = FLUX_PRESETS
+    has_convs = False
+    default_cfg_scale = 3.5  # FLUX.1-dev's guidance in diffusers' FluxPipeline and ComfyUI
+    default_sampler = "euler"
+    objective = "flow"
+    # The T5 trains only when text_encoder_lr lists a rate for it (sd-scripts' train_t5xxl is off by default).
+    default_text_encoder_mask = (True, False)
+
+    @classmethod
+    def key_problems(cls, values: dict[str, object]) -> list[str]:
+        problems = [f"{key}: {why}." for key, why in _NOT_FOR_FLUX.items() if values.get(key) is not None]
+        sampler = values.get("sample_sampler")
+        if isinstance(sampler, str) and sampler.strip().lower() not in ("euler", "k_euler"):
+            problems.append(
+                f"sample_sampler: FLUX.1 samples with flow-matching Euler only, not '{sampler}'; "
+                "use euler or leave it out."
+            )
+        if values.get("loss_type") in ("huber", "smooth_l1"):
+            problems.append(
+                f"loss_type: {values['loss_type']} needs a DDPM noise schedule, which FLUX.1 does not have; "
+                "use l2 or l1."
+            )
+        return problems
 
     def __init__(self, components: FluxComponents, options: FluxOptions | None = None):
         self.components = components
@@ -86,6 +136,8 @@ class FluxFamily(ModelFamily):
             modelspec_architecture=FLUX_MODELSPEC_ARCHITECTURE[components.variant],
         )
         self.t5_max_length = self.options.t5_max_token_length or T5_MAX_LENGTH[components.variant]
+        # FluxPipeline reads T5 to max_sequence_length, which sampling takes from the tokenizer's length.
+        self.tokenizer_2.model_max_length = self.t5_max_length
         self.trains_text_encoder = False
 
     # --- modules ---
@@ -236,5 +288,17 @@ class FluxFamily(ModelFamily):
             return noisy_latents - sigmas * output
         return output
 
+    @property
+    def schedule_config(self) -> dict:
+        """FLUX.1's FlowMatchEulerDiscreteScheduler config (dev: shift 3.0, dynamic; schnell: shift 1.0)."""
+        return dict(self.components.scheduler_config)
+
     def sampling_pipeline(self, scheduler: SchedulerMixin, unwrap: Unwrap | None = None) -> SamplingPipeline:
-        raise NotImplementedError("FLUX sampling comes with the FLUX pipeline")  # filled in with generate
+        """A FluxPipeline over the transformer, VAE and both encoders (unwrapped)."""
+        from lora_scripts.models.inference import SamplingPipeline, flux_pipeline, unwrapped
+
+        unwrap = unwrap or unwrapped
+        transformer = unwrap(self.transformer)
+        encoders = (unwrap(self.text_encoder), unwrap(self.text_encoder_2))
+        pipe = flux_pipeline(transformer, self.vae, encoders, (self.tokenizer, self.tokenizer_2), scheduler)
+        return SamplingPipeline(pipe, (transformer, self.vae, *encoders))

@@ -177,6 +177,20 @@ def _load_single_file(
     )
 
 
+def missing_part_problems(path: Path, given: dict[str, object]) -> list[str]:
+    """One sentence per part (vae, clip_l, t5xxl) the single file at `path` does not hold and `given` (the
+    config's keys) does not name, read from the file's header alone: what `check` reports before training."""
+    base = PartFile(Path(path), "base_model")
+    problems: list[str] = []
+    for key in PART_FILES:
+        if given.get(key) is None:
+            try:
+                _own_part(base, key)
+            except UserError as err:
+                problems.extend(err.messages)
+    return problems
+
+
 def _own_part(base: PartFile, key: str) -> PartFile:
     """`base` itself when it holds the part (an all-in-one checkpoint), else the sentence asking for `key`."""
     finder = {"vae": vae_prefix, "clip_l": clip_prefix, "t5xxl": t5_prefix}[key]

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, SchedulerMixin, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 from torch import nn
 
@@ -78,6 +84,25 @@ def sdxl_pipeline(
     )
 
 
+def flux_pipeline(
+    transformer: nn.Module,
+    vae: nn.Module,
+    text_encoders: tuple[nn.Module, nn.Module],
+    tokenizers: tuple[object, object],
+    scheduler: SchedulerMixin,
+) -> FluxPipeline:
+    """A FLUX.1 FluxPipeline: text_encoders / tokenizers are (CLIP-L, T5-XXL)."""
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer_2=tokenizers[1],
+        transformer=transformer,
+    )
+
+
 def unwrapped(module: nn.Module) -> nn.Module:
     """The `unwrap` of modules that no accelerate wrapper holds (the `generate` command's)."""
     return module
@@ -97,6 +122,11 @@ def prompt_arguments(
     negative prompt at the family's own layer whatever the clip skip, and its SD clip skip fails on
     transformers 5's CLIPTextModel, which has no `text_model`.)
     """
+    if isinstance(pipe, FluxPipeline):
+        # FLUX.1-dev is guidance-distilled: the pipeline's guidance_scale is its guidance input, and a
+        # negative prompt would need true CFG (two passes), which neither sd-scripts' samples nor ComfyUI's
+        # default do. T5 reads up to the family's length (the tokenizer's, set by the family).
+        return {"prompt": prompt, "max_sequence_length": min(pipe.tokenizer_2.model_max_length, 512)}
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     fits = all(len(prompt_chunks(t, text)) == 1 for t in tokenizers for text in (prompt, negative_prompt))
     if fits and clip_skip <= 1:
@@ -180,14 +210,20 @@ def _prompt_encoder(pipe: DiffusionPipeline) -> PromptEncoder:
     raise TypeError(f"no prompt encoder for {type(pipe).__name__}")
 
 
-def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """What a pipeline called with output_type="latent" returned ([B, 4, H/8, W/8]) → B PIL images, as SD's
-    and SDXL's pipelines decode them (un-normalize with the VAE config's latents_mean / latents_std where it
-    has them, else divide by scaling_factor; decode; to 8-bit RGB), but always in the VAE's own dtype with
-    autocast off. Under a caller's fp16 autocast (training samples) the pipelines would decode in fp16, and
-    SDXL's VAE overflows there (NaN: black images) even with its weights kept in fp32."""
+def decode_latents(
+    pipe: DiffusionPipeline, latents: torch.Tensor, size: tuple[int, int] | None = None
+) -> list[Image.Image]:
+    """What a pipeline called with output_type="latent" returned ([B, 4, H/8, W/8]; FLUX.1's packed
+    [B, tokens, 64] with `size` = (height, width) in pixels) → B PIL images, as the pipelines decode them
+    (un-normalize with the VAE config's latents_mean / latents_std where it has them, else divide by
+    scaling_factor, then add shift_factor where it has one; decode; to 8-bit RGB), but always in the VAE's
+    own dtype with autocast off. Under a caller's fp16 autocast (training samples) the pipelines would decode
+    in fp16, and SDXL's VAE overflows there (NaN: black images) even with its weights kept in fp32."""
     vae = pipe.vae
     config = vae.config
+    if latents.dim() == 3:  # FLUX.1's packed tokens [B, h/2 * w/2, 4C]: back to [B, C, h, w] for the VAE
+        height, width = size  # type: ignore[misc] - packed latents come with their image size
+        latents = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     with torch.no_grad(), torch.autocast(vae.device.type, enabled=False):
         latents = latents.to(vae.device, vae.dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
@@ -198,6 +234,9 @@ def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)  # FLUX.1's VAE: latents = (z - shift) * scale
+        if shift is not None:
+            latents = latents + shift
         image = vae.decode(latents, return_dict=False)[0]
     # No safety checker: every image is un-normalized from [-1, 1] (SD's do_denormalize).
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])

@@ -116,7 +116,11 @@ def resolve_lora_layers(
         problems += err.messages
     if targets.text_encoder is not None:  # type: ignore[attr-defined]
         te_targets = []
-        for number, encoder in enumerate(text_encoders, start=1):
+        mask = targets.text_encoder_mask or (True,) * len(text_encoders)  # type: ignore[attr-defined]
+        for number, (encoder, trained) in enumerate(zip(text_encoders, mask, strict=True), start=1):
+            if not trained:  # a frozen encoder (FLUX.1's T5 by default): its names need not match
+                te_targets.append([])
+                continue
             component = "text encoder" if len(text_encoders) == 1 else f"text encoder {number}"
             try:
                 te_targets.append(

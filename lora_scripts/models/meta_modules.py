@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
 from torch import nn
 
-from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.registry import FAMILIES
@@ -43,18 +40,6 @@ def meta_model(version: ModelVersion, config_dir: Path | None = None) -> MetaMod
 @cache
 def _built(version: ModelVersion, config_dir: str | None) -> MetaModel:
     family = FAMILIES[version]
-    folder = Path(config_dir or shipped_config_dir(version))
-    parts = ["unet", *family.text_encoder_parts]
-    missing = [part for part in parts if not (folder / part / "config.json").is_file()]
-    if missing:
-        raise UserError(f"'{folder}' has no {missing[0]}/config.json; give a diffusers-layout config folder.")
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
-        )
-        encoders = tuple(
-            cls(cls.config_class.from_pretrained(folder, subfolder=part, local_files_only=True))
-            for cls, part in zip(family.text_encoder_classes, family.text_encoder_parts, strict=True)
-        )
+    unet, encoders = family.meta_modules(Path(config_dir or shipped_config_dir(version)))
     networks = tuple(family.file_networks(unet, list(encoders)))
-    return MetaModel(version, unet, encoders, networks)
+    return MetaModel(version, unet, tuple(encoders), networks)

@@ -14,8 +14,11 @@ from lora_scripts.models.detect import (
     ModelVersion,
     checkpoint_shapes,
     detect_model_version,
+    flux_variant,
 )
 from lora_scripts.models.family import ModelFamily
+from lora_scripts.models.flux import FluxFamily, FluxLoad
+from lora_scripts.models.flux_loading import load_flux_components, shipped_flux_config_dir
 from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.sd_loading import (
     folder_config,
@@ -63,6 +66,14 @@ def _is_flux_folder(folder: Path) -> bool:
     return isinstance(entry, list) and bool(entry) and entry[-1] == "FluxTransformer2DModel"
 
 
+def single_file_config_dir(version: ModelVersion, path: Path) -> Path:
+    """The shipped configs that describe a single file of `version` (FLUX.1: dev's or schnell's, by the
+    file's guidance embedding, read from its header)."""
+    if version == "flux1":
+        return shipped_flux_config_dir(flux_variant(checkpoint_shapes(path)))
+    return shipped_config_dir(version)
+
+
 def base_model_zero_terminal_snr(base_model: str, config_dir: Path | None = None) -> bool:
     """Whether `base_model` is marked as trained with zero terminal SNR, as its loader finds it (the
     components' `zero_terminal_snr`), from the file's header or the scheduler config (no weights loaded).
@@ -71,6 +82,8 @@ def base_model_zero_terminal_snr(base_model: str, config_dir: Path | None = None
     """
     location = locate_base_model(base_model)
     version = base_model_version(base_model)
+    if version == "flux1":  # a rectified-flow model: its noise levels reach pure noise by construction
+        return False
     if location.kind == "single_file":
         folder = Path(config_dir) if config_dir is not None else shipped_config_dir(version)
         return marks_zero_terminal_snr(checkpoint_shapes(location.path), scheduler_config_of(folder, version))
@@ -81,6 +94,7 @@ FAMILIES: dict[ModelVersion, type[ModelFamily]] = {
     "sd_v1": StableDiffusionFamily,
     "sd_v2": StableDiffusionFamily,
     "sdxl": SDXLFamily,
+    "flux1": FluxFamily,
 }
 
 
@@ -107,13 +121,22 @@ def load_family(
     v_parameterization: bool | None = None,
     clip_skip: int | None = None,
     max_token_length: int = 75,
+    flux: FluxLoad | None = None,
 ) -> ModelFamily:
     """Load `base_model` (file, diffusers folder or cached hub id) as its model family.
 
     clip_skip: use the text encoder's n-th layer from the end (None or 1: the last; SD 1.x/2.x only).
     max_token_length: 75, or 150 / 225 to read longer captions in chunks (models/long_prompts.py).
+    flux: FLUX.1's part files and training options.
     """
-    if base_model_version(base_model) == "sdxl":
+    version = base_model_version(base_model)
+    if version == "flux1":
+        flux = flux or FluxLoad()
+        components = load_flux_components(
+            base_model, vae=flux.vae, clip_l=flux.clip_l, t5xxl=flux.t5xxl, config_dir=config_dir
+        )
+        return FluxFamily(components, flux.options)
+    if version == "sdxl":
         sdxl = load_sdxl_components(base_model, config_dir=config_dir, v_parameterization=v_parameterization)
         return SDXLFamily(sdxl, clip_skip=clip_skip, max_token_length=max_token_length)
     components = load_sd_components(base_model, config_dir=config_dir, v_parameterization=v_parameterization)

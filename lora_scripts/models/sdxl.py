@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -45,6 +46,7 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
     native_resolution = 1024
     text_encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     text_encoder_parts = ("text_encoder", "text_encoder_2")
+    denoiser_class = UNet2DConditionModel
 
     def __init__(
         self, components: SDXLComponents, *, clip_skip: int | None = None, max_token_length: int = 75

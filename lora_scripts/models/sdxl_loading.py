@@ -231,7 +231,7 @@ def _require_sdxl_index(index: dict[str, Any], path: Path) -> None:
 
     if present("transformer"):
         raise UserError(
-            f"base_model: '{path}' is a diffusion-transformer model (SD3, FLUX, ...), not SDXL; {TRAINABLE}, "
+            f"base_model: '{path}' is a diffusion-transformer model (SD3, ...), not SDXL; {TRAINABLE}, "
             "and other model families are not supported yet."
         )
     if present("text_encoder_2") and not present("text_encoder"):

@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel
 
@@ -54,6 +55,7 @@ class StableDiffusionFamily(KLVaeLatents, ModelFamily):
     (transformers ≥ 5 dropped that submodule; A1111/ComfyUI require it)."""
 
     text_encoder_classes = (CLIPTextModel,)
+    denoiser_class = UNet2DConditionModel
     text_encoder_parts = ("text_encoder",)
 
     def __init__(self, components: SDComponents, *, clip_skip: int | None = None, max_token_length: int = 75):

@@ -52,6 +52,7 @@ from lora_scripts.training.saving import SAVE_DTYPES, LoraSaver, step_file_name
 from lora_scripts.training.setup import (
     attach_lora,
     compiled_denoiser,
+    flux_load,
     loss_settings,
     make_accelerator,
     make_dataloader,
@@ -155,8 +156,10 @@ def _train_in(
         v_parameterization=config.v_parameterization,
         clip_skip=config.clip_skip,
         max_token_length=config.max_token_length,
+        flux=flux_load(config),
     )
-    family.noise_scheduler = training_noise_schedule(family, config.zero_terminal_snr)
+    if family.noise_scheduler is not None:  # a DDPM family (FLUX.1 trains by rectified flow)
+        family.noise_scheduler = training_noise_schedule(family, config.zero_terminal_snr)
     networks = attach_lora(family, config, accelerator)
     speed_switches(family, accelerator.device)
     # Encodes its images now, while the VAE and text encoder are still on the device (caching may move them).

@@ -51,13 +51,14 @@ class SamplePrompt:
     width: int
     height: int
     seed: int
-    cfg_scale: float
+    cfg_scale: float | None  # None: the family's default (7; FLUX.1: its guidance 3.5)
     steps: int
 
 
 def parse_prompt_line(line: str, index: int, *, resolution: int, seed: int, where: str) -> SamplePrompt:
     """`a cat --n blurry --w 512 --h 768 --d 1 --l 7.5 --s 28` -> SamplePrompt. Unset: width/height =
-    `resolution`, seed = `seed + index`, 20 steps, CFG 7, no negative. UserError names `where`."""
+    `resolution`, seed = `seed + index`, 20 steps, the family's CFG (None here: 7, FLUX.1's guidance 3.5),
+    no negative. UserError names `where`."""
     starts = list(_OPTION.finditer(line))
     values: dict[str, object] = {
         "prompt": line[: starts[0].start()].strip() if starts else line.strip(),
@@ -65,7 +66,7 @@ def parse_prompt_line(line: str, index: int, *, resolution: int, seed: int, wher
         "width": resolution,
         "height": resolution,
         "seed": seed + index,
-        "cfg_scale": DEFAULT_CFG,
+        "cfg_scale": None,
         "steps": DEFAULT_STEPS,
     }
     for i, match in enumerate(starts):
@@ -140,7 +141,8 @@ class TrainingSampler:
 
     def __init__(self, config: TrainConfig, accelerator: Accelerator):
         self.prompts = load_sample_prompts(config)  # UserError before any model loads
-        self.spec = samplers.resolve_sampler(config.sample_sampler)
+        # None: the family's (euler_a; FLUX.1: euler), known once the model is loaded.
+        self.spec = samplers.resolve_sampler(config.sample_sampler) if config.sample_sampler else None
         self.every_n_steps = config.sample_every_n_steps
         self.every_n_epochs = config.sample_every_n_epochs
         self.at_first = config.sample_at_first
@@ -149,6 +151,7 @@ class TrainingSampler:
         self.model_name = Path(config.base_model).stem
         self.accelerator = accelerator
         self._pipeline: SamplingPipeline | None = None
+        self._default_cfg = DEFAULT_CFG
 
     # Each returns the files it wrote (none when this is not a sampling round).
     def at_start(self, family: ModelFamily) -> list[Path]:
@@ -169,9 +172,11 @@ class TrainingSampler:
         if not self.prompts or not self.accelerator.is_main_process:
             return []
         if self._pipeline is None:  # built once; the modules are shared, so it always sees the current LoRA
+            self.spec = self.spec or samplers.resolve_sampler(family.default_sampler)
             scheduler = samplers.make_scheduler(
-                self.spec, family.noise_scheduler.config, family.info.prediction_type
+                self.spec, family.schedule_config, family.info.prediction_type
             )
+            self._default_cfg = family.default_cfg_scale
             self._pipeline = family.sampling_pipeline(scheduler, self.accelerator.unwrap_model)
         modules = self._pipeline.modules
         was_training = [m.training for m in modules]
@@ -192,11 +197,14 @@ class TrainingSampler:
         log.info("Sampled %d images at step %d into %s", len(images), step, self.folder)
         return paths
 
+    def _cfg(self, prompt: SamplePrompt) -> float:
+        return prompt.cfg_scale if prompt.cfg_scale is not None else self._default_cfg
+
     def _render(self, prompt: SamplePrompt) -> Image.Image:
         settings = pipeline.SamplingSettings(
             sampler=self.spec,
             steps=prompt.steps,
-            cfg_scale=prompt.cfg_scale,
+            cfg_scale=self._cfg(prompt),
             width=prompt.width,
             height=prompt.height,
             negative_prompt=prompt.negative_prompt,
@@ -213,7 +221,7 @@ class TrainingSampler:
             negative_prompt=prompt.negative_prompt,
             steps=prompt.steps,
             sampler=self.spec.display_name,
-            cfg_scale=prompt.cfg_scale,
+            cfg_scale=self._cfg(prompt),
             seed=prompt.seed,
             width=prompt.width,
             height=prompt.height,

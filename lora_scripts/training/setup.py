@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.batching import BucketBatchSampler
@@ -23,6 +24,8 @@ from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.kohya_import import load_network_weights
 from lora_scripts.models.family import LoraTargets, ModelFamily
+from lora_scripts.models.flow_matching import FlowSettings
+from lora_scripts.models.flux import FluxLoad, FluxOptions
 from lora_scripts.models.lora import LoraSpec
 from lora_scripts.models.quantize import quantize_frozen, stored_bytes
 from lora_scripts.training.losses import LossSettings
@@ -30,6 +33,9 @@ from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, tra
 from lora_scripts.training.plan import TrainingPlan
 
 log = logging.getLogger(__name__)
+# The attention processors that run PyTorch's fused SDPA kernel: UNet attention's and FLUX's (both diffusers'
+# defaults).
+SDPA_PROCESSORS = (AttnProcessor2_0, FluxAttnProcessor)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,7 +66,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def speed_switches(family: ModelFamily, device: torch.device) -> None:
     """The free speed-ups: TF32 matmuls and convolutions on Ampere+ GPUs, channels_last UNet activations on
     CUDA (faster cuDNN convolution kernels; not measured to help on a CPU, so it stays off there), and a check
-    that attention runs through PyTorch's fused SDPA kernel (diffusers' AttnProcessor2_0, its default)."""
+    that attention runs through PyTorch's fused SDPA kernel (SDPA_PROCESSORS, diffusers' defaults)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         # TF32 keeps fp32's range with a 10-bit mantissa: the usual trade for training (not bit-exact).
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -71,7 +77,7 @@ def speed_switches(family: ModelFamily, device: torch.device) -> None:
         {
             type(p).__name__
             for p in getattr(family.denoiser, "attn_processors", {}).values()
-            if not isinstance(p, AttnProcessor2_0)
+            if not isinstance(p, SDPA_PROCESSORS)
         }
     )
     if slow:
@@ -100,6 +106,33 @@ def _targets(value: str | tuple[str, ...]) -> list[str] | str:
     return value if isinstance(value, str) else list(value)
 
 
+def text_encoder_mask(config: TrainConfig, family: type[ModelFamily]) -> tuple[bool, ...]:
+    """Which of the family's text encoders get LoRA: those with a rate above 0 (text_encoder_lr), and when
+    text_encoder_lr is one number only those the family trains by default (FLUX.1: CLIP-L, not T5)."""
+    rates = config.text_encoder_rates(len(family.text_encoder_parts))
+    mask = tuple(rate > 0 for rate in rates)
+    default = family.default_text_encoder_mask
+    if default is not None and not isinstance(config.text_encoder_lr, list):
+        mask = tuple(on and by_default for on, by_default in zip(mask, default, strict=True))
+    return mask
+
+
+def flux_load(config: TrainConfig) -> FluxLoad:
+    """FLUX.1's part files and training options from the config (ignored by other families)."""
+    options = FluxOptions(
+        flow=FlowSettings(
+            timestep_sampling=config.timestep_sampling,
+            discrete_flow_shift=config.discrete_flow_shift,
+            sigmoid_scale=config.sigmoid_scale,
+            model_prediction_type=config.model_prediction_type,
+        ),
+        guidance_scale=config.guidance_scale,
+        t5_max_token_length=config.t5xxl_max_token_length,
+    )
+    path = lambda value: None if value is None else str(value)  # noqa: E731
+    return FluxLoad(path(config.vae), path(config.clip_l), path(config.t5xxl), options)
+
+
 def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerator) -> list[LoraNetwork]:
     """Freeze the base model (cast to the mixed-precision dtype), add LoRA in fp32 (continuing from
     `network_weights` if set), store the UNet's frozen weights in 8 bits if `quantize_base` asks, report the
@@ -117,11 +150,10 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
             module.to(accelerator.device, dtype=torch.float32)
         else:
             module.to(accelerator.device, dtype=weight_dtype)
-    rates = config.text_encoder_rates(len(family.text_encoders))
     targets = LoraTargets(
         unet=_targets(config.target_modules),
         text_encoder=_targets(config.text_encoder_target_modules) if config.train_text_encoder else None,
-        text_encoder_mask=tuple(rate > 0 for rate in rates),
+        text_encoder_mask=text_encoder_mask(config, type(family)),
     )
     spec = LoraSpec(
         rank=config.lora_rank,

@@ -22,7 +22,7 @@ def create_referenced_paths(config_file: Path, root: Path) -> None:
     folders += [entry["train_data_dir"] for entry in data.get("datasets", [])]
     for folder in folders:
         (root / folder).mkdir(parents=True, exist_ok=True)
-    for key in ("metadata_path", "base_model"):
+    for key in ("metadata_path", "base_model", "vae", "clip_l", "t5xxl"):
         if key in data:
             (root / data[key]).parent.mkdir(parents=True, exist_ok=True)
             (root / data[key]).touch()

@@ -136,3 +136,17 @@ def test_lora_training_lowers_the_loss(flux_dir):
         loss.backward()
         optimizer.step()
     assert fixed_loss() < 0.9 * before
+
+
+def test_full_size_modules_on_the_meta_device():
+    """What `check` and the LoRA tools size LoRAs with: FLUX.1-dev's transformer and both encoders from the
+    shipped configs, without memory."""
+    from lora_scripts.models.flux_loading import shipped_flux_config_dir
+
+    transformer, encoders = FluxFamily.meta_modules(shipped_flux_config_dir("dev"))
+    assert len(transformer.transformer_blocks) == 19 and len(transformer.single_transformer_blocks) == 38
+    assert [type(e).__name__ for e in encoders] == ["CLIPTextModel", "T5EncoderModel"]
+    assert transformer.x_embedder.weight.is_meta
+    assert FluxFamily.diffusers_parts() == ("transformer", "vae", "text_encoder", "text_encoder_2")
+    bare, none = FluxFamily.meta_modules(shipped_flux_config_dir("schnell"), text_encoders=False)
+    assert none == [] and not bare.config.guidance_embeds

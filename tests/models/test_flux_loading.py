@@ -40,7 +40,7 @@ from tests.helpers.flux_files import to_bfl_transformer, write_flux_files
 
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2")
 REPO = Path(__file__).resolve().parents[2]
-SD_FILE_NOTE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
+SD_FILE_NOTE = "lora-scripts trains SD 1.x, SD 2.x, SDXL and FLUX.1 base models"
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from tests.helpers.sgm import to_sgm_state_dict, write_sgm_checkpoint
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 FILE = Path("model.safetensors")
-TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x and SDXL base models"
+TRAINABLE = "lora-scripts trains SD 1.x, SD 2.x, SDXL and FLUX.1 base models"
 NOT_SUPPORTED = f"{TRAINABLE}, and other model families are not supported yet."
 TEXT_TO_IMAGE = "which is not supported yet; lora-scripts trains text-to-image models, so use the plain"
 
@@ -400,7 +400,7 @@ def test_mismatched_tensor_names_the_text_encoder(tmp_path, tiny_sdxl, tiny_sdxl
         ),
         (
             {"transformer": ["diffusers", "SD3Transformer2DModel"]},
-            f"is a diffusion-transformer model (SD3, FLUX, ...), not SDXL; {TRAINABLE}, and other model "
+            f"is a diffusion-transformer model (SD3, ...), not SDXL; {TRAINABLE}, and other model "
             "families are not supported yet.",
         ),
     ],

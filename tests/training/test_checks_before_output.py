@@ -169,7 +169,7 @@ def folder_without_unet_weights(folder: Path, model: Path) -> None:
             "sdxl_refiner.safetensors",
             sdxl_refiner,
             "base_model: '{path}' is an SDXL refiner checkpoint, which is not supported yet; lora-scripts "
-            "trains SD 1.x, SD 2.x and SDXL base models.",
+            "trains SD 1.x, SD 2.x, SDXL and FLUX.1 base models.",
         ),
         (
             "tiny-sd",

@@ -30,12 +30,12 @@ ink wash painting, a cat --s 2
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("a cat", SamplePrompt("a cat", "", 64, 64, 45, 7.0, 20)),
+        ("a cat", SamplePrompt("a cat", "", 64, 64, 45, None, 20)),  # None: the family's CFG
         (
             "a cat, ink --n blurry, low quality --w 128 --h 96 --d 1 --l 7.5 --s 28",
             SamplePrompt("a cat, ink", "blurry, low quality", 128, 96, 1, 7.5, 28),
         ),
-        ("  x--y --s 3  ", SamplePrompt("x--y", "", 64, 64, 45, 7.0, 3)),
+        ("  x--y --s 3  ", SamplePrompt("x--y", "", 64, 64, 45, None, 3)),
     ],
 )
 def test_prompt_line(line, expected) -> None:

@@ -31,8 +31,11 @@ async function loadOptions() {
     return;
   }
   const sampler = $("generate-sampler");
-  const chosen = sampler.value || "euler_a";
-  sampler.replaceChildren(...options.samplers.map((s) => element("option", { value: s.key, textContent: s.name })));
+  const chosen = sampler.value;
+  sampler.replaceChildren(
+    element("option", { value: "", textContent: t("generate.sampler_default") }),
+    ...options.samplers.map((s) => element("option", { value: s.key, textContent: s.name })),
+  );
   sampler.value = chosen;
   const lora = $("generate-lora");
   lora.replaceChildren(
