@@ -251,7 +251,8 @@ class ModelFamily(ABC):
 
 class KLVaeLatents:
     """`image_encoder` / `encode_images` / `sample_latents` / `mean_latents` for families whose images go
-    through diffusers' AutoencoderKL at `self.vae` (SD 1.x, 2.x, SDXL)."""
+    through diffusers' AutoencoderKL at `self.vae` (SD 1.x, 2.x, SDXL, FLUX.1). Latents are
+    `(z - shift_factor) * scaling_factor`, where only FLUX.1's VAE config has a shift_factor."""
 
     vae: nn.Module
 
@@ -273,8 +274,15 @@ class KLVaeLatents:
         mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        return latents * self.vae.config.scaling_factor
+        return self._scaled(latents)
 
     def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
         mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
-        return mean * self.vae.config.scaling_factor
+        return self._scaled(mean)
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None)
+        if shift is not None:  # FLUX.1's VAE (SD's and SDXL's configs have none, or None)
+            latents = latents - shift
+        return latents * config.scaling_factor

@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
-from lora_scripts.models.family import LoraTargets, ModelFamily
+from lora_scripts.models.family import KLVaeLatents, LoraTargets, ModelFamily
 from lora_scripts.models.flow_matching import (
     FlowSettings,
     image_ids,
@@ -86,7 +86,7 @@ _NOT_FOR_FLUX = {
 }
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(KLVaeLatents, ModelFamily):
     """FLUX.1 dev / schnell. `text_encoders` is [CLIP-L, T5-XXL] (sd-scripts' lora_te1, lora_te3)."""
 
     native_resolution = 1024
@@ -191,31 +191,6 @@ class FluxFamily(ModelFamily):
             trained.append(encoder if encoder_layers is not None else None)
         self.trains_text_encoder = any(trained)
         return flux_networks(self.transformer, trained)
-
-    # --- images ---
-
-    @property
-    def image_encoder(self) -> nn.Module:
-        return self.vae
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            pixels = pixel_values.to(self.vae.device, self.vae.dtype)
-            return self.vae.encode(pixels).latent_dist.parameters.float()
-
-    def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
-        # As KLVaeLatents (models/family.py): randn on the moments' device from the global RNG, contiguous.
-        mean, logvar = torch.chunk(moments.float().contiguous(), 2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        return self._scaled(mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
-
-    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
-        mean, _ = torch.chunk(moments.float().contiguous(), 2, dim=1)
-        return self._scaled(mean)
-
-    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        return (latents - config.shift_factor) * config.scaling_factor
 
     # --- text ---
 

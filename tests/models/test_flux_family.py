@@ -150,3 +150,11 @@ def test_full_size_modules_on_the_meta_device():
     assert FluxFamily.diffusers_parts() == ("transformer", "vae", "text_encoder", "text_encoder_2")
     bare, none = FluxFamily.meta_modules(shipped_flux_config_dir("schnell"), text_encoders=False)
     assert none == [] and not bare.config.guidance_embeds
+
+
+def test_latents_are_shifted_then_scaled(flux_dir):
+    """FLUX.1's VAE latents: (z - shift_factor) * scaling_factor (0.1159, 0.3611), as FluxPipeline undoes."""
+    fam = family(flux_dir)
+    moments = torch.randn(1, 32, 4, 4)
+    mean = moments[:, :16]
+    torch.testing.assert_close(fam.mean_latents(moments), (mean - 0.1159) * 0.3611)
