@@ -6,7 +6,9 @@ Writing, the parts' LoRAs become one exactly: the fused down stacks the parts' d
 diagonal, so the fused update `scale · up @ down` is each part's own update in its rows. That is the layout
 sd-scripts writes for FLUX with `split_qkv`, which diffusers' kohya FLUX conversion recognises as "sparse" and
 splits again; parts without a LoRA are written as zero blocks so that every part has the same rank, as that
-recognition needs. Reading, a fused module is split back: the block-diagonal layout into each part's own
+recognition needs. Parts that share one down (a dense file read back, or resized as one: see below) are
+written dense again, so converting or resizing such a file does not multiply its rank. Reading, a fused
+module is split back: the block-diagonal layout into each part's own
 down and up (all-zero parts dropped), the dense layout of a LoRA trained on the fused layer (sd-scripts'
 default) into the shared down and each part's rows of the up. Both are exact.
 """
@@ -48,8 +50,17 @@ def fuse(parts: dict[int, PartLora], sizes: tuple[int, ...]) -> PartLora:
     zero rows, a missing one is all zero), so the fused rank is len(sizes) * r. The fused alpha keeps the
     first part's scale, and each other part's up block is multiplied by its own scale over that one, so every
     part's update is exactly its own.
+
+    Parts that share one down (equal tensors, as `split` gives for the dense layout) are written dense: that
+    down, and the parts' ups (each times its scale over the first's) in their rows, rank r, not n * r.
     """
     first = parts[min(parts)]
+    if _share_one_down(parts):
+        up = torch.zeros(sum(sizes), first.down.shape[0], dtype=torch.float32)
+        for index, part in parts.items():
+            start = sum(sizes[:index])
+            up[start : start + sizes[index]] = part.up.float() * (part.scale / first.scale)
+        return PartLora(first.down, up.to(first.down.dtype), first.alpha)
     rank = max(p.down.shape[0] for p in parts.values())
     scale = first.scale
     in_features = first.down.shape[1]
@@ -89,6 +100,15 @@ def split(fused: PartLora, sizes: tuple[int, ...]) -> dict[int, PartLora]:
         if bool(part_up.any()):
             out[i] = PartLora(fused.down, part_up, fused.alpha)
     return out
+
+
+def _share_one_down(parts: dict[int, PartLora]) -> bool:
+    """Whether two or more parts have one down (the same values and dtype)."""
+    downs = [part.down for part in parts.values()]
+    first = downs[0]
+    return len(downs) > 1 and all(
+        d.shape == first.shape and d.dtype == first.dtype and torch.equal(d, first) for d in downs[1:]
+    )
 
 
 def _is_block_diagonal(up: torch.Tensor, sizes: tuple[int, ...], starts: list[int], block: int) -> bool:

@@ -64,6 +64,16 @@ class LoraNetwork:
     def kohya_name(self, module_path: str) -> str:
         return f"{self.kohya_prefix}_{self.kohya_path(module_path).replace('.', '_')}"
 
+    def file_path(self, module_path: str) -> str:
+        """The dotted path of the module kohya files store the layer at `module_path` in: its fused layer's
+        for a part of one (FLUX's `double_blocks.0.img_attn.qkv`), else `kohya_path`."""
+        part = self.fusion(module_path) if self.fusion is not None else None
+        return part.path if part is not None else self.kohya_path(module_path)
+
+    def file_name(self, module_path: str) -> str:
+        """`kohya_name`, or for a part of a fused layer the fused layer's name."""
+        return f"{self.kohya_prefix}_{self.file_path(module_path).replace('.', '_')}"
+
 
 def clip_name_prefix(text_encoder: nn.Module) -> str:
     """The `name_prefix` a transformers CLIP text encoder needs for kohya names: "text_model." when its

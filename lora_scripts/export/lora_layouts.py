@@ -24,9 +24,8 @@ import torch
 from lora_scripts.errors import UserError
 from lora_scripts.export.fused import FusedPart, PartLora, fuse
 from lora_scripts.export.kohya import LoraNetwork, write_module
-from lora_scripts.export.lora_model import LoraModel, LoraModule, resolve_modules
+from lora_scripts.export.lora_model import COMPONENTS, LoraModel, LoraModule, resolve_modules
 from lora_scripts.export.lora_reader import (
-    DIFFUSERS_COMPONENT,
     file_modules,
     module_index,
     network_component,
@@ -101,11 +100,9 @@ def _peft_folder_tensors(folder: Path, key: str) -> tuple[dict[str, torch.Tensor
             "file or a folder `convert --to peft` wrote."
         )
     for part in parts:
-        if part.name not in DIFFUSERS_COMPONENT.values():
-            raise UserError(
-                f"{key}: '{part}' is not a component lora-scripts knows; name it unet, text_encoder or "
-                "text_encoder_2."
-            )
+        if part.name not in COMPONENTS:
+            names = f"{', '.join(COMPONENTS[:-1])} or {COMPONENTS[-1]}"
+            raise UserError(f"{key}: '{part}' is not a component lora-scripts knows; name it {names}.")
         weights, part_metadata = read_lora_tensors(part / PEFT_WEIGHTS, key)
         metadata = metadata or part_metadata  # every part carries the same training metadata
         for name, value in weights.items():
@@ -154,6 +151,7 @@ def diffusers_tensors(model: LoraModel) -> tuple[dict[str, torch.Tensor], dict[s
     for module in model.modules:
         out[f"{module.name}.lora_A.weight"] = module.down.contiguous()
         out[f"{module.name}.lora_B.weight"] = module.up.contiguous()
+    _unshare(out)
     packed = {}
     for component in model.components():
         modules = [m for m in model.modules if m.component == component]
@@ -179,9 +177,20 @@ def peft_folders(
             stem = _PEFT_PREFIX + m.path.removeprefix(prefix)
             tensors[f"{stem}.lora_A.weight"] = m.down.contiguous()
             tensors[f"{stem}.lora_B.weight"] = m.up.contiguous()
+        _unshare(tensors)
         config = lora_config(modules, path_prefix=prefix)
         out[component] = (tensors, {"peft_type": "LORA", "task_type": None, **config})
     return out
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> None:
+    """Copies, in place, of tensors that share memory with one written before (the parts of a dense FLUX
+    qkv / linear1 LoRA share one down): safetensors refuses to save shared tensors."""
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        if tensor.data_ptr() in seen:
+            tensors[name] = tensor.clone()
+        seen.add(tensors[name].data_ptr())
 
 
 def lora_config(modules: list[LoraModule], *, path_prefix: str = "") -> dict[str, object]:

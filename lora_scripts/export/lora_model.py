@@ -20,6 +20,7 @@ from lora_scripts.export.fused import PartLora, split
 from lora_scripts.export.lora_reader import FileModule, FusedRef, ModuleRef
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # diffusers' names, in save order
+DENOISERS = ("unet", "transformer")  # the components that are not text encoders (UNet, FLUX's transformer)
 
 
 @dataclass

@@ -13,6 +13,11 @@ encoder is judged on its own (sd-scripts judges SDXL's two together). And any la
 exactly zero: it has nothing to extract. Unlike sd-scripts, the factors are not clamped to a quantile, which
 would make them no longer the best approximation.
 
+FLUX.1 (a BFL transformer file, or an all-in-one file with its text encoders): the layers of sd-scripts'
+FLUX LoRA network (every Linear of the double and single blocks), q/k/v and a single block's MLP input each
+extracted on its own from its rows of the fused `qkv` / `linear1` tensor and written block-diagonal
+(export/fused.py). A component neither file holds (the text encoders of a transformer file) is left out.
+
 Each extracted layer reports the fraction of ‖ΔW‖_F its rank keeps, sqrt(Σ_{i<r} sᵢ² / Σ sᵢ²). Both
 checkpoints are read one tensor at a time (models/checkpoint_file.py); memory holds one layer's pair.
 """
@@ -32,15 +37,23 @@ from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.export.hashes import file_model_hash
 from lora_scripts.export.lora_layouts import LAYOUTS, component_networks
-from lora_scripts.export.lora_model import LoraModel, LoraModule
+from lora_scripts.export.lora_model import DENOISERS, LoraModel, LoraModule
 from lora_scripts.export.lora_reader import SD_FAMILY, version_family
-from lora_scripts.lora_tools.files import check_output, history_entry, lora_facts, output_metadata, save_lora
+from lora_scripts.lora_tools.files import (
+    a_or_an,
+    check_output,
+    history_entry,
+    lora_facts,
+    output_metadata,
+    save_lora,
+)
 from lora_scripts.lora_tools.svd import low_rank, retained_fro
 from lora_scripts.models.checkpoint_file import CheckpointFile
 from lora_scripts.models.checkpoint_layout import CheckpointLayout, WeightLocation
-from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_unet_model_version
+from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_model_version
 from lora_scripts.models.lora_presets import TEXT_ENCODER_PRESETS, resolve_targets, unet_lora_layers
 from lora_scripts.models.meta_modules import MetaModel, meta_model
+from lora_scripts.models.registry import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +131,22 @@ def extract_lora(
     check_output(output, overwrite=overwrite, inputs=[base, tuned])
     where = pick_device(device)
     with _open(base, "--base", allow_pickle) as old, _open(tuned, "--tuned", allow_pickle) as new:
-        version = detect_unet_model_version(old.specs, base, "--base")
-        tuned_version = detect_unet_model_version(new.specs, tuned, "--tuned")
+        version = detect_model_version(old.specs, base, "--base")
+        tuned_version = detect_model_version(new.specs, tuned, "--tuned")
         if tuned_version != version:
             raise UserError(
-                f"--tuned {tuned} is an {VERSION_NAMES[tuned_version]} checkpoint and --base {base} an "
-                f"{VERSION_NAMES[version]} one; extract from a model and the base it was fine-tuned from."
+                f"--tuned {tuned} is {a_or_an(VERSION_NAMES[tuned_version])} checkpoint and --base {base} "
+                f"{a_or_an(VERSION_NAMES[version])} one; extract from a model and the base it was fine-tuned "
+                "from."
+            )
+        if conv_rank is not None and not FAMILIES[version].has_convs:
+            raise UserError(
+                f"--conv-rank {conv_rank}: {VERSION_NAMES[version]} models have no convolutions to extract "
+                "(LoCon); leave it out."
             )
         model = meta_model(version, config_dir)
-        stored = CheckpointLayout.of(model)
-        targets = extraction_targets(model, stored, rank, conv_rank)
+        stored = CheckpointLayout.of(model, old.specs)
+        targets = _held(extraction_targets(model, stored, rank, conv_rank), old, base)
         names = [t.name for t in targets]
         stored.check(old.shapes, names, what=f"--base {base}")
         stored.check(new.shapes, names, what=f"--tuned {tuned}")
@@ -184,11 +203,17 @@ def extraction_targets(
 ) -> list[Target]:
     """The layers of `model` sd-scripts' extract adapts (see the module doc), with their locations in
     `stored` (the model's checkpoint layout) and their ranks."""
+    family = FAMILIES[model.version]
     targets = []
     for component, net in component_networks(list(model.networks)).items():
-        if component == "unet":
+        if component in DENOISERS and family.has_convs:
             linear, convs = unet_lora_layers(net.module, "kohya", conv=conv_rank is not None)
             ranked = [(path, rank) for path in linear] + [(path, conv_rank) for path in convs]
+        elif component in DENOISERS:
+            paths = resolve_targets(
+                net.module, "kohya", key="extract", component=component, presets=family.denoiser_presets
+            )
+            ranked = [(path, rank) for path in paths]
         else:
             paths = resolve_targets(
                 net.module, "kohya", key="extract", component=component, presets=TEXT_ENCODER_PRESETS
@@ -199,12 +224,21 @@ def extraction_targets(
     return targets
 
 
+def _held(targets: list[Target], old: CheckpointFile, base: Path) -> list[Target]:
+    """The targets of the components the base file holds (a FLUX transformer file has no text encoders);
+    the others are left out, with a log line."""
+    held = {t.component for t in targets if t.location.key in old.specs}
+    for component in sorted({t.component for t in targets} - held):
+        log.info("%s: --base %s holds no %s weights; left out.", component, base, component)
+    return [t for t in targets if t.component in held]
+
+
 def _quiet_text_encoders(
     targets: list[Target], old: CheckpointFile, new: CheckpointFile, min_diff: float
 ) -> dict[str, float]:
     """The text encoders whose largest |ΔW| over their targeted layers is at most `min_diff`, with it."""
     largest: dict[str, float] = defaultdict(float)
-    for key, group in _by_key([t for t in targets if t.component != "unet"]).items():
+    for key, group in _by_key([t for t in targets if t.component not in DENOISERS]).items():
         before, after = old.get(key), new.get(key)
         for target in group:
             difference = _difference(target.location, before, after, torch.device("cpu"))

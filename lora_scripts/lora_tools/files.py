@@ -2,7 +2,8 @@
 
 An input is read once, its family taken from its metadata or names (`lora_reader.lora_family`), and its
 modules resolved against that family's full-size modules built on the meta device (models/meta_modules.py):
-SD 1.x first, then 2.x, when the file does not say which. Outputs never replace an existing file unless
+SD 1.x first, then 2.x, when the file does not say which; FLUX.1 on FLUX.1-dev's (schnell's are the same
+less the guidance embedder). Outputs never replace an existing file unless
 `overwrite`, are written atomically, and carry the history of what they were made from (`HISTORY_KEY`) with
 their sd-scripts hashes recomputed.
 """
@@ -34,15 +35,28 @@ from lora_scripts.export.lora_layouts import (
     save_safetensors,
 )
 from lora_scripts.export.lora_model import LoraModel
-from lora_scripts.export.lora_reader import SD_FAMILY, SDXL_FAMILY, lora_family, version_family
+from lora_scripts.export.lora_reader import FLUX_FAMILY, SD_FAMILY, SDXL_FAMILY, lora_family, version_family
 from lora_scripts.models.detect import ModelVersion, read_checkpoint
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 from lora_scripts.models.registry import base_model_version
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HISTORY_KEY = "lora_scripts.history"  # JSON list: one entry per tool run that made the file
-# sd-scripts' ss_base_model_version per version (A1111/Forge sort LoRAs by it).
-BASE_MODEL_VERSIONS: dict[ModelVersion, str] = {"sd_v1": "sd_v1", "sd_v2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# sd-scripts' ss_base_model_version per version (A1111/Forge sort LoRAs by it), and the network module its
+# scripts name for that version's LoRAs (networks.lora unless listed).
+BASE_MODEL_VERSIONS: dict[ModelVersion, str] = {
+    "sd_v1": "sd_v1",
+    "sd_v2": "sd_v2",
+    "sdxl": "sdxl_base_v1-0",
+    "flux1": "flux1",
+}
+NETWORK_MODULES: dict[ModelVersion, str] = {"flux1": "networks.lora_flux"}
+# The versions of each family, most likely first (SD: 1.x before 2.x unless the metadata says v2).
+FAMILY_VERSIONS: dict[str, list[ModelVersion]] = {
+    SD_FAMILY: ["sd_v1", "sd_v2"],
+    SDXL_FAMILY: ["sdxl"],
+    FLUX_FAMILY: ["flux1"],
+}
 _STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata", "format")
 
 
@@ -107,12 +121,17 @@ def candidate_versions(keys: list[str], metadata: dict[str, str]) -> list[ModelV
     before 1.x when the metadata says v2; every version when nothing tells."""
     family = lora_family(keys, metadata) or lora_family(keys, metadata, guess=True)
     v2 = metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
-    sd: list[ModelVersion] = ["sd_v2", "sd_v1"] if v2 else ["sd_v1", "sd_v2"]
-    if family == SDXL_FAMILY:
-        return ["sdxl"]
-    if family == SD_FAMILY:
-        return sd
-    return [*sd, "sdxl"]
+    families = {name: list(versions) for name, versions in FAMILY_VERSIONS.items()}
+    if v2:
+        families[SD_FAMILY].reverse()
+    if family in families:
+        return families[family]
+    return [version for versions in families.values() for version in versions]
+
+
+def a_or_an(name: str) -> str:
+    """`name` with its article as it is read aloud: "an SD 1.x", "an SDXL", "a FLUX.1"."""
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
 
 
 def parse_weighted(spec: str, *, option: str) -> tuple[Path, float]:
@@ -173,7 +192,7 @@ def lora_facts(model: LoraModel, version: ModelVersion) -> dict[str, str]:
     facts = {
         "ss_base_model_version": BASE_MODEL_VERSIONS[version],
         "ss_v2": str(version == "sd_v2"),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORK_MODULES.get(version, "networks.lora"),
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
     }

@@ -21,8 +21,12 @@ from lora_scripts.export.hashes import file_model_hash
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.lora_layouts import component_networks
 from lora_scripts.export.lora_model import LoraModel
-from lora_scripts.lora_tools.files import HISTORY_KEY, OpenedLora, open_lora
+from lora_scripts.lora_tools.files import FAMILY_VERSIONS, HISTORY_KEY, OpenedLora, open_lora
 from lora_scripts.models.detect import VERSION_NAMES
+from lora_scripts.models.flux import FLUX_MODELSPEC_ARCHITECTURE
+
+# The variant a file's `modelspec.architecture` names ("flux-1-dev/lora"), shown after its version.
+VARIANTS = {architecture: variant for variant, architecture in FLUX_MODELSPEC_ARCHITECTURE.items()}
 
 # sd-scripts' training keys worth showing, in this order, with a readable label.
 TRAINING_KEYS = {
@@ -61,10 +65,13 @@ TOP_TAGS = 15
 @dataclass
 class ComponentSummary:
     component: str
-    modules: int
+    modules: int  # adapted layers (a FLUX fused qkv / linear1 module counts once per part it adapts)
     conv_modules: int  # 3x3 LoCon convs
     ranks: dict[int, int]  # rank → modules
     alphas: dict[float, int]  # alpha → modules
+    model: str = ""  # the component's class (UNet2DConditionModel, FluxTransformer2DModel, T5EncoderModel)
+    kohya_prefix: str = ""  # how kohya files name it (lora_unet, lora_te1, lora_te3 ...)
+    blocks: dict[str, int] = field(default_factory=dict)  # top-level part of its kohya path → modules
 
 
 @dataclass
@@ -95,7 +102,7 @@ def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bo
     """Everything `inspect` shows about the LoRA at `path`."""
     opened = open_lora(Path(path), key="inspect", config_dir=config_dir, allow_pickle=allow_pickle)
     model, metadata = opened.model, opened.model.metadata
-    summaries = _components(model)
+    summaries = _components(model, list(opened.base.networks))
     return Inspection(
         path=str(path),
         size_bytes=_size(Path(path)),
@@ -114,19 +121,26 @@ def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bo
 
 
 def _version_text(opened: OpenedLora) -> str:
-    declared = opened.model.metadata.get("ss_base_model_version")
+    metadata = opened.model.metadata
+    declared = metadata.get("ss_base_model_version")
     name = VERSION_NAMES[opened.version]
-    if opened.version == "sdxl" or declared or opened.model.metadata.get("ss_v2"):
+    variant = VARIANTS.get(metadata.get("modelspec.architecture", "").lower().split("/")[0])
+    if variant is not None:
+        return f"{name} {variant}"
+    if len(FAMILY_VERSIONS[opened.model.family]) == 1 or declared or metadata.get("ss_v2"):
         return name
     # An SD LoRA that does not say: its layers exist in both 1.x and 2.x unless a text-encoder or
     # cross-attention width tells them apart, which resolving tried 1.x first for.
     return f"{name} (the file does not say; its layers fit it)"
 
 
-def _components(model: LoraModel) -> list[ComponentSummary]:
+def _components(model: LoraModel, networks: list[LoraNetwork]) -> list[ComponentSummary]:
+    nets = component_networks(networks)
     out = []
     for component in model.components():
         modules = [m for m in model.modules if m.component == component]
+        net = nets[component]
+        blocks = Counter(_block(net, m.path.removeprefix(net.name_prefix)) for m in modules)
         out.append(
             ComponentSummary(
                 component=component,
@@ -134,9 +148,21 @@ def _components(model: LoraModel) -> list[ComponentSummary]:
                 conv_modules=sum(m.is_conv and m.down.shape[-1] > 1 for m in modules),
                 ranks=dict(sorted(Counter(m.rank for m in modules).items())),
                 alphas=dict(sorted(Counter(m.alpha for m in modules).items())),
+                model=type(net.module).__name__,
+                kohya_prefix=net.kohya_prefix,
+                blocks=dict(blocks),
             )
         )
     return out
+
+
+def _block(net: LoraNetwork, path: str) -> str:
+    """The top-level part of a layer's path in kohya files (`double_blocks`, `input_blocks`, `down_blocks`,
+    `text_model`, `encoder` ...), what the module counts are broken down by."""
+    try:
+        return net.file_path(path).split(".")[0]
+    except ValueError:  # a layer kohya files have no name for
+        return path.split(".")[0]
 
 
 def training_facts(metadata: dict[str, str]) -> dict[str, str]:
@@ -227,7 +253,7 @@ def loads_in(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, str]:
     renamed = [
         m.source
         for m in model.modules
-        if m.source != nets[m.component].kohya_name(m.path.removeprefix(nets[m.component].name_prefix))
+        if m.source != nets[m.component].file_name(m.path.removeprefix(nets[m.component].name_prefix))
     ]
     if renamed:
         note = (
@@ -267,7 +293,12 @@ def format_inspection(ins: Inspection) -> str:
             f"{_num(alpha)}×{n}" if len(s.alphas) > 1 else _num(alpha) for alpha, n in s.alphas.items()
         )
         conv = f" ({s.conv_modules} 3x3 conv)" if s.conv_modules else ""
-        lines.append(f"  {s.component:<15} {s.modules:>4} modules{conv}   rank {ranks}   alpha {alphas}")
+        lines.append(
+            f"  {s.component:<15} {s.modules:>4} modules{conv}   rank {ranks}   alpha {alphas}   "
+            f"({s.kohya_prefix}: {s.model})"
+        )
+        if len(s.blocks) > 1:
+            lines.append("  " + " " * 16 + ", ".join(f"{block} {n}" for block, n in s.blocks.items()))
     if ins.training:
         lines += ["", "training", *_rows(ins.training, indent=2)]
     if ins.datasets:

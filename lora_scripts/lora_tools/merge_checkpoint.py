@@ -1,13 +1,17 @@
 """`lora-scripts merge --base`: LoRAs fused into a base model, written as a new single-file checkpoint in the
-base's own layout (CompVis for SD 1.x/2.x, sgm for SDXL), as A1111 applies them:
+base's own layout (CompVis for SD 1.x/2.x, sgm for SDXL, Black Forest Labs' for FLUX.1), as A1111 applies
+them:
 
     W' = W + Σᵢ mᵢ · (alphaᵢ / rankᵢ) · upᵢ @ downᵢ
 
-for every layer a LoRA adapts, mᵢ being that LoRA's text-encoder or UNet weight (A1111's
-`<lora:name:te:unet>`). The sum is formed in float32 (on `device`) and cast once to the output dtype. Every
-other tensor and key of the base (VAE, EMA weights, `v_pred` / `ztsnr` markers, anything unknown) is
-written through unchanged, bit for bit unless another precision is asked for; its metadata is kept, with a
-`lora_scripts.history` entry naming the base and each LoRA with its weights and hash.
+for every layer a LoRA adapts, mᵢ being that LoRA's text-encoder or UNet (FLUX: transformer) weight (A1111's
+`<lora:name:te:unet>`). FLUX.1's q/k/v (and a single block's MLP input) are rows of one fused tensor (`qkv`,
+`linear1`): each part's update goes to its own rows, exactly. A FLUX transformer file holds no text
+encoders: a LoRA's CLIP-L / T5 modules need a text-encoder weight of 0 there. The sum is formed in float32
+(on `device`) and cast once to the output dtype. Every other tensor and key of the base (VAE, EMA weights,
+`v_pred` / `ztsnr` markers, anything unknown) is written through unchanged, bit for bit unless another
+precision is asked for; its metadata is kept, with a `lora_scripts.history` entry naming the base and each
+LoRA with its weights and hash.
 
 The base is read one tensor at a time and the output written the same way (models/checkpoint_file.py), so
 memory holds a tensor or two, not the model. Where each layer lives in the file comes from the family's
@@ -29,11 +33,12 @@ from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.export.hashes import file_model_hash
 from lora_scripts.export.lora_layouts import lora_model
-from lora_scripts.export.lora_model import LoraModule
+from lora_scripts.export.lora_model import DENOISERS, LoraModule
 from lora_scripts.export.lora_reader import lora_family, version_family
 from lora_scripts.export.safetensors_stream import TensorSpec
 from lora_scripts.lora_tools.files import (
     OpenedLora,
+    a_or_an,
     check_output,
     history_entry,
     output_metadata,
@@ -41,7 +46,7 @@ from lora_scripts.lora_tools.files import (
 )
 from lora_scripts.models.checkpoint_file import CheckpointFile, write_checkpoint
 from lora_scripts.models.checkpoint_layout import CheckpointLayout, WeightLocation
-from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_unet_model_version
+from lora_scripts.models.detect import VERSION_NAMES, ModelVersion, detect_model_version
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 
 log = logging.getLogger(__name__)
@@ -49,14 +54,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MergeInput:
-    """One LoRA to fuse and its multipliers: te_weight for the text encoders, unet_weight for the UNet."""
+    """One LoRA to fuse and its multipliers: te_weight for the text encoders, unet_weight for the UNet (or
+    FLUX's transformer)."""
 
     path: Path
     te_weight: float = 1.0
     unet_weight: float = 1.0
 
     def weight(self, component: str) -> float:
-        return self.unet_weight if component == "unet" else self.te_weight
+        return self.unet_weight if component in DENOISERS else self.te_weight
 
 
 def parse_merge_input(spec: str, *, option: str = "--lora") -> MergeInput:
@@ -129,9 +135,9 @@ def merge_into_checkpoint(
     check_output(output, overwrite=overwrite, inputs=[base, *(lora.path for lora in loras)])
     where = pick_device(device)
     with open_base(base, allow_pickle=allow_pickle) as ckpt:
-        version = detect_unet_model_version(ckpt.specs, base, "--base")
+        version = detect_model_version(ckpt.specs, base, "--base")
         model = meta_model(version, config_dir)
-        stored = CheckpointLayout.of(model)
+        stored = CheckpointLayout.of(model, ckpt.specs)
         opened = [open_on_base(lora.path, model, base, allow_pickle=allow_pickle) for lora in loras]
         parts = _parts(opened, loras, stored, ckpt, base)
         specs = [_output_spec(spec, dtype) for spec in ckpt.specs.values()]
@@ -184,6 +190,8 @@ def declared_version(metadata: dict[str, str]) -> ModelVersion | None:
     """The version sd-scripts' metadata names (`ss_base_model_version`; else `ss_v2` "True": SD 2.x; its
     "False" says nothing, SDXL files have it too), if any."""
     declared = re.sub(r"[^a-z0-9]", "", metadata.get("ss_base_model_version", "").lower())
+    if declared.startswith("flux"):
+        return "flux1"
     if declared.startswith("sdxl"):
         return "sdxl"
     if declared.startswith(("sdv2", "sd2", "v2")) or (not declared and metadata.get("ss_v2") == "True"):
@@ -196,8 +204,8 @@ def declared_version(metadata: dict[str, str]) -> ModelVersion | None:
 def _refuse_version(path: Path, lora: str, version: ModelVersion, base: Path) -> None:
     lora_name = VERSION_NAMES.get(lora, lora)
     raise UserError(
-        f"--lora {path} is an {lora_name} LoRA and --base {base} an {VERSION_NAMES[version]} checkpoint; "
-        "merge a LoRA into the kind of model it was made for."
+        f"--lora {path} is {a_or_an(lora_name)} LoRA and --base {base} {a_or_an(VERSION_NAMES[version])} "
+        "checkpoint; merge a LoRA into the kind of model it was made for."
     )
 
 
@@ -208,14 +216,41 @@ def _parts(
     ckpt: CheckpointFile,
     base: Path,
 ) -> dict[str, list[_Part]]:
-    """Stored key → the LoRA modules that change it, after checking every module's place in the header."""
-    stored.check(ckpt.shapes, [m.name for lora in opened for m in lora.model.modules], what=f"--base {base}")
+    """Stored key → the LoRA modules that change it, after checking every module's place in the header.
+    Modules of weight 0 change nothing and are left out (a FLUX transformer file has no place for a LoRA's
+    text-encoder modules: they need te weight 0 there)."""
+    weighted = [
+        (module, merge_input.weight(module.component), lora.path)
+        for lora, merge_input in zip(opened, loras, strict=True)
+        for module in lora.model.modules
+        if merge_input.weight(module.component) != 0
+    ]
+    _refuse_absent_components(weighted, stored, ckpt, base)
+    stored.check(ckpt.shapes, [module.name for module, _, _ in weighted], what=f"--base {base}")
     parts: dict[str, list[_Part]] = defaultdict(list)
-    for lora, merge_input in zip(opened, loras, strict=True):
-        for module in lora.model.modules:
-            location = stored[module.name]
-            parts[location.key].append((location, module, merge_input.weight(module.component)))
+    for module, weight, _ in weighted:
+        location = stored[module.name]
+        parts[location.key].append((location, module, weight))
     return dict(parts)
+
+
+def _refuse_absent_components(
+    weighted: list[tuple[LoraModule, float, Path]], stored: CheckpointLayout, ckpt: CheckpointFile, base: Path
+) -> None:
+    """One sentence per LoRA whose modules adapt a component the base file does not hold at all (a FLUX
+    transformer file has no text encoders)."""
+    held = {name.partition(".")[0] for name, where in stored.locations.items() if where.key in ckpt.specs}
+    problems = []
+    for path in dict.fromkeys(p for _, _, p in weighted):
+        absent = sorted({m.component for m, _, p in weighted if p == path and m.component not in held})
+        if absent:
+            problems.append(
+                f"--base {base} holds no {' or '.join(absent)} weights, which --lora {path} adapts; give it "
+                f"a text-encoder weight of 0 (--lora {path}:0:WEIGHT) to fuse its other modules, or a "
+                "checkpoint that holds them too."
+            )
+    if problems:
+        raise UserError(problems)
 
 
 def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:

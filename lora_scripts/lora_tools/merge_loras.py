@@ -39,6 +39,7 @@ from lora_scripts.export.lora_layouts import LAYOUTS
 from lora_scripts.export.lora_model import LoraModel, LoraModule
 from lora_scripts.lora_tools.files import (
     OpenedLora,
+    a_or_an,
     check_output,
     history_entry,
     lora_facts,
@@ -160,9 +161,10 @@ def _check_one_version(opened: list[OpenedLora]) -> None:
     first = opened[0]
     for other in opened[1:]:
         if other.version != first.version:
+            other_name, first_name = VERSION_NAMES[other.version], VERSION_NAMES[first.version]
             raise UserError(
-                f"--lora {other.path} is an {VERSION_NAMES[other.version]} LoRA and --lora {first.path} an "
-                f"{VERSION_NAMES[first.version]} one; merge LoRAs made for one base model."
+                f"--lora {other.path} is {a_or_an(other_name)} LoRA and --lora {first.path} "
+                f"{a_or_an(first_name)} one; merge LoRAs made for one base model."
             )
 
 

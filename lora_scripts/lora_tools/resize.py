@@ -4,7 +4,14 @@ that rank (SVD, lora_tools/svd.py), as sd-scripts' networks/resize_lora.py does 
 sv_ratio|sv_fro|sv_cumulative --dynamic-param X`, with `--rank` / `--conv-rank` as the maximum).
 
 Every module keeps its scale (alpha / rank), so its update is `scale · up_k @ down_k` with the same scale
-before and after; a module never gets a higher rank than it has. The output is written in the layout the
+before and after; a module never gets a higher rank than it has.
+
+FLUX.1's fused layers (BFL's `qkv`, `linear1`: export/fused.py) are read as their parts. A block-diagonal
+one (ours, sd-scripts' split_qkv) has a down per part: each part is resized on its own, the best
+approximation of its own update, and written block-diagonal again (rank = parts × the new rank). A dense
+one (sd-scripts' default: one down shared by the parts) is resized as one matrix, the parts' updates stacked
+in their rows: the best approximation of the fused layer's update, written dense at the new rank, so a
+resize never makes a file larger than it was. The output is written in the layout the
 input came in (kohya, diffusers, or a peft folder), with sd-scripts' metadata updated as its script does.
 """
 
@@ -130,10 +137,16 @@ def resize(
     modules: list[LoraModule] = []
     rows: list[ModuleResize] = []
     with torch.no_grad():
-        for module in tqdm(model.modules, desc="resize", unit="module"):
-            new, row = resize_module(module, choice.max_rank(module), dynamic, dynamic_param, where)
-            modules.append(new)
-            rows.append(row)
+        for group in tqdm(shared_down_groups(model.modules), desc="resize", unit="module"):
+            if len(group) == 1:
+                new, row = resize_module(group[0], choice.max_rank(group[0]), dynamic, dynamic_param, where)
+                modules.append(new)
+                rows.append(row)
+                continue
+            max_rank = choice.max_rank(group[0])
+            new_parts, part_rows = resize_shared(group, max_rank, dynamic, dynamic_param, where)
+            modules += new_parts
+            rows += part_rows
     resized = replace(model, modules=modules)
 
     params = asdict(choice) | {"dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
@@ -174,6 +187,53 @@ def resize_module(
     up = up.to(device="cpu", dtype=dtype).reshape(module.up.shape[0], new_rank, *module.up.shape[2:])
     row = ModuleResize(module.name, module.rank, new_rank, alpha, retained_fro(decomposition.s, new_rank))
     return replace(module, down=down, up=up, alpha=alpha), row
+
+
+def shared_down_groups(modules: list[LoraModule]) -> list[list[LoraModule]]:
+    """The modules in file order, those of one component that share one down (equal 2-D tensors) and scale
+    grouped: the parts a dense fused module was read as (export/fused.py), from a kohya file or converted to
+    diffusers / peft. Every other module alone."""
+    groups: list[list[LoraModule]] = []
+    buckets: dict[tuple, list[list[LoraModule]]] = {}
+    for module in modules:
+        key = (module.component, tuple(module.down.shape), module.down.dtype, module.scale)
+        candidates = [] if module.is_conv else buckets.setdefault(key, [])
+        for group in candidates:
+            if torch.equal(module.down, group[0].down):
+                group.append(module)
+                break
+        else:
+            groups.append([module])
+            candidates.append(groups[-1])
+    return groups
+
+
+def resize_shared(
+    parts: list[LoraModule],
+    max_rank: int,
+    dynamic: str | None,
+    dynamic_param: float | None,
+    device: torch.device,
+) -> tuple[list[LoraModule], list[ModuleResize]]:
+    """Parts that share one down (one scale), resized as one matrix: their ups stacked by rows, the best
+    approximation of that rank, one new down shared again; each part's report row gives the whole's
+    retained fraction."""
+    first = parts[0]
+    stacked = torch.cat([p.up.flatten(1) for p in parts])
+    decomposition = svd_of_product(stacked, first.down.flatten(1), device=device)
+    new_rank = min(choose_rank(decomposition.s, max_rank, dynamic, dynamic_param), first.rank)
+    up, down = decomposition.factors(new_rank)
+    dtype = first.down.dtype
+    down = down.to(device="cpu", dtype=dtype).contiguous()
+    alpha = first.alpha * new_rank / first.rank
+    retained = retained_fro(decomposition.s, new_rank)
+    out, rows, start = [], [], 0
+    for part in parts:
+        rows_of_part = up[start : start + part.up.shape[0]].to(device="cpu", dtype=part.up.dtype)
+        start += part.up.shape[0]
+        out.append(replace(part, down=down, up=rows_of_part.contiguous(), alpha=alpha))
+        rows.append(ModuleResize(part.name, part.rank, new_rank, alpha, retained))
+    return out, rows
 
 
 def is_conv3x3(module: LoraModule) -> bool:

@@ -1,11 +1,17 @@
 """Where each Linear/Conv2d weight of a base model's UNet and text encoders lives in its single-file
-checkpoint, in the layout users download: CompVis/LDM for SD 1.x/2.x, Stability's sgm for SDXL.
+checkpoint, in the layout users download: CompVis/LDM for SD 1.x/2.x, Stability's sgm for SDXL, Black
+Forest Labs' for FLUX.1.
 
     UNet (all versions)   model.diffusion_model.<sgm path>.weight        (export/sdxl_keys.py SgmUnetMap)
     SD 1.x CLIP ViT-L     cond_stage_model.transformer.<transformers path>.weight
     SD 2.x OpenCLIP ViT-H cond_stage_model.model.<open_clip name>
     SDXL CLIP ViT-L       conditioner.embedders.0.transformer.<transformers path>.weight
     SDXL OpenCLIP bigG    conditioner.embedders.1.model.<open_clip name>
+    FLUX.1 transformer    <BFL path>.weight (flux1-dev.safetensors), under model.diffusion_model. in
+                          ComfyUI's all-in-one files; q/k/v are rows of `qkv`, a single block's q/k/v/MLP
+                          input rows of `linear1` (export/flux_keys.py: the names FLUX LoRA files use)
+    FLUX.1 CLIP-L, T5-XXL text_encoders.clip_l.transformer.<transformers path>.weight and
+                          text_encoders.t5xxl.transformer.<path>.weight (all-in-one files only)
 
 OpenCLIP keeps open_clip's names (`transformer.resblocks.<i>.mlp.c_fc.weight`, ...) and fuses a layer's
 q/k/v projections into one `attn.in_proj_weight` [3d, d]: q is rows [0:d], k [d:2d], v [2d:3d]. bigG's
@@ -27,15 +33,19 @@ import torch
 from torch import nn
 
 from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.lora_layouts import component_networks
 from lora_scripts.export.sdxl_keys import SgmUnetMap
 from lora_scripts.models.detect import (
     CLIP_PREFIX,
+    COMFY_CLIP_L_PREFIX,
+    COMFY_T5XXL_PREFIX,
     LDM_UNET_PREFIX,
     OPEN_CLIP_PREFIX,
     SGM_CLIP_PREFIX,
     SGM_OPEN_CLIP_PREFIX,
     ModelVersion,
+    flux_prefix,
 )
 from lora_scripts.models.meta_modules import MetaModel
 
@@ -44,6 +54,7 @@ TEXT_ENCODER_STORAGE: dict[ModelVersion, dict[str, tuple[bool, str]]] = {
     "sd_v1": {"text_encoder": (False, CLIP_PREFIX)},
     "sd_v2": {"text_encoder": (True, OPEN_CLIP_PREFIX)},
     "sdxl": {"text_encoder": (False, SGM_CLIP_PREFIX), "text_encoder_2": (True, SGM_OPEN_CLIP_PREFIX)},
+    "flux1": {"text_encoder": (False, COMFY_CLIP_L_PREFIX), "text_encoder_2": (False, COMFY_T5XXL_PREFIX)},
 }
 # A transformers CLIP encoder layer's children → open_clip's names (q/k/v: see OPEN_CLIP_QKV).
 OPEN_CLIP_LAYER = {
@@ -136,15 +147,16 @@ class CheckpointLayout:
     locations: Mapping[str, WeightLocation]
 
     @classmethod
-    def of(cls, model: MetaModel) -> CheckpointLayout:
-        """The layout of `model`'s version, with `model`'s layer names and shapes."""
+    def of(cls, model: MetaModel, keys: Iterable[str] = ()) -> CheckpointLayout:
+        """The layout of `model`'s version, with `model`'s layer names and shapes. keys: the file's tensor
+        names, where the layout has two places for its denoiser (a FLUX.1 transformer bare or in an
+        all-in-one file)."""
         locations: dict[str, WeightLocation] = {}
         storage = TEXT_ENCODER_STORAGE[model.version]
         for component, net in component_networks(list(model.networks)).items():
-            if component == "unet":
-                for path, sgm in SgmUnetMap.from_unet(net.module).items():
-                    shape = tuple(net.module.get_submodule(path).weight.shape)
-                    locations[f"unet.{path}"] = WeightLocation(f"{LDM_UNET_PREFIX}{sgm}.weight", shape)
+            if component in DENOISER_LOCATIONS:
+                for path, where in DENOISER_LOCATIONS[component](net, list(keys)).items():
+                    locations[f"{component}.{path}"] = where
                 continue
             open_clip, prefix = storage[component]
             for name, layer in net.module.named_modules():
@@ -187,6 +199,39 @@ class CheckpointLayout:
                 )
         if problems:
             raise UserError(problems)
+
+
+def _sgm_unet_locations(net: LoraNetwork, keys: list[str]) -> dict[str, WeightLocation]:
+    out = {}
+    for path, sgm in SgmUnetMap.from_unet(net.module).items():
+        shape = tuple(net.module.get_submodule(path).weight.shape)
+        out[path] = WeightLocation(f"{LDM_UNET_PREFIX}{sgm}.weight", shape)
+    return out
+
+
+def _bfl_transformer_locations(net: LoraNetwork, keys: list[str]) -> dict[str, WeightLocation]:
+    """FLUX.1's transformer by the names its LoRA files use (the network's key map and fused layers), bare
+    or under the all-in-one prefix, whichever `keys` has (bare when they say nothing)."""
+    prefix = flux_prefix(keys) or ""
+    out = {}
+    for path, layer in net.module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        shape = tuple(layer.weight.shape)
+        part = net.fusion(path) if net.fusion is not None else None
+        if part is not None:
+            start = sum(part.sizes[: part.index])
+            out[path] = WeightLocation(f"{prefix}{part.path}.weight", shape, (start, start + shape[0]))
+            continue
+        try:
+            out[path] = WeightLocation(f"{prefix}{net.kohya_path(path)}.weight", shape)
+        except ValueError:  # the final norm's modulation: BFL stores its halves swapped, and no LoRA names it
+            continue
+    return out
+
+
+# How each denoiser component's layers are stored, by component (the text encoders: TEXT_ENCODER_STORAGE).
+DENOISER_LOCATIONS = {"unet": _sgm_unet_locations, "transformer": _bfl_transformer_locations}
 
 
 def _open_clip_location(path: str, layer: nn.Linear, prefix: str) -> WeightLocation | None:

@@ -1,6 +1,7 @@
-"""A base model's UNet and text encoders built on the meta device from their configs: every module and shape,
-no memory, no weights (an SDXL UNet in about a second). The post-training tools name and size a LoRA file's
-layers with them (export/lora_layouts.py); a single file's own shapes decide nothing here.
+"""A base model's denoiser (UNet, FLUX's transformer) and text encoders built on the meta device from their
+configs: every module and shape, no memory, no weights (an SDXL UNet in about a second). The post-training
+tools name and size a LoRA file's layers with them (export/lora_layouts.py); a single file's own shapes
+decide nothing here.
 
 Which text encoders a version has, and how LoRA files name their layers, is the family's (`FAMILIES`).
 """
@@ -18,7 +19,7 @@ from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.registry import FAMILIES
 from lora_scripts.models.sd_loading import shipped_config_dir
 
-VERSIONS: tuple[ModelVersion, ...] = ("sd_v1", "sd_v2", "sdxl")
+VERSIONS: tuple[ModelVersion, ...] = ("sd_v1", "sd_v2", "sdxl", "flux1")
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,14 @@ class SDComponents:
     zero_terminal_snr: bool = False
 
 
+# Versions whose shipped configs are in a folder of another name: FLUX.1's are dev's (schnell's modules are
+# the same but for dev's guidance embedder, so dev's name and size every layer a FLUX.1 LoRA can have).
+_CONFIG_FOLDERS: dict[str, str] = {"flux1": "flux_dev"}
+
+
 def shipped_config_dir(version: ModelVersion) -> Path:
     """The diffusers-layout config folder we ship for `version` (configs only, no weights)."""
-    return ASSETS_DIR / version
+    return ASSETS_DIR / _CONFIG_FOLDERS.get(version, version)
 
 
 def load_clip_tokenizer(version: SDVersion) -> CLIPTokenizer:
