@@ -1,9 +1,11 @@
-"""Facts about the captions: what CLIP will not read, how consistent the wording is, the trigger word, and
-metadata.csv rows whose caption has commas outside double quotes.
+"""Facts about the captions: what the text encoder will not read, how consistent the wording is, the trigger
+word, and metadata.csv rows whose caption has commas outside double quotes.
 
-SD 1.x/2.x's text encoder reads 77 positions: a start token, 75 caption tokens and an end token. Training
-cuts every caption there (as every SD trainer does), so words past the 75th token teach nothing; a trigger
-word past it is never seen at all.
+SD 1.x/2.x's and SDXL's CLIP reads 77 positions: a start token, 75 caption tokens and an end token (or
+max_token_length's 150 / 225 in chunks). FLUX.1 reads the caption with T5-XXL: 512 positions for dev, 256
+for schnell (or t5xxl_max_token_length), one of them the end token; CLIP-L gives only its pooled embedding.
+Training cuts every caption there (as every trainer does), so words past the limit teach nothing; a trigger
+word past it is never seen at all. Which encoder and limit apply is the model family's (`caption_reader`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from lora_scripts.config.datasets import dataset_settings
 from lora_scripts.data import CaptionedImage, caption_words, tag_frequency
 from lora_scripts.data.captions import metadata_warnings, trigger_pattern
 from lora_scripts.data.training_set import validation_spec
+from lora_scripts.errors import UserError
+from lora_scripts.models.family import CaptionReader, ModelFamily
+from lora_scripts.models.registry import FAMILIES, base_model_version
 from lora_scripts.models.sd_loading import load_clip_tokenizer
 
 CLIP_CAPTION_TOKENS = 75  # 77 positions minus the start and end tokens
@@ -28,7 +33,8 @@ TOP_COUNT = 15  # how many of the most frequent tags and words are reported
 
 @dataclass(frozen=True)
 class LongCaption:
-    """A caption longer than CLIP reads: its token count and the text after the cut (as CLIP spells it)."""
+    """A caption longer than the text encoder reads: its token count and the text after the cut (as the
+    encoder's tokenizer spells it)."""
 
     file_name: str
     tokens: int
@@ -49,7 +55,27 @@ class CaptionReport:
     trigger_word: str | None
     without_trigger: list[str]  # captions that never mention trigger_word
     trigger_cut_off: list[str]  # captions that mention it only after the token_limit-th token
-    token_limit: int = CLIP_CAPTION_TOKENS  # caption tokens training reads (max_token_length)
+    token_limit: int = CLIP_CAPTION_TOKENS  # caption tokens training reads (max_token_length; FLUX.1: T5's)
+    text_encoder: str = "CLIP"  # the encoder whose tokens are counted ("T5-XXL" for FLUX.1)
+
+
+def caption_reader_for(config: TrainConfig) -> CaptionReader:
+    """The family's reader of the run's captions (FLUX.1: T5-XXL; SD, SDXL: CLIP). A base model that cannot
+    be read gets CLIP's; check reports why it cannot elsewhere."""
+    values = config.changed_values()
+    try:
+        family: type[ModelFamily] = FAMILIES[base_model_version(config.base_model)]
+        return family.caption_reader(config.base_model, values)
+    except (UserError, OSError):
+        return ModelFamily.caption_reader(config.base_model, values)
+
+
+def analyze_run_captions(items: Sequence[CaptionedImage], config: TrainConfig) -> CaptionReport:
+    """`analyze_captions` of a run's captions, counted with its family's tokenizer against its limit."""
+    reader = caption_reader_for(config)
+    return analyze_captions(
+        items, config.trigger_word, reader.tokenizer(), reader.tokens, text_encoder=reader.encoder
+    )
 
 
 def analyze_captions(
@@ -57,12 +83,15 @@ def analyze_captions(
     trigger_word: str | None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     token_limit: int = CLIP_CAPTION_TOKENS,
+    *,
+    text_encoder: str = "CLIP",
 ) -> CaptionReport:
     """Token counts, tag and word frequencies and trigger-word presence of `items`' captions.
 
     `tokenizer` defaults to the shipped CLIP tokenizer (SD 1.x and 2.x share its vocabulary), so nothing
     but a few small files is loaded. `token_limit`: the caption tokens training reads (75, or the run's
-    max_token_length 150 / 225).
+    max_token_length 150 / 225; FLUX.1: T5's length less the end token). `text_encoder` names the encoder
+    the tokenizer is for, in the findings' text.
     """
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer("sd_v1")
     captions = [item.caption for item in items]
@@ -101,13 +130,14 @@ def analyze_captions(
         top_words=sorted(words.items(), key=lambda item: (-item[1], item[0]))[:TOP_COUNT],
         trigger_word=trigger_word,
         token_limit=token_limit,
+        text_encoder=text_encoder,
         without_trigger=sorted(without_trigger),
         trigger_cut_off=sorted(trigger_cut_off),
     )
 
 
 def _tokens_before(tokenizer: PreTrainedTokenizerBase, caption: str, position: int) -> int:
-    """CLIP tokens of `caption[:position]`: where a word starting at `position` lands."""
+    """Tokens of `caption[:position]`: where a word starting at `position` lands."""
     return len(tokenizer(caption[:position], add_special_tokens=False, verbose=False)["input_ids"])
 
 

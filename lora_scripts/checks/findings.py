@@ -70,13 +70,15 @@ def image_warnings(images: ImageReport, resolution: int) -> list[str]:
 
 
 def caption_warnings(captions: CaptionReport) -> list[str]:
-    """Captions CLIP cuts, and captions without (or with a cut-off) trigger word."""
+    """Captions the text encoder cuts (CLIP; FLUX.1: T5-XXL), and captions without (or with a cut-off)
+    trigger word."""
     out: list[str] = []
     if captions.too_long:
         longest = [f"{c.file_name} ({c.tokens} tokens)" for c in captions.too_long]
         out.append(
             f"{_plural(len(longest), 'caption is', 'captions are')} longer than the {captions.token_limit} "
-            f"tokens CLIP reads and will be cut: {named(longest)}; shorten or put what matters first."
+            f"{captions.text_encoder} tokens training reads and will be cut: {named(longest)}; shorten "
+            "or put what matters first."
         )
     if captions.trigger_word is not None and captions.without_trigger:
         out.append(
@@ -87,8 +89,8 @@ def caption_warnings(captions: CaptionReport) -> list[str]:
     if captions.trigger_word is not None and captions.trigger_cut_off:
         out.append(
             f"trigger_word '{captions.trigger_word}' comes after the {captions.token_limit}th token in "
-            f"{_plural(len(captions.trigger_cut_off), 'caption')}, where CLIP never reads it: "
-            f"{named(captions.trigger_cut_off)}; move it to the front."
+            f"{_plural(len(captions.trigger_cut_off), 'caption')}, where {captions.text_encoder} never reads "
+            f"it: {named(captions.trigger_cut_off)}; move it to the front."
         )
     return out
 

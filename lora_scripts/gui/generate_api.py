@@ -1,7 +1,9 @@
 """The Generate page's endpoints. The work is in gui/generating.py (over generation/generate.py).
 
 GET  /api/generate/options            samplers, the library's LoRA names, base models the configs use, the job
-POST /api/generate                    {base_model, prompt, ...}: start rendering (202 {job})
+POST /api/generate                    {base_model, prompt, ...}: start rendering (202 {job}); a FLUX.1
+                                      single file's vae / clip_l / t5xxl files and base_model_config, as
+                                      `generate --vae --clip-l --t5xxl --base-model-config`, are optional
 GET  /api/generate/job                the latest generate job (status, progress, images)
 POST /api/generate/stop               stop after the current step (the images finished are kept)
 POST /api/generate/unload             release the kept pipeline's memory
@@ -47,6 +49,16 @@ class GenerateBody(BaseModel):
     lora_weights: str = ""  # "0,0.5,1": one grid column per weight
     output: str  # ROOT/folder
     precision: str = "auto"
+    # A FLUX.1 single file without its VAE and text encoders: their files (ROOT/relative/path), and a
+    # diffusers-layout config folder for a non-standard single file; "": none (the CLI's defaults).
+    vae: str = ""
+    clip_l: str = ""
+    t5xxl: str = ""
+    base_model_config: str = ""
+
+
+# The optional paths of the form: a part file (True) or a config folder (False), each under a root.
+PART_PATHS = {"vae": True, "clip_l": True, "t5xxl": True, "base_model_config": False}
 
 
 def router_for(settings: Any, pipelines: PipelineCache) -> APIRouter:  # noqa: ANN401 - GuiSettings
@@ -96,6 +108,12 @@ class GenerateRoutes:
                 raise UserError(f"output: '{request.output}' is a file; give a folder under a root.")
         except UserError as err:
             problems.extend(err.messages)
+        parts: dict[str, str | None] = {}
+        for key, is_file in PART_PATHS.items():
+            try:
+                parts[key] = self._part_path(key, getattr(request, key), is_file=is_file)
+            except UserError as err:
+                problems.extend(err.messages)
         if request.lora_weights.strip():
             try:
                 weights = parse_weight_list(request.lora_weights.replace("--lora-weights", "lora_weights"))
@@ -119,6 +137,10 @@ class GenerateRoutes:
             output=output,
             precision=request.precision,  # type: ignore[arg-type] - run_generate refuses an unknown one
             progress=False,
+            vae=parts["vae"],
+            clip_l=parts["clip_l"],
+            t5xxl=parts["t5xxl"],
+            base_model_config=parts["base_model_config"],
         )
         job = start_generate(self.state, options)
         return JSONResponse({"job": job.to_json()}, status_code=202)
@@ -145,6 +167,20 @@ class GenerateRoutes:
         return FileResponse(file, media_type="image/png")
 
     # --- helpers ---
+
+    def _part_path(self, key: str, text: str, *, is_file: bool) -> str | None:
+        """The file (or, not `is_file`, the folder) an optional path field names under a root; None for ""."""
+        if not text.strip():
+            return None
+        try:
+            path = self.state.roots.resolve(text.strip(), must_exist=True)
+        except UserError as err:
+            raise UserError([f"{key}: {message}" for message in err.messages]) from None
+        if is_file and not path.is_file():
+            raise UserError(f"{key}: '{text}' is a folder; give the .safetensors file under a root.")
+        if not is_file and not path.is_dir():
+            raise UserError(f"{key}: '{text}' is a file; give a diffusers-layout config folder under a root.")
+        return str(path)
 
     def _lora_names(self) -> list[dict[str, str]]:
         """The names a `<lora:NAME>` tag can use, each with the file it means (names that two different

@@ -30,9 +30,9 @@ GALLERY_LIMIT = 60
 
 
 class PipelineCache:
-    """The last pipeline `generate` loaded, kept for the next request with the same base model, device,
-    dtype and config. `clear` never waits for a render that is using it: that render keeps its reference and
-    the memory is freed when it ends."""
+    """The last pipeline `generate` loaded, kept for the next request with the same base model (and part
+    files), device, dtype and config. `clear` never waits for a render that is using it: that render keeps
+    its reference and the memory is freed when it ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -100,7 +100,8 @@ def start_generate(state: GenerateState, options: GenerateOptions) -> Job:
     stop = threading.Event()
 
     def keep_loaded(options: GenerateOptions, sampler: Any, device: torch.device, dtype: torch.dtype) -> Any:  # noqa: ANN401
-        key = (options.base_model, options.base_model_config, str(device), str(dtype))
+        parts = (options.vae, options.clip_l, options.t5xxl)  # a FLUX.1 single file's other files
+        key = (options.base_model, options.base_model_config, *parts, str(device), str(dtype))
         return state.pipelines.get(key, lambda: load_fresh(options, sampler, device, dtype))
 
     def work(job: Job) -> dict[str, Any]:

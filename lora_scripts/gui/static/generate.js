@@ -1,6 +1,7 @@
 // The Generate page: the `generate` command's form (prompt with <lora:NAME:weight> tags, the library's LoRA
-// names offered, sampler, steps, seed, size, a weight grid), run as a job on the server, polled for its
-// progress, and the output folder's gallery with each picture's infotext (WebUI's PNG Info).
+// names offered, sampler, steps, seed, size, a weight grid, a FLUX.1 single file's part files), run as a job
+// on the server, polled for its progress, and the output folder's gallery with each picture's infotext
+// (WebUI's PNG Info).
 import { api, element, query, request, send, t } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
@@ -75,6 +76,10 @@ function formValues() {
     lora_weights: $("generate-grid").value.trim(),
     output: $("generate-output").value.trim(),
     precision: $("generate-precision").value,
+    vae: $("generate-vae").value.trim(),
+    clip_l: $("generate-clip-l").value.trim(),
+    t5xxl: $("generate-t5xxl").value.trim(),
+    base_model_config: $("generate-base-model-config").value.trim(),
   };
 }
 
