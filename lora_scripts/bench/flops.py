@@ -52,7 +52,7 @@ def step_flops_per_image(
     denoiser.train()
     cond = step_conditioning(family, resolution)
     side = resolution // 8
-    latents = torch.randn(1, denoiser.config.in_channels, side, side, device=_device_of(family))
+    latents = torch.randn(1, family.vae.config.latent_channels, side, side, device=_device_of(family))
     timesteps = torch.tensor([TIMESTEP], device=latents.device)
 
     def step() -> None:
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
     resolution = args.resolution or BUILT_IN_MODELS[args.model].resolution
-    encode = encode_flops_per_image(meta_family(args.model), resolution)
+    family = meta_family(args.model)
+    encode = encode_flops_per_image(family, resolution)
     step = step_flops_per_image(
         meta_family(args.model),
         resolution,
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         rank=args.rank,
     )
     print(f"{args.model} at {resolution}², FLOPs per image:")
-    print(f"  UNet forward + backward (rank-{args.rank} LoRA): {_scaled(step)}")
+    print(f"  {family.denoiser_name} forward + backward (rank-{args.rank} LoRA): {_scaled(step)}")
     print(f"  VAE encode: {_scaled(encode['vae_encode'])}")
     print(f"  text encoders: {_scaled(encode['text_encoders'])}")
     print(f"  uncached step (all three): {_scaled(step + sum(encode.values()))}")

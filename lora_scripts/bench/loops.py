@@ -35,6 +35,7 @@ from lora_scripts.training.setup import (
     make_accelerator,
     make_dataloader,
     make_optimization,
+    place_denoiser,
     speed_switches,
 )
 from lora_scripts.training.step import diffusion_loss
@@ -70,6 +71,7 @@ class BenchLoop:
         attach_lora(self.family, config, self.accelerator)
         self._speed_up()
         latents = self._prepare_caches(training_set)
+        place_denoiser(self.family, config.blocks_to_swap, self.accelerator)
         dataloader = make_dataloader(training_set, config, latents)
         epoch_sampler = dataloader.batch_sampler
         optimizer, _, lr_scheduler = make_optimization(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_scripts.models.detect import ModelVersion
+from lora_scripts.models.detect import VERSION_NAMES, ModelVersion
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 
 # diffusers' train_text_to_image_lora.py trains SD 1.x/2.x. SDXL has a script of its own
@@ -26,7 +26,7 @@ def no_reference_reason(version: ModelVersion) -> str | None:
     if version in REFERENCE_VERSIONS:
         return None
     return (
-        f"no reference loop for {version.upper()} models: bench/reference.py is diffusers' SD 1.x/2.x "
+        f"no reference loop for {VERSION_NAMES[version]} models: bench/reference.py is diffusers' SD 1.x/2.x "
         "script (train_text_to_image_lora.py); our loop is measured alone"
     )
 

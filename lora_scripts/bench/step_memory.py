@@ -12,6 +12,14 @@ device and only gives the conditioning's shapes.
     python -m lora_scripts.bench.step_memory --model sdxl --resolution 1024
     python -m lora_scripts.bench.step_memory --model sdxl --resolution 1024 --quantize-base int8
     python -m lora_scripts.bench.step_memory --model sd15 --resolution 512 --rank 4 --target-modules attn
+    python -m lora_scripts.bench.step_memory --model flux-dev --resolution 1024 --fake --blocks-to-swap 18
+
+`--fake` runs the step on torch's fake tensors (`FakeTensorMode`): every tensor has its shape, dtype and
+device but no memory and no values, and no arithmetic is done, so FLUX.1-dev's 12 B-parameter step is counted
+in a minute on a machine with less RAM than its weights. MemTracker adds up the same bytes as for real
+tensors (tests/bench/test_step_memory.py compares both on the tiny models); there is no loss to report.
+With `--blocks-to-swap` the swapped weights wait on the meta device, standing for the CPU, and the count is
+of the device's tensors.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lora_scripts.bench.flops import TIMESTEP, meta_family, step_conditioning
 from lora_scripts.bench.workspace import BUILT_IN_MODELS
+from lora_scripts.models.block_swap import BlockSwap
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.lora import LoraSpec
-from lora_scripts.models.lora_presets import UNET_PRESETS
+from lora_scripts.models.lora_presets import FLUX_PRESETS, UNET_PRESETS
 from lora_scripts.models.quantize import quantize_frozen
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,13 +57,24 @@ class StepMemorySettings:
     weights: str = "bf16"  # the frozen weights' dtype, and the autocast dtype when not fp32
     gradient_checkpointing: bool = True
     quantize_base: str = "no"  # "int8" / "float8": the frozen weights in 8 bits (config key quantize_base)
+    blocks_to_swap: int = 0  # FLUX.1: blocks whose frozen weights stay off the device (config key)
+    fake: bool = (
+        False  # count with fake tensors: shapes only, no memory, no arithmetic (see count_step_memory)
+    )
 
 
 def materialize(module: nn.Module, dtype: torch.dtype) -> None:
     """A module built on the meta device (or anywhere: its tensors are replaced) → new CPU tensors of `dtype`,
     initialised as its layers initialise themselves, from seed 0 (speed and memory do not depend on the
-    values, but NaN or denormal garbage could)."""
-    module.to(dtype=dtype).to_empty(device="cpu")
+    values, but NaN or denormal garbage could). Under a FakeTensorMode the new tensors are fake."""
+    for layer in module.modules():  # (not module.to_empty: it cannot swap a real tensor for a fake one)
+        for name, param in layer._parameters.items():
+            if param is not None:
+                new = torch.empty(param.shape, dtype=_cast(param, dtype), device="cpu")
+                layer._parameters[name] = nn.Parameter(new, requires_grad=param.requires_grad)
+        for name, buffer in layer._buffers.items():
+            if buffer is not None:
+                layer._buffers[name] = torch.empty(buffer.shape, dtype=_cast(buffer, dtype), device="cpu")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for layer in module.modules():
@@ -68,20 +89,47 @@ def materialize(module: nn.Module, dtype: torch.dtype) -> None:
         raise RuntimeError(f"no initialiser for the parameters of {untouched[:3]}")
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    return dtype if tensor.is_floating_point() else tensor.dtype
+
+
 def prepare_step(settings: StepMemorySettings) -> tuple[ModelFamily, dict[str, torch.Tensor], torch.Tensor]:
     """The family with its denoiser on the CPU (LoRA added, frozen weights cast or quantized, checkpointing
     as asked) and the step's inputs: conditioning and latents for one image, batch 1."""
     family = meta_family(settings.model)
     cond_shapes = step_conditioning(family, settings.resolution)
+    lora = LoraTargets(settings.target_modules, None), LoraSpec(rank=settings.rank, alpha=settings.rank)
+    if not settings.fake:
+        materialize(family.denoiser, WEIGHT_DTYPES[settings.weights])
+        family.add_lora(*lora)
+        return _prepare(settings, family, cond_shapes)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # The model, its LoRA and its conditioning's shapes are made with real (meta) tensors first: a scheduler
+    # reads values as it is made, and peft's layers cannot move fake tensors; only then does the denoiser
+    # become fake (its LoRA's values are then the layers' own initialisation, which a count does not read).
+    family.add_lora(*lora)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        materialize(family.denoiser, WEIGHT_DTYPES[settings.weights])
+        return _prepare(settings, family, cond_shapes)
+
+
+def _prepare(
+    settings: StepMemorySettings, family: ModelFamily, cond_shapes: dict[str, torch.Tensor]
+) -> tuple[ModelFamily, dict[str, torch.Tensor], torch.Tensor]:
     denoiser = family.denoiser
-    materialize(denoiser, WEIGHT_DTYPES[settings.weights])
-    targets = LoraTargets(settings.target_modules, None)
-    family.add_lora(targets, LoraSpec(rank=settings.rank, alpha=settings.rank))
     for param in denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # as attach_lora: the LoRA trains in fp32
     if settings.quantize_base != "no":
         quantize_frozen(denoiser, settings.quantize_base)
+    if settings.blocks_to_swap:
+        if not settings.fake:
+            raise ValueError("blocks_to_swap is counted with fake tensors (the host is then the meta device)")
+        # The count's device is the CPU; the host, where the swapped weights wait, is the meta device.
+        blocks = family.swap_blocks(family.denoiser, settings.blocks_to_swap)
+        with BlockSwap(blocks, "cpu", host="meta").held_back():
+            pass
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
@@ -91,8 +139,26 @@ def prepare_step(settings: StepMemorySettings) -> tuple[ModelFamily, dict[str, t
         for name, shape in cond_shapes.items()
     }
     side = settings.resolution // 8
-    latents = torch.randn(1, denoiser.config.in_channels, side, side, generator=generator)
+    latents = torch.randn(1, family.vae.config.latent_channels, side, side, generator=generator)
     return family, cond, latents
+
+
+def _peak_tracker() -> object:
+    """A MemTracker (torch's private tool, imported here: torch 2.1, our floor, lacks it) that keeps only the
+    device-wide peak."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        """MemTracker keeping only the device-wide peak. Its own keeps one per module too, walking every
+        module after every operation: hours for FLUX.1's thousands of modules; this count needs minutes."""
+
+        def _update_peak_stats(self, peak_state: object) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = dict(snapshot)
+
+    return PeakTracker()
 
 
 class _NoHook:
@@ -100,18 +166,33 @@ class _NoHook:
         pass
 
 
+class _FrozenHaveHooks(WeakIdKeyDictionary):
+    def get(self, key: torch.Tensor, default: object = None) -> object:
+        if not key.requires_grad:
+            return (_NoHook(), _NoHook())
+        return super().get(key, default)
+
+
 def count_step_memory(settings: StepMemorySettings) -> dict:
     """Bytes by kind at the counted step's peak ({"Parameter", "Gradient", "Activation", "Temp", "Optstate",
     ..., "Total"}), the LoRA's parameter count, the loss and the counted step's seconds (with tracking)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     family, cond, latents = prepare_step(settings)
+    if not settings.fake:
+        return _count(settings, family, cond, latents)
+    # The fake tensors' own mode (the one they were made in): their arithmetic runs in it.
+    with next(iter(family.denoiser.parameters())).fake_mode:
+        return _count(settings, family, cond, latents)
+
+
+def _count(
+    settings: StepMemorySettings, family: ModelFamily, cond: dict[str, torch.Tensor], latents: torch.Tensor
+) -> dict:
     denoiser = family.denoiser
     optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-4)
-    tracker = MemTracker()
-    for param in denoiser.parameters():  # MemTracker hooks every gradient; a frozen weight cannot take a hook
-        if not param.requires_grad:
-            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    tracker = _peak_tracker()
+    # MemTracker hooks every parameter's gradient, and a frozen weight cannot take a hook: it is told that
+    # they (and the lent copies block swap puts in the modules as they run) have theirs already.
+    tracker._param_to_grad_hook_handles = _FrozenHaveHooks()
     tracker.track_external(denoiser, optimizer)
     autocast = settings.weights != "fp32"
     timesteps = torch.tensor([TIMESTEP])
@@ -135,7 +216,7 @@ def count_step_memory(settings: StepMemorySettings) -> dict:
         # MemTracker's kinds: Parameter, Buffer, Gradient, Activation, Temp, Optstate, Other, Total
         "peak_bytes": {getattr(kind, "value", kind): value for kind, value in peak.items()},
         "lora_parameters": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
-        "loss": loss.item(),
+        "loss": None if settings.fake else loss.item(),
         "counted_step_s": round(seconds, 1),
     }
 
@@ -145,10 +226,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=list(BUILT_IN_MODELS), default="sdxl")
     parser.add_argument("--resolution", type=int, help="image size (default: the bench's for the model)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--target-modules", choices=UNET_PRESETS, default="kohya", help="UNet LoRA layers")
+    parser.add_argument(
+        "--target-modules",
+        choices=sorted({*UNET_PRESETS, *FLUX_PRESETS}),
+        default="kohya",
+        help="LoRA layers",
+    )
     parser.add_argument("--weights", choices=sorted(WEIGHT_DTYPES), default="bf16", help="frozen weights")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--quantize-base", choices=["no", "int8", "float8"], default="no")
+    parser.add_argument(
+        "--blocks-to-swap", type=int, default=0, help="FLUX.1's blocks_to_swap (needs --fake)"
+    )
+    parser.add_argument(
+        "--fake", action="store_true", help="count with fake tensors: no memory or arithmetic (FLUX.1-dev)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -161,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         weights=args.weights,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         quantize_base=args.quantize_base,
+        blocks_to_swap=args.blocks_to_swap,
+        fake=args.fake,
     )
     result = count_step_memory(settings)
     peak = result.pop("peak_bytes")

@@ -11,13 +11,26 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
 
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.demo import draw_ink_image
 from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.family import ModelFamily
+from lora_scripts.models.flux import FluxFamily
+from lora_scripts.models.flux_loading import (
+    FluxComponents,
+    FluxVariant,
+    shipped_flux_config_dir,
+    t5_tokenizer,
+)
 from lora_scripts.models.locate import BaseModelLocation
 from lora_scripts.models.registry import base_model_version, load_family
 from lora_scripts.models.sd_loading import (
@@ -31,6 +44,8 @@ from lora_scripts.models.sdxl import SDXLFamily
 from lora_scripts.models.sdxl_loading import SDXL_PAD_TOKENS, SDXLComponents
 from lora_scripts.models.stable_diffusion import StableDiffusionFamily
 from lora_scripts.models.tiny import (
+    build_tiny_flux,
+    build_tiny_flux_components,
     build_tiny_sd,
     build_tiny_sd_components,
     build_tiny_sdxl,
@@ -244,6 +259,55 @@ def random_sdxl_components(seed: int = 0) -> SDXLComponents:
     )
 
 
+def random_flux_family(variant: FluxVariant = "dev", seed: int = 0) -> FluxFamily:
+    """The full FLUX.1 architecture from the shipped configs (models/assets/flux_dev: the transformer's 11.9 B
+    parameters in 19 double and 38 single blocks, CLIP-L, the T5-XXL encoder's 4.8 B, the 16-channel VAE)
+    with random weights: fp32 CPU modules, frozen and in eval mode, like `load_flux_components` returns
+    them. About 67 GB in fp32: a GPU machine's RAM; on the meta device it costs nothing (the FLOP and memory
+    counts)."""
+    folder = shipped_flux_config_dir(variant)
+    parts = _random_modules(
+        folder,
+        seed,
+        transformer=FluxTransformer2DModel,
+        vae=AutoencoderKL,
+        text_encoder=CLIPTextModel,
+        text_encoder_2=T5EncoderModel,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
+    return FluxFamily(
+        FluxComponents(
+            **parts,
+            tokenizer=clip_tokenizer("<|endoftext|>"),
+            tokenizer_2=t5_tokenizer(),
+            scheduler_config=dict(scheduler),
+            variant=variant,
+            location=BaseModelLocation("diffusers_folder", folder, f"flux-{variant}"),
+        )
+    )
+
+
+def tiny_flux_family() -> FluxFamily:
+    """The tiny FLUX.1 model in memory, frozen and in eval mode (see `tiny_sd_family`); always on the CPU,
+    as the tiny SDXL (its tokenizers and scheduler config are read from files)."""
+    with torch.device("cpu"):
+        tiny = build_tiny_flux_components()
+    _freeze(tiny.transformer, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+    return FluxFamily(
+        FluxComponents(
+            transformer=tiny.transformer,
+            vae=tiny.vae,
+            text_encoder=tiny.text_encoder,
+            text_encoder_2=tiny.text_encoder_2,
+            tokenizer=tiny.tokenizer,
+            tokenizer_2=tiny.tokenizer_2,
+            scheduler_config=dict(tiny.scheduler.config),
+            variant="dev",
+            location=BaseModelLocation("diffusers_folder", shipped_flux_config_dir("dev"), "tiny-flux"),
+        )
+    )
+
+
 def tiny_sd_family() -> StableDiffusionFamily:
     """The tiny SD model in memory, frozen and in eval mode as a loaded one is (the FLOP and memory counts
     build it this way; the bench writes it as a folder and loads it like a user's model)."""
@@ -295,4 +359,6 @@ BUILT_IN_MODELS: dict[str, BuiltInModel] = {
     "tiny-sdxl": BuiltInModel("sdxl", 64, tiny_sdxl_family, write=build_tiny_sdxl),
     "sd15": BuiltInModel("sd_v1", 512, lambda: StableDiffusionFamily(random_sd15_components())),
     "sdxl": BuiltInModel("sdxl", 1024, lambda: SDXLFamily(random_sdxl_components())),
+    "tiny-flux": BuiltInModel("flux1", 64, tiny_flux_family, write=build_tiny_flux),
+    "flux-dev": BuiltInModel("flux1", 1024, random_flux_family),
 }

@@ -15,9 +15,8 @@ from accelerate import init_empty_weights
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
-from lora_scripts.models.detect import ModelVersion, checkpoint_shapes
+from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.family import LoraTargets
-from lora_scripts.models.flux_loading import missing_part_problems
 from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.lora import add_lora_adapter
 from lora_scripts.models.lora_presets import resolve_lora_layers
@@ -27,7 +26,6 @@ from lora_scripts.models.registry import FAMILIES, base_model_version, single_fi
 from lora_scripts.models.sd_loading import (
     require_configs,
 )
-from lora_scripts.models.sdxl_loading import check_sdxl_folder, require_sdxl_parts
 from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
@@ -56,10 +54,17 @@ class SpeedFacts:
     gradient_accumulation_steps: int
     torch_compile: bool
     quantize_base: str
+    denoiser: str = "UNet"  # the family's name of the network quantize_base stores ("UNet", "transformer")
+    blocks_to_swap: int = 0
+    swapped_blocks: int = 0  # the blocks blocks_to_swap keeps on the CPU (FLUX.1: doubles and singles)
+    swapped_parameters: int = 0  # their frozen weights (NetworkFacts.swapped_parameters)
 
 
-def speed_facts(config: TrainConfig) -> SpeedFacts:
-    """The speed facts of a resolved `config` (every key filled in: what the run will use)."""
+def speed_facts(
+    config: TrainConfig, denoiser: str = "UNet", network: NetworkFacts | None = None
+) -> SpeedFacts:
+    """The speed facts of a resolved `config` (every key filled in: what the run will use) on a family whose
+    denoiser is called `denoiser` (ModelFamily.denoiser_name); `network` gives the swapped blocks' sizes."""
 
     def why(on: bool, blockers: list[str]) -> str:
         if on:
@@ -82,6 +87,10 @@ def speed_facts(config: TrainConfig) -> SpeedFacts:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         torch_compile=config.torch_compile,
         quantize_base=config.quantize_base,
+        denoiser=denoiser,
+        blocks_to_swap=config.blocks_to_swap,
+        swapped_blocks=network.swapped_blocks if network is not None else 0,
+        swapped_parameters=network.swapped_parameters if network is not None else 0,
     )
 
 
@@ -151,6 +160,8 @@ class NetworkFacts:
     alpha: float
     unet_parameters: int
     text_encoder_parameters: int  # 0 when train_text_encoder is false
+    swapped_blocks: int = 0  # the denoiser blocks blocks_to_swap keeps on the CPU
+    swapped_parameters: int = 0  # their frozen weights
 
     @property
     def total_parameters(self) -> int:
@@ -166,30 +177,29 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
     location = locate_base_model(config.base_model)
     version = base_model_version(config.base_model)
     parts = folder_parts(version)
+    family = FAMILIES[version]
     if location.kind == "single_file":
-        if version == "sdxl":
-            require_sdxl_parts(checkpoint_shapes(location.path), location.path)
-        if version == "flux1":  # the VAE and text encoders are separate files unless it is an all-in-one file
-            given = {"vae": config.vae, "clip_l": config.clip_l, "t5xxl": config.t5xxl}
-            problems = missing_part_problems(location.path, given)
-            if problems:
-                raise UserError(problems)
+        problems = family.single_file_problems(location.path, config.changed_values())
+        if problems:
+            raise UserError(problems)
         config_dir = Path(config.base_model_config or single_file_config_dir(version, location.path))
         require_configs(config_dir, parts)
     else:
         config_dir = location.path
-        if version == "sdxl":
-            check_sdxl_folder(config_dir)
+        problems = family.folder_problems(config_dir)
+        if problems:
+            raise UserError(problems)
         _check_folder_weights(config_dir, parts)
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
-    family = FAMILIES[version]
     problems = family.key_problems(config.changed_values())
     if problems:
         raise UserError(problems)
     # Meta tensors: an SD 1.5 UNet builds in ~0.1 s and takes no memory.
     unet, encoders = family.meta_modules(config_dir, text_encoders=config.train_text_encoder)
+    swapped = family.swap_blocks(unet, config.blocks_to_swap) if config.blocks_to_swap else []
+    swapped_parameters = sum(p.numel() for block in swapped for p in block.parameters())
     with init_empty_weights():
         targets = LoraTargets(
             unet=_listed(config.target_modules),
@@ -202,7 +212,7 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
             targets,
             conv=bool(config.conv_rank) and family.has_convs,
             presets=family.denoiser_presets,
-            component="UNet" if family.denoiser_part == "unet" else family.denoiser_part,
+            component=family.denoiser_name,
         )
         unet_count = add_lora_adapter(
             unet,
@@ -218,7 +228,17 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
             for encoder, layers in zip(encoders, targets.text_encoder_layers(te_targets), strict=False)
             if layers is not None
         )
-    return NetworkFacts(location.kind, version, config_dir, config.lora_rank, alpha, unet_count, te_count)
+    return NetworkFacts(
+        location.kind,
+        version,
+        config_dir,
+        config.lora_rank,
+        alpha,
+        unet_count,
+        te_count,
+        len(swapped),
+        swapped_parameters,
+    )
 
 
 def folder_parts(version: str) -> tuple[str, ...]:

@@ -116,7 +116,9 @@ def _captions_json(captions: CaptionReport | None) -> dict[str, Any] | None:
         return None
     return {
         "count": captions.count,
-        "clip_token_limit": captions.token_limit,
+        "clip_token_limit": captions.token_limit,  # kept for format_version 1; see token_limit
+        "token_limit": captions.token_limit,
+        "text_encoder": captions.text_encoder,
         "longest_tokens": captions.longest_tokens,
         "too_long": [
             {"file_name": c.file_name, "tokens": c.tokens, "cut_off": c.cut_off} for c in captions.too_long
@@ -236,12 +238,29 @@ def _speed_lines(speed: SpeedFacts) -> list[str]:
             f"gradient_checkpointing {'on' if speed.gradient_checkpointing else 'off'}, mixed_precision "
             f"{speed.mixed_precision}, optimizer {speed.optimizer_type}, {batch}",
         ),
-        _row("UNet weights", _unet_weights(speed)),
+        _row(f"{speed.denoiser} weights", _denoiser_weights(speed)),
         _row("torch_compile", "on" if speed.torch_compile else "off"),
-    ]
+    ] + _swap_lines(speed)
 
 
-def _unet_weights(speed: SpeedFacts) -> str:
+def _swap_lines(speed: SpeedFacts) -> list[str]:
+    """blocks_to_swap: the blocks and the bytes of frozen weights that wait on the CPU instead of the GPU."""
+    if not speed.blocks_to_swap:
+        return []
+    if speed.quantize_base != "no":
+        size = f"~{speed.swapped_parameters / 2**30:.1f} GiB in 8 bits"
+    else:
+        per = 4 if speed.mixed_precision == "no" else 2
+        dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[speed.mixed_precision]
+        size = f"{per * speed.swapped_parameters / 2**30:.1f} GiB in {dtype}"
+    text = (
+        f"{speed.blocks_to_swap}: {speed.swapped_blocks} blocks' frozen weights ({size}) wait on the CPU, "
+        "each copied to the GPU for its forward and its recompute"
+    )
+    return [_row("blocks_to_swap", text)]
+
+
+def _denoiser_weights(speed: SpeedFacts) -> str:
     if speed.quantize_base != "no":
         return f"{speed.quantize_base} (quantize_base), LoRA in fp32"
     dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[speed.mixed_precision]
@@ -290,7 +309,10 @@ def _dataset_lines(dataset: DatasetFacts, images: ImageReport | None, resolution
 
 
 def _caption_lines(captions: CaptionReport) -> list[str]:
-    lines = ["", f"Captions: {captions.count}, longest {captions.longest_tokens} CLIP tokens"]
+    lines = [
+        "",
+        f"Captions: {captions.count}, longest {captions.longest_tokens} {captions.text_encoder} tokens",
+    ]
     lines.append(_row(f"> {captions.token_limit} tokens", f"{len(captions.too_long)} cut"))
     for caption in captions.too_long[:5]:
         lines.append(f'    {caption.file_name}: {caption.tokens} tokens, cut: "{_clip(caption.cut_off)}"')

@@ -14,16 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lora_scripts.checks.captions import analyze_captions, metadata_csv_warnings
+from lora_scripts.checks.captions import analyze_run_captions, metadata_csv_warnings
 from lora_scripts.checks.findings import caption_warnings, image_warnings, output_problems, plan_warnings
 from lora_scripts.checks.images import analyze_images
-from lora_scripts.checks.plan import network_facts, output_facts, plan_facts, speed_facts
+from lora_scripts.checks.plan import NetworkFacts, network_facts, output_facts, plan_facts, speed_facts
 from lora_scripts.checks.report import CheckReport, DatasetFacts
 from lora_scripts.config import TrainConfig, load_config, validate_config_dict
 from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.data import CaptionedImage, find_images
 from lora_scripts.data.training_set import TrainingSet, training_set_for
 from lora_scripts.errors import UserError
+from lora_scripts.models.family import ModelFamily
+from lora_scripts.models.registry import FAMILIES, base_model_version
 from lora_scripts.models.stable_diffusion import partial_fused_attention_warning
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,7 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
     # Images are worth checking even when captions have problems: fix everything in one pass.
     root, names = _image_names(datasets, training_set)
     images = analyze_images(root, names, config.resolution) if names else None
-    captions = (
-        analyze_captions(items, config.trigger_word, token_limit=config.max_token_length) if items else None
-    )
+    captions = analyze_run_captions(items, config) if items else None
     plan = plan_facts(training_set, config) if items and training_set else None
     network = None
     try:
@@ -103,8 +103,18 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
         plan=plan,
         network=network,
         outputs=outputs,
-        speed=speed_facts(config),
+        speed=speed_facts(config, _denoiser_name(config, network), network),
     )
+
+
+def _denoiser_name(config: TrainConfig, network: NetworkFacts | None) -> str:
+    """The family's name of the base model's denoiser ("UNet", FLUX.1's "transformer"); "UNet" for a base
+    model that cannot be read (`errors` says why)."""
+    try:
+        version = network.sd_version if network is not None else base_model_version(config.base_model)
+    except (UserError, OSError):
+        return ModelFamily.denoiser_name
+    return FAMILIES[version].denoiser_name
 
 
 def _image_names(datasets: list[DatasetSettings], training_set: TrainingSet | None) -> tuple[Path, list[str]]:
@@ -157,9 +167,7 @@ def check_before_training(config: TrainConfig, *, base_model: bool = False) -> T
     root, names = _image_names(datasets, training_set)
     warnings = metadata_csv_warnings(config)
     warnings += image_warnings(analyze_images(root, names, config.resolution), config.resolution)
-    warnings += caption_warnings(
-        analyze_captions(items, config.trigger_word, token_limit=config.max_token_length)
-    )
+    warnings += caption_warnings(analyze_run_captions(items, config))
     # No accelerator exists yet; launchers (torchrun, accelerate launch) say the process count and rank in
     # the environment. Steps shrink with more processes, and one copy of each warning is enough.
     plan = plan_facts(training_set, config, num_processes=int(os.environ.get("WORLD_SIZE", "1")))

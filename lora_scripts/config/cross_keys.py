@@ -27,6 +27,7 @@ def cross_key_problems(config: TrainConfig) -> list[Problem]:
         _loss_rules,
         _safety_rules,
         _quantize_rules,
+        _block_swap_rules,
     )
     for rule in rules:
         problems += rule(config)
@@ -210,6 +211,30 @@ def _quantize_rules(config: TrainConfig) -> list[Problem]:
             "quantize_base: no",
         )
     ]
+
+
+def _block_swap_rules(config: TrainConfig) -> list[Problem]:
+    if not config.blocks_to_swap:
+        return []
+    problems: list[Problem] = []
+    resolved = config.with_memory_profile() if config.memory_profile == "low" else config
+    if not resolved.gradient_checkpointing:
+        problems.append(
+            (
+                "blocks_to_swap",
+                "needs gradient_checkpointing: true (the backward brings each swapped block back by "
+                "recomputing its forward); set it, or use memory_profile: low, which sets it",
+            )
+        )
+    if config.torch_compile:
+        problems.append(
+            (
+                "blocks_to_swap",
+                "moves weights between the CPU and the GPU, which torch_compile cannot follow; "
+                "set torch_compile: false",
+            )
+        )
+    return problems
 
 
 def _optimizer_rules(config: TrainConfig) -> list[Problem]:

@@ -96,8 +96,8 @@ def _targets(value: Any, presets: tuple[str, ...]) -> Any:
 
 def text_encoder_lrs(value: Any) -> Any:
     """A rate for every text encoder (a number > 0), or one per text encoder as sd-scripts' SDXL
-    `--text_encoder_lr te1 te2` (a list of one or two numbers >= 0, not all 0; 0 leaves that encoder
-    frozen)."""
+    `--text_encoder_lr te1 te2` or FLUX.1's [clip_l, t5] (a list of one or two numbers >= 0, not all 0; 0
+    leaves that encoder frozen)."""
     # PyYAML reads 1e-5 (no '.') as text; pydantic would coerce a lone one after these checks, a listed one
     # not at all, so numbers written that way are read here, as the docs promise ("0.0002 or 2e-4").
     value = [_yaml_number(v) for v in value] if isinstance(value, list | tuple) else _yaml_number(value)
@@ -114,7 +114,7 @@ def text_encoder_lrs(value: Any) -> Any:
             raise PydanticCustomError(
                 "lora_lr",
                 "must be a number, or a list of one or two numbers >= 0 (one per text encoder, as "
-                "[te1_lr, te2_lr] for SDXL)",
+                "[te1_lr, te2_lr] for SDXL, [clip_l_lr, t5_lr] for FLUX.1)",
                 {},
             )
         if not any(value):

@@ -76,3 +76,13 @@ class FluxKeys(BaseModel):
         ge=1,
         le=512,
     )
+    blocks_to_swap: Int = field(
+        "training",
+        "FLUX.1: keep this many transformer blocks' frozen weights on the CPU and bring each to the GPU only "
+        "for its forward and its recomputed forward in the backward, the next one copied while the current "
+        "one computes (sd-scripts' --blocks_to_swap, same count: N // 2 of the last double blocks and "
+        "2 x (N - N // 2) of the last single blocks; FLUX.1 has 19 and 38). Each unit saves ~0.6 GiB of "
+        "bf16 weights on the GPU for slower steps; needs gradient_checkpointing. 0: all on the GPU.",
+        0,
+        ge=0,
+    )

@@ -177,8 +177,11 @@ class TrainConfig(
         str | tuple[NonEmptyStr, ...], BeforeValidator(text_encoder_targets)
     ] = field(
         "network",
-        "Text-encoder layers that get a LoRA when train_text_encoder is true: a preset ('attn'; 'attn-mlp' "
-        "or 'kohya': attention and MLP, sd-scripts' default) or a list of layer names.",
+        "Text-encoder layers that get a LoRA when train_text_encoder is true: a preset ('attn': attention; "
+        "'attn-mlp' or 'kohya': attention and MLP, sd-scripts' default) or a list of layer names. The "
+        "presets and the default (CLIP's attention, the same as 'attn') fit each encoder: on FLUX.1's "
+        "T5-XXL they mean its own layers (attention: SelfAttention q, k, v, o); a list of other names must "
+        "match every trained encoder.",
         ("q_proj", "k_proj", "v_proj", "out_proj"),
         min_length=1,
         allowed_doc="'attn', 'attn-mlp', 'kohya', or a list of layer names",
@@ -187,10 +190,12 @@ class TrainConfig(
         "network",
         "Learning rate of the text-encoder LoRA; about half of learning_rate is usual. SDXL has two text "
         "encoders: a list [te1, te2] gives each its own rate (sd-scripts' --text_encoder_lr te1 te2), and 0 "
-        "leaves that one frozen (e.g. [0.00005, 0] trains only CLIP ViT-L).",
+        "leaves that one frozen (e.g. [0.00005, 0] trains only CLIP ViT-L). FLUX.1's are [clip_l, t5] "
+        "(CLIP-L, T5-XXL): one number trains CLIP-L only (sd-scripts' train_t5xxl is off by default), a "
+        "list with a rate for T5 trains it too.",
         None,
         default_doc="same as learning_rate",
-        allowed_doc="a number > 0, or [te1, te2] for SDXL (numbers >= 0)",
+        allowed_doc="a number > 0, or [te1, te2] for SDXL, [clip_l, t5] for FLUX.1 (numbers >= 0)",
     )
 
     # --- training ---

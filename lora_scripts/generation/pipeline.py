@@ -131,8 +131,11 @@ def render_image(
     *,
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    embeddings: dict[str, torch.Tensor] | None = None,
 ) -> Image.Image:
     """One image for `prompt` (LoRA tags already removed) and `seed`, with the pipeline's LoRAs as set.
+    `embeddings`: the family's conditioning of `prompt`, computed before (`encode_prompts`), for a pipeline
+    whose text encoders have left the device (ModelFamily.samples_from_embeddings).
 
     `on_step(done, total)` is called after each denoising step (`total`: the sampler's steps, which for Heun
     are not the steps asked for); an exception it raises stops the image there and propagates.
@@ -148,7 +151,7 @@ def render_image(
     fp16 autocast (training samples) does not decode in fp16; in fp32 the image is the pipeline's own.
     """
     # Imported here: diffusers' pipeline modules load only when something renders.
-    from lora_scripts.models.inference import decode_latents, prompt_arguments
+    from lora_scripts.models.inference import decode_latents, embedding_arguments, prompt_arguments
 
     config = pipe.scheduler.config
     flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # FLUX.1
@@ -165,8 +168,12 @@ def render_image(
             return tensors
 
         step_callback = {"callback_on_step_end": after_step}
+    if embeddings is None:
+        arguments = prompt_arguments(pipe, prompt, settings.negative_prompt, settings.clip_skip)
+    else:
+        arguments = embedding_arguments(pipe, embeddings)
     latents = pipe(
-        **prompt_arguments(pipe, prompt, settings.negative_prompt, settings.clip_skip),
+        **arguments,
         num_inference_steps=settings.steps,
         guidance_scale=settings.cfg_scale,
         width=settings.width,

@@ -7,6 +7,7 @@ loop stays untouched.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.models.lora import LoraSpec
 from lora_scripts.models.lora_presets import UNET_PRESETS
+from lora_scripts.models.sd_loading import load_clip_tokenizer
 
 # The config keys only a FLUX.1 model reads (config/keys_flux.py has their definitions).
 FLUX_ONLY_KEYS = (
@@ -32,12 +34,23 @@ FLUX_ONLY_KEYS = (
     "model_prediction_type",
     "guidance_scale",
     "t5xxl_max_token_length",
+    "blocks_to_swap",
 )
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
     from lora_scripts.models.inference import SamplingPipeline, Unwrap
+
+
+@dataclass(frozen=True)
+class CaptionReader:
+    """The text encoder whose length cuts a family's captions in training (check's "too long" findings): its
+    name, the caption tokens it reads (without start and end tokens) and its tokenizer's loader."""
+
+    encoder: str
+    tokens: int
+    tokenizer: Callable[[], Any]  # () -> a transformers PreTrainedTokenizerBase (a few small files)
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,12 @@ class ModelFamily(ABC):
     # conv_rank applies (a UNet's 3x3 convs).
     denoiser_class: type[nn.Module]
     denoiser_part: str = "unet"
+    # Training samples render from the prompts' conditioning, encoded once before the text encoders leave
+    # the device (training/sampling.py encode_ahead; models/inference.py embedding_arguments).
+    samples_from_embeddings: bool = False
+    # The text encoders (indexes into `text_encoders`) that quantize_base stores in 8 bits with the denoiser.
+    quantized_text_encoders: tuple[int, ...] = ()
+    denoiser_name: str = "UNet"  # how messages name it ("the UNet's weights"; FLUX.1: "transformer")
     denoiser_presets: tuple[str, ...] = UNET_PRESETS
     has_convs: bool = True
     # The CFG scale and sampler sample images use when none is given (FLUX.1: its distilled guidance and its
@@ -99,6 +118,32 @@ class ModelFamily(ABC):
             for key in FLUX_ONLY_KEYS
             if key in values
         ]
+
+    @classmethod
+    def single_file_problems(cls, path: Path, values: Mapping[str, object]) -> list[str]:
+        """Sentences for what the single file at `path` lacks for training with config `values` (read from its
+        header only: `check` reports them before anything loads). None by default."""
+        return []
+
+    @classmethod
+    def folder_problems(cls, path: Path) -> list[str]:
+        """Sentences for a diffusers folder at `path` that this family's loader would refuse (its JSON files
+        only). None by default."""
+        return []
+
+    @classmethod
+    def swap_blocks(cls, denoiser: nn.Module, count: int) -> list[nn.Module]:
+        """The blocks of `denoiser` that `blocks_to_swap: count` keeps on the CPU (models/block_swap.py), in
+        the order they run. Only FLUX.1 has them; the other families refuse the key (`key_problems`)."""
+        raise NotImplementedError(f"{cls.__name__} has no blocks to swap")
+
+    @classmethod
+    def caption_reader(cls, base_model: str, values: Mapping[str, object]) -> CaptionReader:
+        """What reads the captions of a run on `base_model` with config `values`: CLIP, 75 tokens (77
+        positions less start and end), or max_token_length's 150 / 225 in chunks; SD 1.x/2.x and SDXL."""
+        return CaptionReader(
+            "CLIP", int(values.get("max_token_length") or 75), lambda: load_clip_tokenizer("sd_v1")
+        )
 
     @classmethod
     def diffusers_parts(cls) -> tuple[str, ...]:
@@ -159,14 +204,23 @@ class ModelFamily(ABC):
         """The text encoders that carry trainable (LoRA) weights, in `text_encoders` order."""
         return [te for te in self.text_encoders if any(p.requires_grad for p in te.parameters())]
 
-    @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
-        """Every module whose base weights stay frozen (all of them, for LoRA)."""
+        """Every module whose base weights stay frozen (all of them, for LoRA): the denoiser, the VAE and the
+        text encoders."""
+        return [self.denoiser, self.image_encoder, *self.text_encoders]
 
-    @abstractmethod
     def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
         """Call these (accelerate-prepared, e.g. DDP-wrapped) modules from now on in `predict` and
-        `encode_prompts`; `text_encoders` are the prepared `trained_text_encoders` (empty: none trained)."""
+        `encode_prompts`; `text_encoders` are the prepared `trained_text_encoders` (empty: none trained), each
+        put where the family keeps the encoder it wraps (the attributes named as `text_encoder_parts`)."""
+        setattr(self, self.denoiser_part, denoiser)
+        originals = {id(getattr(self.components, part)): part for part in self.text_encoder_parts}
+        for wrapped in text_encoders:
+            inner = getattr(wrapped, "module", wrapped)  # DDP keeps the module it wraps at .module
+            part = originals.get(id(inner))
+            if part is None:
+                raise ValueError("use_wrapped: a text encoder that is not one of this model's")
+            setattr(self, part, wrapped)
 
     @abstractmethod
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:

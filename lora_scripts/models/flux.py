@@ -12,7 +12,9 @@ velocity noise - x. The conditioning is what diffusers' FluxPipeline computes (`
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,9 +22,11 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
+from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
-from lora_scripts.models.family import KLVaeLatents, LoraTargets, ModelFamily
+from lora_scripts.models.detect import checkpoint_shapes, flux_variant
+from lora_scripts.models.family import CaptionReader, KLVaeLatents, LoraTargets, ModelFamily
 from lora_scripts.models.flow_matching import (
     FlowSettings,
     image_ids,
@@ -32,9 +36,11 @@ from lora_scripts.models.flow_matching import (
     sigmas_at,
     unpack_latents,
 )
-from lora_scripts.models.flux_loading import FluxComponents
+from lora_scripts.models.flux_loading import FluxComponents, missing_part_problems, t5_tokenizer
+from lora_scripts.models.locate import locate_base_model
 from lora_scripts.models.lora import LoraSpec, add_lora_adapter
 from lora_scripts.models.lora_presets import FLUX_PRESETS, resolve_lora_layers
+from lora_scripts.models.sd_loading import folder_config
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -94,6 +100,9 @@ class FluxFamily(KLVaeLatents, ModelFamily):
     text_encoder_parts = ("text_encoder", "text_encoder_2")
     denoiser_class = FluxTransformer2DModel
     denoiser_part = "transformer"
+    denoiser_name = "transformer"
+    quantized_text_encoders = (1,)  # T5-XXL: 8.9 GiB in bf16, more than an 8 GB card holds while caching
+    samples_from_embeddings = True  # T5-XXL (4.8 B parameters) need not stay on the GPU for samples
     denoiser_presets = FLUX_PRESETS
     has_convs = False
     default_cfg_scale = 3.5  # FLUX.1-dev's guidance in diffusers' FluxPipeline and ComfyUI
@@ -117,6 +126,19 @@ class FluxFamily(KLVaeLatents, ModelFamily):
                 "use l2 or l1."
             )
         return problems
+
+    @classmethod
+    def caption_reader(cls, base_model: str, values: Mapping[str, object]) -> CaptionReader:
+        """T5-XXL reads the caption (CLIP-L gives only its pooled embedding): t5xxl_max_token_length or the
+        variant's 512 / 256 positions, less the end token. UserError for a base model that cannot be read."""
+        location = locate_base_model(base_model)
+        if location.kind == "single_file":
+            variant = flux_variant(checkpoint_shapes(location.path))
+        else:
+            config = folder_config(FluxTransformer2DModel, location.path, "transformer")
+            variant = "dev" if config.get("guidance_embeds") else "schnell"
+        length = values.get("t5xxl_max_token_length") or T5_MAX_LENGTH[variant]
+        return CaptionReader("T5-XXL", int(length) - 1, t5_tokenizer)  # type: ignore[arg-type]
 
     def __init__(self, components: FluxComponents, options: FluxOptions | None = None):
         self.components = components
@@ -156,20 +178,6 @@ class FluxFamily(KLVaeLatents, ModelFamily):
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.transformer, self.vae, self.text_encoder, self.text_encoder_2]
-
-    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
-        self.transformer = denoiser
-        for wrapped in text_encoders:
-            inner = getattr(wrapped, "module", wrapped)  # DDP keeps the module it wraps at .module
-            if inner is self.components.text_encoder:
-                self.text_encoder = wrapped
-            elif inner is self.components.text_encoder_2:
-                self.text_encoder_2 = wrapped
-            else:
-                raise ValueError("use_wrapped: a text encoder that is not one of this model's")
-
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
         from lora_scripts.export.flux_keys import flux_networks
 
@@ -191,6 +199,29 @@ class FluxFamily(KLVaeLatents, ModelFamily):
             trained.append(encoder if encoder_layers is not None else None)
         self.trains_text_encoder = any(trained)
         return flux_networks(self.transformer, trained)
+
+    @classmethod
+    def single_file_problems(cls, path: Path, values: Mapping[str, object]) -> list[str]:
+        """The parts (vae, clip_l, t5xxl) a bare transformer file lacks and the config does not name."""
+        return missing_part_problems(path, {key: values.get(key) for key in ("vae", "clip_l", "t5xxl")})
+
+    @classmethod
+    def swap_blocks(cls, denoiser: nn.Module, count: int) -> list[nn.Module]:
+        """The blocks of the transformer `denoiser` that `blocks_to_swap: count` keeps on the CPU, in the
+        order they run: as sd-scripts counts them, the last count // 2 double blocks and the last
+        2 x (count - count // 2) single blocks (a single block has about half a double block's weights)."""
+        doubles = list(denoiser.transformer_blocks)
+        singles = list(denoiser.single_transformer_blocks)
+        double_count, single_count = count // 2, 2 * (count - count // 2)
+        if double_count > len(doubles) or single_count > len(singles):
+            most = max(
+                n for n in range(count + 1) if n // 2 <= len(doubles) and 2 * (n - n // 2) <= len(singles)
+            )
+            raise UserError(
+                f"blocks_to_swap: {count} means {double_count} double and {single_count} single blocks, and "
+                f"this model has {len(doubles)} and {len(singles)}; use at most {most}."
+            )
+        return doubles[len(doubles) - double_count :] + singles[len(singles) - single_count :]
 
     # --- text ---
 

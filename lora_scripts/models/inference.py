@@ -136,6 +136,17 @@ def prompt_arguments(
         return encode(pipe, prompt, negative_prompt, clip_skip)
 
 
+def embedding_arguments(pipe: DiffusionPipeline, embeddings: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The prompt arguments of a `pipe(...)` call from a family's conditioning (`encode_prompts`) instead
+    of the text: FluxPipeline's prompt_embeds (T5's states) and pooled_prompt_embeds (CLIP-L's)."""
+    if not isinstance(pipe, FluxPipeline):
+        raise ValueError(f"{type(pipe).__name__} renders from its prompts, not from embeddings")
+    return {
+        "prompt_embeds": embeddings["encoder_hidden_states"],
+        "pooled_prompt_embeds": embeddings["pooled_projections"],
+    }
+
+
 def sd_prompt_embeds(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, clip_skip: int
 ) -> dict[str, torch.Tensor]:

@@ -23,6 +23,11 @@ FLUX_PRESETS = ("attn", "kohya")
 
 _UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 _TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# T5 (FLUX.1's T5-XXL, sd-scripts' lora_te3) names its layers otherwise: SelfAttention's q, k, v, o, and
+# the gated MLP's wi_0, wi_1, wo. The text-encoder presets take these blocks' Linears on an encoder that has
+# none of CLIP's names, so one preset (or the default, CLIP's attention names) covers CLIP-L and T5 together.
+_T5_ATTENTION_BLOCKS = ("T5Attention",)
+_T5_MLP_BLOCKS = ("T5DenseGatedActDense",)
 
 _KOHYA_UNET_BLOCKS = ("Transformer2DModel",)
 # sd-scripts' TEXT_ENCODER_TARGET_REPLACE_MODULE, T5's classes included (FLUX's lora_te3).
@@ -55,6 +60,23 @@ def _inside_blocks(module: nn.Module, block_classes: tuple[str, ...], keep: Call
             path = f"{block_name}.{child_name}" if block_name else child_name
             found[path.removesuffix(".base_layer")] = None
     return list(found)
+
+
+def _is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear)
+
+
+def _text_encoder_layers(encoder: nn.Module, clip_names: list[str], t5_blocks: tuple[str, ...]) -> list[str]:
+    """CLIP's layers `clip_names`, or on a T5 encoder (which has none of them) the Linears of `t5_blocks`."""
+    return matching_module_names(encoder, clip_names) or _inside_blocks(encoder, t5_blocks, _is_linear)
+
+
+def text_encoder_preset(targets: list[str] | str) -> list[str] | str:
+    """`targets` as each text encoder reads them: the default, CLIP's attention names (q_proj, k_proj, v_proj,
+    out_proj, in any order), is the `attn` preset, so that it means T5's attention on FLUX.1's T5 too."""
+    if not isinstance(targets, str) and sorted(targets) == sorted(_TEXT_ENCODER_ATTENTION):
+        return "attn"
+    return targets
 
 
 def _is_linear_or_1x1(layer: nn.Module) -> bool:
@@ -126,7 +148,7 @@ def resolve_lora_layers(
                 te_targets.append(
                     resolve_targets(
                         encoder,
-                        targets.text_encoder,  # type: ignore[attr-defined]
+                        text_encoder_preset(targets.text_encoder),  # type: ignore[attr-defined]
                         key="text_encoder_target_modules",
                         component=component,
                         presets=TEXT_ENCODER_PRESETS,
@@ -154,11 +176,13 @@ _PRESET_RULES: dict[tuple[str, ...], dict[str, Callable[[nn.Module], list[str]]]
     },
     FLUX_PRESETS: {
         "attn": lambda m: matching_module_names(m, _FLUX_ATTENTION),
-        "kohya": lambda m: _inside_blocks(m, _KOHYA_FLUX_BLOCKS, lambda layer: isinstance(layer, nn.Linear)),
+        "kohya": lambda m: _inside_blocks(m, _KOHYA_FLUX_BLOCKS, _is_linear),
     },
     TEXT_ENCODER_PRESETS: {
-        "attn": lambda m: matching_module_names(m, _TEXT_ENCODER_ATTENTION),
-        "attn-mlp": lambda m: matching_module_names(m, [*_TEXT_ENCODER_ATTENTION, "mlp.fc1", "mlp.fc2"]),
+        "attn": lambda m: _text_encoder_layers(m, _TEXT_ENCODER_ATTENTION, _T5_ATTENTION_BLOCKS),
+        "attn-mlp": lambda m: _text_encoder_layers(
+            m, [*_TEXT_ENCODER_ATTENTION, "mlp.fc1", "mlp.fc2"], (*_T5_ATTENTION_BLOCKS, *_T5_MLP_BLOCKS)
+        ),
         "kohya": lambda m: _inside_blocks(m, _KOHYA_TEXT_ENCODER_BLOCKS, _is_linear_or_1x1),
     },
 }

@@ -11,6 +11,8 @@ projected), and `add_time_ids` from data/size_conditioning.py. LoRA files use sd
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,14 +20,16 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.metadata import FamilyInfo
 from lora_scripts.export.sdxl_keys import sdxl_networks
+from lora_scripts.models.detect import checkpoint_shapes
 from lora_scripts.models.family import KLVaeLatents, LoraTargets, ModelFamily
 from lora_scripts.models.long_prompts import chunked_input_ids, join_chunks
 from lora_scripts.models.lora import LoraSpec, add_lora_adapter
 from lora_scripts.models.lora_presets import resolve_lora_layers
-from lora_scripts.models.sdxl_loading import SDXLComponents
+from lora_scripts.models.sdxl_loading import SDXLComponents, check_sdxl_folder, require_sdxl_parts
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -75,6 +79,24 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
         self.trains_text_encoder = False
 
     @classmethod
+    def single_file_problems(cls, path: Path, values: Mapping[str, object]) -> list[str]:
+        """A partial SDXL file (UNet-only or text-encoder-only) is refused, as the loader refuses it."""
+        try:
+            require_sdxl_parts(checkpoint_shapes(path), path)
+        except UserError as err:
+            return list(err.messages)
+        return []
+
+    @classmethod
+    def folder_problems(cls, path: Path) -> list[str]:
+        """A diffusers folder that is not an SDXL base model (a refiner, an inpainting UNet) is refused."""
+        try:
+            check_sdxl_folder(path)
+        except UserError as err:
+            return list(err.messages)
+        return []
+
+    @classmethod
     def file_networks(cls, unet: nn.Module, text_encoders: list[nn.Module]) -> list[LoraNetwork]:
         """`lora_unet` (sgm paths; diffusers paths too, through `module_index`), `lora_te1`, `lora_te2`."""
         return sdxl_networks(unet, text_encoders)
@@ -86,20 +108,6 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
     @property
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
-
-    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
-        self.unet = denoiser
-        for wrapped in text_encoders:  # either or both encoders may be trained
-            inner = getattr(wrapped, "module", wrapped)  # DDP keeps the module it wraps at .module
-            if inner is self.components.text_encoder:
-                self.text_encoder = wrapped
-            elif inner is self.components.text_encoder_2:
-                self.text_encoder_2 = wrapped
-            else:
-                raise ValueError("use_wrapped: a text encoder that is not one of this model's")
 
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
         unet_targets, conv_targets, te_targets = resolve_lora_layers(

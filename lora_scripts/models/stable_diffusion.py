@@ -103,14 +103,6 @@ class StableDiffusionFamily(KLVaeLatents, ModelFamily):
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder]
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
-
-    def use_wrapped(self, denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
-        self.unet = denoiser
-        if text_encoders:
-            (self.text_encoder,) = text_encoders
-
     def add_lora(self, targets: LoraTargets, spec: LoraSpec) -> list[LoraNetwork]:
         unet_targets, conv_targets, te_targets = resolve_lora_layers(
             self.unet, [self.text_encoder], targets, conv=spec.conv_rank is not None

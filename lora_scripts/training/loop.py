@@ -57,6 +57,7 @@ from lora_scripts.training.setup import (
     make_accelerator,
     make_dataloader,
     make_optimization,
+    place_denoiser,
     speed_switches,
 )
 from lora_scripts.training.state import (
@@ -177,17 +178,25 @@ def _train_in(
         )
     text_cache = None
     if config.cache_text_encoder_outputs:
+        sampler.encode_ahead(family)  # a family whose sampling can do without its text encoders
         text_cache = cache_text_encoder_outputs(
-            family, training_set, accelerator.device, config.batch_size, offload=not sampler.prompts
+            family,
+            training_set,
+            accelerator.device,
+            config.batch_size,
+            offload=not sampler.needs_text_encoders,
         )
+    place_denoiser(family, config.blocks_to_swap, accelerator)  # once the caches' encoders are off the device
     dataloader = make_dataloader(training_set, config, latents)
     epoch_sampler = dataloader.batch_sampler  # ours, before accelerate wraps it: resume sets its epoch
 
     optimizer, plan, lr_scheduler = make_optimization(config, family, training_set, dataloader, accelerator)
     unet = family.denoiser
     trained = [unet] + family.trained_text_encoders
+    # The denoiser is placed already (place_denoiser): with swapped blocks, accelerate would move them too.
+    placement = [config.blocks_to_swap == 0] + [True] * (len(trained) + 2)
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        *trained, optimizer, dataloader, lr_scheduler
+        *trained, optimizer, dataloader, lr_scheduler, device_placement=placement
     )
     # DDP syncs gradients only when the wrapped module is the one called.
     family.use_wrapped(compiled_denoiser(prepared[0], config.torch_compile, accelerator.device), prepared[1:])

@@ -152,6 +152,27 @@ class TrainingSampler:
         self.accelerator = accelerator
         self._pipeline: SamplingPipeline | None = None
         self._default_cfg = DEFAULT_CFG
+        self._embeddings: list[dict[str, torch.Tensor]] | None = None  # see encode_ahead
+
+    @property
+    def needs_text_encoders(self) -> bool:
+        """Whether sampling rounds encode the prompts, so the text encoders must stay on the device."""
+        return bool(self.prompts) and self._embeddings is None
+
+    def encode_ahead(self, family: ModelFamily) -> None:
+        """Encode every sample prompt now, once, for a family that samples from its conditioning
+        (`ModelFamily.samples_from_embeddings`: FLUX.1, whose T5-XXL takes 9 GB): the text encoders can then
+        leave the device with the text cache, and each round passes the embeddings to the pipeline. Called
+        only when the text encoders do not train (the text cache is on), so the embeddings never change;
+        they are the pipeline's own (FluxFamily.encode_prompts computes FluxPipeline's conditioning)."""
+        if not self.prompts or not family.samples_from_embeddings or not self.accelerator.is_main_process:
+            return
+        device = self.accelerator.device
+        with torch.no_grad(), self.accelerator.autocast():
+            self._embeddings = [
+                {name: t.to("cpu") for name, t in family.encode_prompts([prompt.prompt], device).items()}
+                for prompt in self.prompts
+            ]
 
     # Each returns the files it wrote (none when this is not a sampling round).
     def at_start(self, family: ModelFamily) -> list[Path]:
@@ -185,7 +206,7 @@ class TrainingSampler:
             for m in modules:
                 m.eval()
             with preserved_rng(), torch.no_grad(), self.accelerator.autocast():
-                images = [self._render(prompt) for prompt in self.prompts]
+                images = [self._render(index, prompt) for index, prompt in enumerate(self.prompts)]
         finally:
             for m, training in zip(modules, was_training, strict=True):
                 m.train(training)
@@ -200,7 +221,7 @@ class TrainingSampler:
     def _cfg(self, prompt: SamplePrompt) -> float:
         return prompt.cfg_scale if prompt.cfg_scale is not None else self._default_cfg
 
-    def _render(self, prompt: SamplePrompt) -> Image.Image:
+    def _render(self, index: int, prompt: SamplePrompt) -> Image.Image:
         settings = pipeline.SamplingSettings(
             sampler=self.spec,
             steps=prompt.steps,
@@ -210,8 +231,12 @@ class TrainingSampler:
             negative_prompt=prompt.negative_prompt,
             clip_skip=self._pipeline.clip_skip,
         )
+        embeddings = None
+        if self._embeddings is not None:
+            device = self.accelerator.device
+            embeddings = {name: t.to(device) for name, t in self._embeddings[index].items()}
         return pipeline.render_image(
-            self._pipeline.pipe, prompt.prompt, settings, prompt.seed, progress=False
+            self._pipeline.pipe, prompt.prompt, settings, prompt.seed, progress=False, embeddings=embeddings
         )
 
     def _infotext(self, prompt: SamplePrompt, step: int) -> str:

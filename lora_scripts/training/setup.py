@@ -21,8 +21,10 @@ from lora_scripts.data.batching import BucketBatchSampler
 from lora_scripts.data.dataset import EpochBatchSampler, TrainingDataset, collate
 from lora_scripts.data.latent_cache import LatentRequest
 from lora_scripts.data.training_set import TrainingSet
+from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.kohya_import import load_network_weights
+from lora_scripts.models.block_swap import BlockSwap
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.flow_matching import FlowSettings
 from lora_scripts.models.flux import FluxLoad, FluxOptions
@@ -112,7 +114,8 @@ def text_encoder_mask(config: TrainConfig, family: type[ModelFamily]) -> tuple[b
     rates = config.text_encoder_rates(len(family.text_encoder_parts))
     mask = tuple(rate > 0 for rate in rates)
     default = family.default_text_encoder_mask
-    if default is not None and not isinstance(config.text_encoder_lr, list):
+    # The config holds a written list as a tuple (config/fields.py text_encoder_lrs).
+    if default is not None and not isinstance(config.text_encoder_lr, tuple):
         mask = tuple(on and by_default for on, by_default in zip(mask, default, strict=True))
     return mask
 
@@ -136,13 +139,17 @@ def flux_load(config: TrainConfig) -> FluxLoad:
 def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerator) -> list[LoraNetwork]:
     """Freeze the base model (cast to the mixed-precision dtype), add LoRA in fp32 (continuing from
     `network_weights` if set), store the UNet's frozen weights in 8 bits if `quantize_base` asks, report the
-    count."""
+    count. The VAE and text encoders go to the device; the denoiser stays on the CPU until `place_denoiser`,
+    after the caches: the device then never holds it in full precision when it is quantized, nor with the
+    text encoders that caching needs (FLUX.1: T5-XXL's 9 GiB, then its 22 GiB transformer)."""
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     quantized = config.quantize_base != "no"
+    # quantize_base also stores these encoders in 8 bits (FLUX.1's T5-XXL): quantized on the CPU, then moved.
+    quantized_encoders = [family.text_encoders[i] for i in family.quantized_text_encoders] if quantized else []
     for module in family.frozen_modules():
         module.requires_grad_(False)
-        if quantized and module is family.denoiser:
-            module.to(dtype=weight_dtype)  # quantized where it was loaded once its LoRA is on, then moved
+        if module is family.denoiser or any(module is encoder for encoder in quantized_encoders):
+            module.to(dtype=weight_dtype)
         elif weight_dtype == torch.float16 and getattr(
             getattr(module, "config", None), "force_upcast", False
         ):
@@ -169,8 +176,10 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
             if param.requires_grad:
                 param.data = param.data.float()
     if quantized:
-        _quantize_denoiser(family.denoiser, config.quantize_base, weight_dtype)
-        family.denoiser.to(accelerator.device)
+        _quantize(family.denoiser, family.denoiser_name, config.quantize_base, weight_dtype)
+    for encoder in quantized_encoders:
+        _quantize(encoder, type(encoder).__name__, config.quantize_base, weight_dtype)
+        encoder.to(accelerator.device)
     if config.network_weights is not None:
         report = load_network_weights(networks, Path(config.network_weights))
         log.info(
@@ -196,15 +205,40 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     return networks
 
 
-def _quantize_denoiser(denoiser: torch.nn.Module, kind: str, weight_dtype: torch.dtype) -> None:
-    """quantize_base: the denoiser's frozen weights to 8 bits, still on the CPU where it was loaded (so the
-    device never holds them in full precision); scales and biases stay in `weight_dtype`, the LoRA in fp32."""
-    before = stored_bytes(denoiser)
-    quantize_frozen(denoiser, kind)
+def place_denoiser(family: ModelFamily, blocks_to_swap: int, accelerator: Accelerator) -> BlockSwap | None:
+    """The denoiser to the device, except, with `blocks_to_swap`, the swapped blocks' frozen weights, which
+    stay on the CPU and come to the device block by block (models/block_swap.py)."""
+    if not blocks_to_swap:
+        family.denoiser.to(accelerator.device)
+        return None
+    if accelerator.num_processes > 1:
+        raise UserError(
+            "blocks_to_swap: works on one GPU; set it to 0 for a multi-GPU run (each GPU then holds the "
+            "whole model) or train on one GPU."
+        )
+    swap = BlockSwap(family.swap_blocks(family.denoiser, blocks_to_swap), accelerator.device)
+    with swap.held_back():
+        family.denoiser.to(accelerator.device)
     log.info(
-        "quantize_base %s: the UNet's weights take %.1f MiB instead of %.1f MiB (frozen ones in %s)",
+        "blocks_to_swap %d: %d blocks' frozen weights (%.2f GiB) stay on the CPU",
+        blocks_to_swap,
+        len(swap.blocks),
+        swap.hosted_bytes() / 2**30,
+    )
+    return swap
+
+
+def _quantize(module: torch.nn.Module, name: str, kind: str, weight_dtype: torch.dtype) -> None:
+    """quantize_base: the frozen weights of `module` (the denoiser, FLUX.1's T5) to 8 bits, still on the CPU
+    where it was loaded (so the device never holds them in full precision); scales and biases stay in
+    `weight_dtype`, the LoRA in fp32. `name` is the module's in the log line ("UNet", "transformer")."""
+    before = stored_bytes(module)
+    quantize_frozen(module, kind)
+    log.info(
+        "quantize_base %s: the %s's weights take %.1f MiB instead of %.1f MiB (frozen ones in %s)",
         kind,
-        stored_bytes(denoiser) / 2**20,
+        name,
+        stored_bytes(module) / 2**20,
         before / 2**20,
         str(weight_dtype).removeprefix("torch."),
     )

@@ -23,13 +23,8 @@ from lora_scripts.generation.infotext import parse_infotext
 from lora_scripts.generation.options import GenerateOptions
 from lora_scripts.models.lora import add_lora_adapter
 from lora_scripts.models.lora_presets import FLUX_PRESETS, resolve_targets
-from lora_scripts.models.tiny import build_tiny_flux, build_tiny_flux_components
+from lora_scripts.models.tiny import build_tiny_flux_components
 from tests.helpers.flux_files import write_flux_files
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,6 @@ CAPTIONS = ["ink wash painting, a temple", "a cat"]
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
-
-
-@pytest.fixture(scope="module")
 def schnell_dir(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-schnell", variant="schnell")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import safetensors.torch
 import torch
 from PIL import Image
@@ -14,21 +13,9 @@ from PIL import Image
 from lora_scripts.checks import check_config_file, report_to_json
 from lora_scripts.cli import main
 from lora_scripts.export.lora_file import read_lora_metadata
-from lora_scripts.models.tiny import build_tiny_flux, build_tiny_flux_components
-from tests.helpers.flux_files import write_flux_files
 from tests.training.conftest import write_config
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
-
-
-@pytest.fixture(scope="module")
-def flux_files(tmp_path_factory) -> dict[str, Path]:
-    return write_flux_files(build_tiny_flux_components(), tmp_path_factory.mktemp("comfy"))
 
 
 def flux_config(tmp: Path, name: str, data: Path, **values) -> Path:
