@@ -150,7 +150,7 @@ def test_the_browser_renders_a_flux_single_file_with_its_part_files(flux_root, t
             "3.5",
             "64x64",
         )
-        assert item.locator("img").evaluate("img => img.complete && img.naturalWidth") == 64
+        expect(item.locator("img")).to_have_js_property("naturalWidth", 64)  # waits for the picture to load
         expect(page.locator("#generate-status")).to_contain_text("seed 9")
         page.locator("#part-generate").screenshot(path=screenshot_dir(tmp_path) / "generate_flux.png")
 

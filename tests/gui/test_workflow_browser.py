@@ -128,9 +128,11 @@ def test_the_whole_workflow_in_the_browser(root: Path, tmp_path: Path, tmp_path_
         page.click("#train-resume")
         expect(page.locator("#train-name")).to_contain_text("running", timeout=RUN_TIMEOUT_MS)
         _wait_step(page, above=stopped_at + 4)
-        page.wait_for_selector("#train-samples img")
-        assert page.locator("#train-samples img").evaluate_all(
-            "imgs => imgs.every(i => i.naturalWidth === 64)"
+        # Every sample shown, and loaded (an <img> is in the page before its picture has arrived).
+        page.wait_for_function(
+            "() => { const imgs = [...document.querySelectorAll('#train-samples img')];"
+            " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth === 64); }",
+            timeout=RUN_TIMEOUT_MS,
         )
         page.locator("#part-train").screenshot(path=shots / "train.png")
         page.click("#train-stop")
@@ -162,7 +164,7 @@ def test_the_whole_workflow_in_the_browser(root: Path, tmp_path: Path, tmp_path_
         fields = parse_infotext(item.locator("pre.infotext").inner_text())
         assert (fields["Seed"], fields["Steps"], fields["Size"]) == ("7", "2", "64x64")
         assert fields["Prompt"].endswith(f"<lora:{lora_name}:0.7>") and lora_name in fields["Lora hashes"]
-        assert item.locator("img").evaluate("img => img.complete && img.naturalWidth") == 64
+        expect(item.locator("img")).to_have_js_property("naturalWidth", 64)  # waits for the picture to load
         expect(page.locator("#generate-status")).to_contain_text("seed 7")
         assert sorted(p.name for p in (root / "renders").iterdir()) == ["00000-7.png"]
         page.locator("#part-generate").screenshot(path=shots / "generate.png")
