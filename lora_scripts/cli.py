@@ -155,6 +155,17 @@ def _cmd_captions_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from lora_scripts.config.importers import import_to_file, render_report
+
+    dataset_config = Path(args.dataset_config) if args.dataset_config else None
+    report = import_to_file(
+        Path(args.source), Path(args.output), dataset_config=dataset_config, force=args.force
+    )
+    print(render_report(report, args.output), end="")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -296,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help=generate_args.HELP)
     generate_args.add_generate_arguments(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "import",
+        help="turn an sd-scripts TOML or command line, a kohya_ss preset or an SD-Trainer TOML into a config",
+    )
+    p.add_argument(
+        "source",
+        help="sd-scripts / SD-Trainer .toml, kohya_ss .json, or a .sh/.bat/.txt with the command line",
+    )
+    p.add_argument("--dataset-config", help="sd-scripts --dataset_config .toml (datasets and subsets)")
+    p.add_argument("-o", "--output", required=True, help="the YAML config to write (see docs/import.md)")
+    p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
+    p.set_defaults(func=_cmd_import)
 
     _add_caption_commands(sub)
     add_lora_tool_commands(sub)

@@ -144,8 +144,10 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
     text encoders that caching needs (FLUX.1: T5-XXL's 9 GiB, then its 22 GiB transformer)."""
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     quantized = config.quantize_base != "no"
-    # quantize_base also stores these encoders in 8 bits (FLUX.1's T5-XXL): quantized on the CPU, then moved.
-    quantized_encoders = [family.text_encoders[i] for i in family.quantized_text_encoders] if quantized else []
+    # quantize_base also stores these encoders in 8 bits (FLUX.1's T5-XXL): quantized on the CPU, then moved
+    quantized_encoders = (
+        [family.text_encoders[i] for i in family.quantized_text_encoders] if quantized else []
+    )
     for module in family.frozen_modules():
         module.requires_grad_(False)
         if module is family.denoiser or any(module is encoder for encoder in quantized_encoders):
