@@ -1,13 +1,14 @@
 """The mapping tables of docs/import.md, made from the importer's own table (sd_scripts_table.py), so that
 the page cannot drift from what the import does (tests/config/test_import_sd_scripts.py checks it):
 
-    python -m lora_scripts.config.importers.reference     # prints the two tables to paste into the page
+    python -m lora_scripts.config.importers.reference     # prints the tables to paste into the page
 """
 
 from __future__ import annotations
 
 from lora_scripts.config.importers.kohya_gui import DROPPED_GROUPS as KOHYA_DROPPED
 from lora_scripts.config.importers.kohya_gui import RENAMED as KOHYA_RENAMED
+from lora_scripts.config.importers.nested import rules_table
 from lora_scripts.config.importers.sd_scripts_table import _DROPPED_GROUPS, MAPPED
 
 
@@ -34,8 +35,21 @@ def kohya_gui_table() -> str:
     return "\n".join(["| kohya_ss keys | becomes |", "|---|---|", *rows])
 
 
+def ai_toolkit_table() -> str:
+    from lora_scripts.config.importers import ai_toolkit
+
+    return rules_table("ai-toolkit keys", ai_toolkit.SECTIONS)
+
+
+def onetrainer_table() -> str:
+    from lora_scripts.config.importers import onetrainer
+
+    return rules_table("OneTrainer keys", onetrainer.SECTIONS)
+
+
 def main() -> None:
-    print(mapped_table(), dropped_table(), kohya_gui_table(), sep="\n\n")
+    tables = (mapped_table(), dropped_table(), kohya_gui_table(), ai_toolkit_table(), onetrainer_table())
+    print(*tables, sep="\n\n")
 
 
 if __name__ == "__main__":
