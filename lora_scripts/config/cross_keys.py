@@ -28,6 +28,7 @@ def cross_key_problems(config: TrainConfig) -> list[Problem]:
         _safety_rules,
         _quantize_rules,
         _block_swap_rules,
+        _network_type_rules,
     )
     for rule in rules:
         problems += rule(config)
@@ -73,6 +74,28 @@ def _dataset_rules(config: TrainConfig) -> list[Problem]:
     if config.conv_alpha is not None and config.conv_rank is None:
         problems.append(
             ("conv_alpha", "has no effect without conv_rank (set conv_rank to train conv layers)")
+        )
+    return problems
+
+
+def _network_type_rules(config: TrainConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for key in ("lokr_factor", "lokr_full_matrix"):
+        if _written(config, key) and config.network_type != "lokr":
+            problems.append(
+                (key, f"applies to network_type: lokr only (this config has {config.network_type})")
+            )
+    if config.lokr_factor == 0 or config.lokr_factor < -1:
+        problems.append(
+            ("lokr_factor", f"{config.lokr_factor} is neither -1 (automatic) nor a size of 1 or more")
+        )
+    if config.network_type in ("loha", "lokr") and config.network_dropout:
+        problems.append(
+            (
+                "network_dropout",
+                f"applies to lora, locon and dora networks; {config.network_type} has no dropout on its "
+                "input (leave network_dropout out)",
+            )
         )
     return problems
 

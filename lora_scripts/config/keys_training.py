@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 
 
 def _optimizer_name(value: Any) -> Any:
@@ -49,7 +50,30 @@ def _warmup(value: Any) -> Any:
 
 
 class NetworkDepthKeys(BaseModel):
-    """LoCon, dropout, a separate UNet learning rate and continuing from a file (section "network")."""
+    """The network type, LoCon, dropout, a separate UNet learning rate and continuing from a file (section
+    "network")."""
+
+    network_type: NetworkType = field(
+        "network",
+        "The kind of adapter: lora (kohya LoRA), locon (LoRA on the 3x3 convs too; conv_rank defaults to "
+        "lora_rank), loha (LyCORIS LoHa: a Hadamard product of two rank-lora_rank LoRAs), lokr (LyCORIS "
+        "LoKr: a Kronecker product, see lokr_factor) or dora (LoRA plus a learned magnitude per input "
+        "channel, LyCORIS' DoRA). Every type is written in the LyCORIS/kohya layout A1111, Forge and "
+        "ComfyUI load; conv_rank adds the 3x3 convs to any of them.",
+        "lora",
+    )
+    lokr_factor: Int = field(
+        "network",
+        "LoKr: the size of the small Kronecker factor (LyCORIS' factor); -1 splits each dimension near its "
+        "square root. Smaller values give smaller files.",
+        -1,
+    )
+    lokr_full_matrix: bool = field(
+        "network",
+        "LoKr: keep the large Kronecker factor as a full matrix instead of a rank-lora_rank product "
+        "(LyCORIS' full_matrix); the update's scale is then 1, whatever lora_alpha says.",
+        False,
+    )
 
     conv_rank: Int | None = field(
         "network",

@@ -401,12 +401,15 @@ class TrainConfig(
             output_name = name if name not in ("", ".", "..") else self.output_dir.resolve().name or "lora"
         text_encoder_lr = self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
         random_crop = self.random_crop if self.center_crop is None else not self.center_crop
+        conv_rank, conv_alpha = self.conv_rank, self.conv_alpha
+        if self.network_type == "locon" and conv_rank is None:  # LoCon's convs at the network's rank/alpha
+            conv_rank = self.lora_rank
+            conv_alpha = self.lora_alpha if conv_alpha is None else conv_alpha
         return self.model_copy(
             update={
                 "unet_lr": self.learning_rate if self.unet_lr is None else self.unet_lr,
-                "conv_alpha": (
-                    float(self.conv_rank) if self.conv_alpha is None and self.conv_rank else self.conv_alpha
-                ),
+                "conv_rank": conv_rank,
+                "conv_alpha": float(conv_rank) if conv_alpha is None and conv_rank else conv_alpha,
                 # Left out (None): on where it is valid; it trains the same numbers, only faster.
                 "cache_latents": (
                     not self.random_crop_keys() if self.cache_latents is None else self.cache_latents

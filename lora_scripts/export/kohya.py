@@ -20,12 +20,23 @@ from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from torch import nn
 
 from lora_scripts.export.fused import FusedPart, PartLora, fuse
+from lora_scripts.export.lycoris import (
+    DORA_KEY,
+    LOHA_KEYS,
+    LOKR_KEYS,
+    dora_scale_shape,
+    factor_kind,
+    factors_rank,
+)
 
 # The adapter name every trained network carries (peft's default).
 ADAPTER_NAME = "default"
+# The attribute of a peft LoRA layer holding its DoRA magnitudes (models/dora.py), a ParameterDict by adapter.
+DORA_PARAMETER = "lora_dora_scale"
 
 
 @dataclass(frozen=True)
@@ -82,13 +93,43 @@ def clip_name_prefix(text_encoder: nn.Module) -> str:
     return "" if hasattr(text_encoder, "text_model") else "text_model."
 
 
-def lora_layers(network: LoraNetwork) -> list[tuple[str, LoraLayer]]:
-    """(module path, peft LoRA layer) for every layer of the network's module carrying its adapter."""
+def lora_layers(network: LoraNetwork) -> list[tuple[str, LoraLayer | LycorisLayer]]:
+    """(module path, peft layer) for every layer of the network's module carrying its adapter: a LoraLayer
+    (LoRA, LoCon, DoRA) or a LycorisLayer (peft's LoHa, LoKr)."""
     return [
         (path, layer)
         for path, layer in network.module.named_modules()
-        if isinstance(layer, LoraLayer) and network.adapter_name in layer.lora_A
+        if (isinstance(layer, LoraLayer) and network.adapter_name in layer.lora_A)
+        or (isinstance(layer, LycorisLayer) and network.adapter_name in layer._available_adapters)
     ]
+
+
+def lycoris_tensors(layer: LoraLayer | LycorisLayer, adapter: str) -> tuple[dict[str, torch.Tensor], float]:
+    """A LoHa / LoKr / DoRA layer's tensors by file suffix (export/lycoris.py) and the alpha to write, such
+    that the update the UIs compute from them is the layer's. peft's LoHa and LoKr tensors are LyCORIS' (peft
+    ported them), at peft's scale alpha / r; a LoKr whose factors are both full matrices is applied at scale 1
+    by every loader, so peft's scale is folded into its first factor. A DoRA layer: its LoRA and the
+    magnitude as [1, in(, 1, 1)]."""
+    if isinstance(layer, LoraLayer):
+        down, up = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+        magnitude = getattr(layer, DORA_PARAMETER)[adapter].detach()
+        shape = dora_scale_shape(tuple(layer.get_base_layer().weight.shape))
+        tensors = {"lora_down.weight": down, "lora_up.weight": up, DORA_KEY: magnitude.reshape(shape)}
+        return tensors, float(layer.lora_alpha[adapter])
+    tensors = {
+        name: getattr(layer, name)[adapter].detach()
+        for name in layer.adapter_layer_names
+        if adapter in getattr(layer, name)
+    }
+    unknown = set(tensors) - set(LOHA_KEYS) - set(LOKR_KEYS)
+    if unknown:  # Tucker factors (use_effective_conv2d), which we never ask peft for
+        raise ValueError(f"{type(layer).__name__}: no file layout for {sorted(unknown)}")
+    kind = factor_kind(set(tensors))
+    alpha = float(layer.alpha[adapter])
+    if kind == "lokr" and factors_rank(kind, tensors) is None:
+        tensors["lokr_w1"] = tensors["lokr_w1"] * layer.scaling[adapter]
+        alpha = 1.0
+    return tensors, alpha
 
 
 def kohya_state_dict(
@@ -105,6 +146,13 @@ def kohya_state_dict(
         adapter = net.adapter_name
         fused: dict[str, tuple[FusedPart, dict[int, PartLora]]] = {}
         for path, layer in lora_layers(net):
+            if isinstance(layer, LycorisLayer) or getattr(layer, DORA_PARAMETER, None) is not None:
+                if net.fusion is not None and net.fusion(path) is not None:
+                    raise ValueError(f"{path}: only plain LoRA is written for a fused layer")
+                tensors, alpha = lycoris_tensors(layer, adapter)
+                cast = {suffix: tensor.to("cpu", dtype) for suffix, tensor in tensors.items()}
+                write_lycoris_module(out, net.kohya_name(path), cast, alpha)
+                continue
             rank, alpha = layer.r[adapter], float(layer.lora_alpha[adapter])
             # kohya's scale is alpha / rank; DoRA, rsLoRA or a bias would not survive the format.
             plain = not layer.use_dora.get(adapter, False) and not layer.lora_bias.get(adapter, False)
@@ -131,6 +179,17 @@ def write_module(out: dict[str, torch.Tensor], name: str, lora: PartLora, dtype:
     out[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
 
 
+def write_lycoris_module(
+    out: dict[str, torch.Tensor], name: str, tensors: dict[str, torch.Tensor], alpha: float
+) -> None:
+    """A LoHa / LoKr / DoRA module's keys (export/lycoris.py): `name.<suffix>` for each tensor, on the CPU
+    in its own dtype, and `name.alpha` in the first one's."""
+    dtype = next(iter(tensors.values())).dtype
+    for suffix, tensor in tensors.items():
+        out[f"{name}.{suffix}"] = tensor.detach().to("cpu").contiguous()
+    out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+
+
 def count_modules(state_dict: dict[str, torch.Tensor]) -> int:
     """Number of adapted modules in a kohya state dict."""
-    return sum(1 for k in state_dict if k.endswith(".lora_down.weight"))
+    return sum(1 for k in state_dict if k.endswith(".alpha"))

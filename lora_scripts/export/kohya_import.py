@@ -5,6 +5,10 @@ without `text_model_`) and diffusers/peft files (`unet.<path>.lora_A.weight`, `t
 older `….lora.down.weight` too). Each module's down goes to lora_A and its up to lora_B, rescaled so that the
 update is the file's: sd-scripts' `(alpha_file / rank_file) * up @ down`, where peft multiplies lora_B by its
 own `alpha / rank`. A missing alpha means alpha = rank, as in kohya's loader (and diffusers without metadata).
+
+LyCORIS files continue a run of their own network_type: a LoHa's or LoKr's tensors go to peft's parameters of
+the same names (the first factor rescaled so that the update is the file's, export/lycoris.py), a DoRA file's
+dora_scale to the layer's magnitude (models/dora.py).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 
 from lora_scripts.errors import UserError
-from lora_scripts.export.kohya import LoraNetwork, lora_layers
+from lora_scripts.export.kohya import DORA_PARAMETER, LoraNetwork, lora_layers
 from lora_scripts.export.lora_reader import (
     FileModule,
     ModuleRef,
@@ -26,6 +31,7 @@ from lora_scripts.export.lora_reader import (
     module_index,
     read_lora_tensors,
 )
+from lora_scripts.export.lycoris import TYPE_NAMES, factor_kind, factors_rank, factors_scale, factors_shape
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ def _match(modules: list[FileModule], networks: list[LoraNetwork]) -> _Matches:
         target = index.get(module.stem)
         if target is None and trained["text_encoder" if module.is_text_encoder else "unet"]:
             found.foreign.append(module)
-        elif target is None or not isinstance(target.layer, LoraLayer):
+        elif target is None or not isinstance(target.layer, (LoraLayer, LycorisLayer)):
             found.uncovered.append((module, _coverage_hint(module, trained["text_encoder"])))
         elif (id(target.network), target.path) in seen:
             found.duplicates.append(module)
@@ -105,10 +111,34 @@ def _match(modules: list[FileModule], networks: list[LoraNetwork]) -> _Matches:
     return found
 
 
+def layer_network_type(layer: LoraLayer | LycorisLayer, adapter: str) -> str:
+    """ "lora", "dora", "loha" or "lokr": what a training layer is."""
+    if isinstance(layer, LycorisLayer):
+        return factor_kind({n for n in layer.adapter_layer_names if adapter in getattr(layer, n)}) or "lora"
+    magnitudes = getattr(layer, DORA_PARAMETER, None)
+    return "dora" if magnitudes is not None and adapter in magnitudes else "lora"
+
+
+def _file_network_type(module: FileModule) -> str:
+    return "dora" if module.dora_scale is not None and not module.factors else module.kind
+
+
+def _layer_factors(layer: LycorisLayer, adapter: str) -> dict[str, torch.nn.Parameter]:
+    return {n: getattr(layer, n)[adapter] for n in layer.adapter_layer_names if adapter in getattr(layer, n)}
+
+
 def _fit(module: FileModule, target: ModuleRef) -> str | None:
     """None when the file's tensors fit the adapter; "shape" when the base layer differs (another model);
-    else the config key whose value differs ("lora_rank" or, for a 3x3 conv, "conv_rank")."""
+    "network_type" when the file's type is not the run's; else the config key whose value differs
+    ("lora_rank" or, for a 3x3 conv, "conv_rank"; "lokr" for a LoKr's factor sizes)."""
     layer, adapter = target.layer, target.network.adapter_name
+    ours = layer_network_type(layer, adapter)
+    if _file_network_type(module) != ours:
+        return "network_type"
+    if module.factors:
+        return _fit_factors(module, layer, adapter)
+    if ours == "dora" and module.dora_scale.numel() != getattr(layer, DORA_PARAMETER)[adapter].numel():
+        return "shape"
     ours_down, ours_up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     down, up = module.down, module.up
     if ours_down.dim() == 4 and down.dim() == 2:  # a 1x1 conv stored as a matrix (older kohya files)
@@ -128,15 +158,45 @@ def _fit(module: FileModule, target: ModuleRef) -> str | None:
     return None
 
 
+def _fit_factors(module: FileModule, layer: LycorisLayer, adapter: str) -> str | None:
+    ours = _layer_factors(layer, adapter)
+    if set(ours) == set(module.factors) and all(ours[n].shape == module.factors[n].shape for n in ours):
+        return None
+    base = layer.get_base_layer().weight
+    if factors_shape(module.kind, module.factors) != (base.shape[0], base[0].numel()):
+        return "shape"
+    if module.kind == "lokr":
+        return "lokr"
+    return "conv_rank" if base.dim() == 4 and base.shape[2:] != (1, 1) else "lora_rank"
+
+
 def _copy(module: FileModule, target: ModuleRef) -> bool:
-    """Copy down → lora_A and up → lora_B (times the scale ratio); True when lora_B was rescaled."""
+    """Copy down → lora_A and up → lora_B (times the scale ratio), a DoRA magnitude, or a LoHa's / LoKr's
+    factors (the first times the scale ratio); True when a weight was rescaled."""
     layer, adapter = target.layer, target.network.adapter_name
+    if module.factors:
+        return _copy_factors(module, layer, adapter)
+    if module.dora_scale is not None:
+        with torch.no_grad():
+            getattr(layer, DORA_PARAMETER)[adapter].copy_(module.dora_scale.flatten())
     rank = module.down.shape[0]
     alpha = module.alpha if module.alpha is not None else float(rank)
     factor = (alpha / rank) / layer.scaling[adapter]
     with torch.no_grad():
         layer.lora_A[adapter].weight.copy_(module.down)
         layer.lora_B[adapter].weight.copy_(module.up.float() * factor)
+    return not math.isclose(factor, 1.0, rel_tol=1e-6)
+
+
+def _copy_factors(module: FileModule, layer: LycorisLayer, adapter: str) -> bool:
+    factor = factors_scale(module.kind, module.factors, module.alpha) / layer.scaling[adapter]
+    first = (
+        "hada_w1_a" if module.kind == "loha" else ("lokr_w1" if "lokr_w1" in module.factors else "lokr_w1_a")
+    )
+    ours = _layer_factors(layer, adapter)
+    with torch.no_grad():
+        for name, tensor in module.factors.items():
+            ours[name].copy_(tensor.float() * (factor if name == first else 1.0))
     return not math.isclose(factor, 1.0, rel_tol=1e-6)
 
 
@@ -190,7 +250,7 @@ def _coverage_hint(module: FileModule, text_encoder_trained: bool) -> str:
     """The setting that gives this run a LoRA on the file's `module`."""
     if module.is_text_encoder:
         return "text_encoder_target_modules: kohya" if text_encoder_trained else "train_text_encoder: true"
-    if module.down.dim() == 4 and module.down.shape[2:] != (1, 1):
+    if module.down is not None and module.down.dim() == 4 and module.down.shape[2:] != (1, 1):
         return "conv_rank (LoCon)"
     return "target_modules: kohya (or list these layers in target_modules)"
 
@@ -199,9 +259,26 @@ def _rank_messages(path: Path, key: str, ranks: dict[str, list[tuple[FileModule,
     problems = []
     for rank_key, pairs in ranks.items():
         module, target = pairs[0]
-        ours = target.layer.r[target.network.adapter_name]
+        adapter = target.network.adapter_name
+        if rank_key == "network_type":
+            theirs = TYPE_NAMES[_file_network_type(module)]
+            ours = layer_network_type(target.layer, adapter)
+            problems.append(
+                f"{key}: '{path}' is a {theirs} file (e.g. {module.stem}) where this run trains "
+                f"{TYPE_NAMES[ours]}; set network_type: {_file_network_type(module)}."
+            )
+            continue
+        if rank_key == "lokr":
+            problems.append(
+                f"{key}: '{path}' has LoKr factors of other sizes at {module.stem} than this run's; set "
+                "lora_rank, lokr_factor and lokr_full_matrix as the file was trained (its ss_network_args "
+                "say so when sd-scripts or lora-scripts wrote it)."
+            )
+            continue
+        rank = module.down.shape[0] if module.down is not None else factors_rank(module.kind, module.factors)
+        ours = target.layer.r[adapter]
         problems.append(
-            f"{key}: '{path}' has rank {module.down.shape[0]} at {module.stem} where this run has {rank_key} "
-            f"{ours}; set {rank_key}: {module.down.shape[0]}."
+            f"{key}: '{path}' has rank {rank} at {module.stem} where this run has {rank_key} {ours}; "
+            f"set {rank_key}: {rank}."
         )
     return problems

@@ -23,7 +23,7 @@ import torch
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.fused import FusedPart, PartLora, fuse
-from lora_scripts.export.kohya import LoraNetwork, write_module
+from lora_scripts.export.kohya import LoraNetwork, write_lycoris_module, write_module
 from lora_scripts.export.lora_model import COMPONENTS, LoraModel, LoraModule, resolve_modules
 from lora_scripts.export.lora_reader import (
     file_modules,
@@ -134,6 +134,9 @@ def kohya_tensors(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, to
             name = f"{net.kohya_prefix}_{part.path.replace('.', '_')}"
             fused.setdefault(name, (part, {}))[1][part.index] = PartLora(module.down, module.up, module.alpha)
             continue
+        if not module.plain:  # LoHa, LoKr, DoRA: LyCORIS' keys (export/lycoris.py)
+            write_lycoris_module(out, net.kohya_name(path), module_tensors(module), module.alpha)
+            continue
         write_module(
             out, net.kohya_name(path), PartLora(module.down, module.up, module.alpha), module.down.dtype
         )
@@ -143,10 +146,29 @@ def kohya_tensors(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, to
     return out
 
 
+def module_tensors(module: LoraModule) -> dict[str, torch.Tensor]:
+    """A LoHa / LoKr / DoRA module's tensors by LyCORIS suffix (alpha aside), as stored."""
+    out = dict(module.factors)
+    if module.down is not None and module.up is not None:
+        out["lora_down.weight"], out["lora_up.weight"] = module.down, module.up
+    if module.dora_scale is not None:
+        out["dora_scale"] = module.dora_scale
+    return out
+
+
+def require_plain(model: LoraModel, layout: str) -> None:
+    """ValueError unless every module is a plain LoRA: the diffusers and peft layouts have no LoHa, LoKr or
+    LyCORIS DoRA (callers say so in their own words first)."""
+    odd = [m for m in model.modules if not m.plain]
+    if odd:
+        raise ValueError(f"the {layout} layout holds plain LoRA modules only, not {odd[0].network_type}")
+
+
 def diffusers_tensors(model: LoraModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The diffusers layout and the metadata diffusers' `save_lora_weights` writes with it (`format`, and
     `lora_adapter_metadata`: each component's peft LoraConfig, whose r / lora_alpha / rank_pattern /
     alpha_pattern give every module its own alpha / rank)."""
+    require_plain(model, "diffusers")
     out: dict[str, torch.Tensor] = {}
     for module in model.modules:
         out[f"{module.name}.lora_A.weight"] = module.down.contiguous()
@@ -167,6 +189,7 @@ def peft_folders(
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]]:
     """component → (adapter_model tensors, adapter_config) as peft saves an adapter of that model alone:
     keys by the live model's module paths (`base_model.model.<path>.lora_A.weight`)."""
+    require_plain(model, "peft")
     nets = component_networks(networks)
     out = {}
     for component in model.components():

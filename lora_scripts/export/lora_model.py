@@ -10,6 +10,7 @@ kohya's, A1111's, ComfyUI's and peft's loaders apply it (a multiplier m makes it
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,6 +19,15 @@ from torch import nn
 
 from lora_scripts.export.fused import PartLora, split
 from lora_scripts.export.lora_reader import FileModule, FusedRef, ModuleRef
+from lora_scripts.export.lycoris import (
+    dora_scale_shape,
+    dora_weight,
+    factor_kind,
+    factors_rank,
+    factors_scale,
+    factors_shape,
+    factors_update,
+)
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # diffusers' names, in save order
 DENOISERS = ("unet", "transformer")  # the components that are not text encoders (UNet, FLUX's transformer)
@@ -26,26 +36,52 @@ DENOISERS = ("unet", "transformer")  # the components that are not text encoders
 @dataclass
 class LoraModule:
     """One adapted layer. down: [r, in] (Linear) or [r, in, kh, kw] (Conv2d, LoCon's 3x3 too); up: [out, r]
-    or [out, r, 1, 1]; any dtype, as stored."""
+    or [out, r, 1, 1]; any dtype, as stored. A LyCORIS LoHa / LoKr module has no down / up: its tensors are
+    in `factors` (by file suffix, export/lycoris.py) and `shape` is its layer's weight shape; a DoRA module is
+    a LoRA with a `dora_scale` [1, in(, 1, 1)]."""
 
     component: str  # "unet", "text_encoder", "text_encoder_2"
     path: str  # the layer's path in the diffusers/transformers layout (CLIP paths start with "text_model.")
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor | None
+    up: torch.Tensor | None
     alpha: float
     source: str = ""  # the module's name in the file it was read from (its stem), for reports
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dora_scale: torch.Tensor | None = None
+    shape: tuple[int, ...] = ()  # the layer's weight shape (LoHa / LoKr: their 2-D factors do not tell it)
+
+    @property
+    def kind(self) -> str:
+        """ "lora", "loha" or "lokr"."""
+        return factor_kind(set(self.factors)) or "lora"
+
+    @property
+    def network_type(self) -> str:
+        """The config's network_type this module is of: "lora" (LoCon's convs included), "loha", "lokr" or
+        "dora"."""
+        return "dora" if self.dora_scale is not None else self.kind
+
+    @property
+    def plain(self) -> bool:
+        """A plain LoRA (or LoCon) module: `scale · up @ down`, what every layout and tool handles."""
+        return self.kind == "lora" and self.dora_scale is None
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        """The rank (a LoKr with no decomposed factor: 0)."""
+        if self.down is not None:
+            return int(self.down.shape[0])
+        return factors_rank(self.kind, self.factors) or 0
 
     @property
     def scale(self) -> float:
+        if self.factors:
+            return factors_scale(self.kind, self.factors, self.alpha)
         return self.alpha / self.rank
 
     @property
     def is_conv(self) -> bool:
-        return self.down.dim() == 4
+        return len(self.weight_shape) == 4
 
     @property
     def name(self) -> str:
@@ -55,13 +91,33 @@ class LoraModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """The shape of the weight this module updates."""
+        if self.down is None or self.up is None:
+            return self.shape
         return (self.up.shape[0], *self.down.shape[1:])
 
-    def update(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`scale · up @ down` in the layer weight's shape, computed in `dtype`."""
-        up = self.up.to(dtype).flatten(1)
-        down = self.down.to(dtype).flatten(1)
-        return ((up @ down) * self.scale).reshape(self.weight_shape)
+    def parameter_count(self) -> int:
+        """The numbers the module stores (alpha aside)."""
+        tensors = [
+            *self.factors.values(),
+            *(t for t in (self.down, self.up, self.dora_scale) if t is not None),
+        ]
+        return sum(t.numel() for t in tensors)
+
+    def update(self, dtype: torch.dtype = torch.float32, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The change the module makes to its layer's weight, in the weight's shape, computed in `dtype`:
+        `scale · up @ down` for LoRA, export/lycoris.py's formulas for LoHa and LoKr. DoRA's depends on the
+        layer's own `weight` (required then): the DoRA weight minus `weight`."""
+        if self.factors:
+            delta = factors_update(self.kind, self.factors, self.alpha, self.weight_shape, dtype)
+        else:
+            up = self.up.to(dtype).flatten(1)
+            down = self.down.to(dtype).flatten(1)
+            delta = ((up @ down) * self.scale).reshape(self.weight_shape)
+        if self.dora_scale is None:
+            return delta
+        if weight is None:
+            raise ValueError(f"{self.name}: a DoRA module's update needs the layer's weight")
+        return (dora_weight(weight, delta, self.dora_scale) - weight.float()).to(dtype)
 
 
 @dataclass
@@ -78,6 +134,17 @@ class LoraModel:
         """The components the LoRA adapts, in save order."""
         present = {m.component for m in self.modules}
         return [c for c in COMPONENTS if c in present]
+
+    @property
+    def network_type(self) -> str:
+        """The config's network_type of the file's modules: "lora", "loha", "lokr" or "dora" (the most
+        frequent, should a file mix them)."""
+        return Counter(m.network_type for m in self.modules).most_common(1)[0][0]
+
+    @property
+    def plain(self) -> bool:
+        """Every module a plain LoRA / LoCon one."""
+        return all(m.plain for m in self.modules)
 
     def common_rank_and_alpha(self) -> tuple[int, float]:
         """The most frequent (rank, alpha) pair: what a file's network_dim / network_alpha say."""
@@ -113,21 +180,74 @@ def resolve_modules(file_modules: list[FileModule], index: dict[str, ModuleRef |
             _resolve_fused(module, ref, result)
             continue
         layer = getattr(ref.layer, "base_layer", ref.layer)  # a layer that carries an adapter already
+        if module.factors:
+            _resolve_factors(module, ref, layer, result)
+            continue
         down, up = module.down, module.up
         if isinstance(layer, nn.Conv2d) and down.dim() == 2:
             down, up = down[:, :, None, None], up[:, :, None, None]
         if not fits(layer, down, up):
             result.wrong_shape.append(module.stem)
             continue
+        dora_scale = module.dora_scale
+        if dora_scale is not None:
+            if dora_scale.numel() != layer.weight.shape[1]:
+                result.wrong_shape.append(module.stem)
+                continue
+            dora_scale = dora_scale.reshape(dora_scale_shape(tuple(layer.weight.shape)))
         alpha = float(down.shape[0]) if module.alpha is None else module.alpha
         path = ref.network.name_prefix + ref.path
-        result.modules.append(LoraModule(ref.component, path, down, up, alpha, source=module.stem))
+        result.modules.append(
+            LoraModule(
+                ref.component,
+                path,
+                down,
+                up,
+                alpha,
+                source=module.stem,
+                dora_scale=dora_scale,
+                shape=tuple(layer.weight.shape),
+            )
+        )
     return result
+
+
+def _resolve_factors(module: FileModule, ref: ModuleRef, layer: nn.Module, result: Resolution) -> None:
+    """A LoHa / LoKr module on its layer, when its factors make an update of the layer's size."""
+    weight_shape = tuple(layer.weight.shape)
+    flat = (weight_shape[0], math.prod(weight_shape[1:]))
+    if factors_shape(module.kind, module.factors) != flat:
+        result.wrong_shape.append(module.stem)
+        return
+    dora_scale = module.dora_scale
+    if dora_scale is not None:
+        if dora_scale.numel() != weight_shape[1]:
+            result.wrong_shape.append(module.stem)
+            return
+        dora_scale = dora_scale.reshape(dora_scale_shape(weight_shape))
+    alpha = float(factors_rank(module.kind, module.factors) or 1) if module.alpha is None else module.alpha
+    path = ref.network.name_prefix + ref.path
+    result.modules.append(
+        LoraModule(
+            ref.component,
+            path,
+            None,
+            None,
+            alpha,
+            source=module.stem,
+            factors=dict(module.factors),
+            dora_scale=dora_scale,
+            shape=weight_shape,
+        )
+    )
 
 
 def _resolve_fused(module: FileModule, ref: FusedRef, result: Resolution) -> None:
     """A file module on a fused layer (FLUX's `qkv`, `linear1`), split into its parts (export/fused.py)."""
     layers = [getattr(part.layer, "base_layer", part.layer) for part in ref.parts]
+    if module.factors or module.dora_scale is not None:  # only a plain LoRA splits into its parts exactly
+        result.wrong_shape.append(module.stem)
+        return
     down, up = module.down, module.up
     rows = sum(ref.sizes)
     if (

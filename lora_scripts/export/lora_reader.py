@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -20,17 +20,13 @@ from torch import nn
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
-
-# Kohya-layout keys of adapter types that neither training nor generation can apply to SD 1.x/2.x.
-UNSUPPORTED_SUFFIXES = {
-    ".hada_w1_a": "LyCORIS LoHa",
-    ".lokr_w1": "LyCORIS LoKr",
-    ".lokr_w1_a": "LyCORIS LoKr",
-    ".lora_mid.weight": "LyCORIS LoCon with Tucker decomposition (lora_mid)",
-    ".dora_scale": "DoRA",
-    ".diff": "LyCORIS full-weight difference",
-    ".on_input": "LyCORIS IA3",
-}
+from lora_scripts.export.lycoris import (
+    DORA_KEY,
+    FACTOR_KEYS,
+    UNSUPPORTED_SUFFIXES,
+    factor_kind,
+    factors_complete,
+)
 
 # kohya prefix of a network → the diffusers/peft component name its file keys start with.
 DIFFUSERS_COMPONENT = {
@@ -39,7 +35,14 @@ DIFFUSERS_COMPONENT = {
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
 }
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_KOHYA_SUFFIXES = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+    f".{DORA_KEY}": DORA_KEY,
+    # LyCORIS' LoHa / LoKr tensors (export/lycoris.py), kept under their own names
+    **{f".{name}": name for keys in FACTOR_KEYS.values() for name in keys},
+}
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
@@ -52,12 +55,21 @@ _DIFFUSERS_SUFFIXES = {
 @dataclass
 class FileModule:
     """One adapted layer of a file: down [r, in(, kh, kw)], up [out, r(, 1, 1)] as stored (any dtype), and
-    its alpha (None: the file has none, so alpha = rank as in kohya's and diffusers' loaders)."""
+    its alpha (None: the file has none, so alpha = rank as in kohya's and diffusers' loaders). A LyCORIS
+    LoHa / LoKr module holds its tensors in `factors` instead (by suffix: `hada_w1_a`, `lokr_w1`, ...); a
+    DoRA module has a `dora_scale` besides (export/lycoris.py)."""
 
     stem: str  # the module's key in the file, without suffix (what messages name)
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """ "lora", "loha" or "lokr" (DoRA is a LoRA with a dora_scale)."""
+        return factor_kind(set(self.factors)) or "lora"
 
     @property
     def is_text_encoder(self) -> bool:
@@ -101,11 +113,11 @@ def file_modules(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, key: str
 ) -> list[FileModule]:
     """The file's modules (down, up, alpha), whatever its format."""
-    # The adapter types the generator refuses (LyCORIS, DoRA) have no lora_A/lora_B to continue from either.
-    for suffix, kind in {**UNSUPPORTED_SUFFIXES, ".lora_magnitude_vector": "DoRA"}.items():
+    for suffix, kind in UNSUPPORTED_SUFFIXES.items():
         if any(name.endswith(suffix) for name in tensors):
             raise UserError(
-                f"{key}: '{path}' is a {kind} file; training continues only from a plain LoRA or LoCon file."
+                f"{key}: '{path}' is a {kind} file, which lora-scripts cannot apply; give a LoRA, LoCon, "
+                "LoHa, LoKr or DoRA file."
             )
     modules: dict[str, FileModule] = {}
     unknown = []
@@ -118,22 +130,30 @@ def file_modules(
         module = modules.setdefault(stem, FileModule(stem))
         if part == "alpha":
             module.alpha = float(tensors[name].float().item())
-        else:
+        elif part in ("down", "up", DORA_KEY):
             setattr(module, part, tensors[name])
+        else:
+            module.factors[part] = tensors[name]
     if unknown:
         raise UserError(
             f"{key}: '{path}' holds keys that are not LoRA weights (e.g. '{unknown[0]}'); "
             "give a kohya or diffusers LoRA file."
         )
-    broken = [m.stem for m in modules.values() if m.down is None or m.up is None]
+    broken = [m.stem for m in modules.values() if not _complete(m)]
     if broken or not modules:
-        detail = f"'{broken[0]}' lacks its down or up weight" if broken else "it holds no LoRA weights"
+        detail = f"'{broken[0]}' lacks some of its weights" if broken else "it holds no LoRA weights"
         raise UserError(f"{key}: '{path}' is not a complete LoRA file ({detail}); give another file.")
     diffusers_alphas = _diffusers_alphas(metadata)
     for module in modules.values():
         if module.alpha is None and not module.stem.startswith("lora_"):
             module.alpha = diffusers_alphas(module.stem)
     return list(modules.values())
+
+
+def _complete(module: FileModule) -> bool:
+    if module.factors:
+        return module.down is None and module.up is None and factors_complete(module.kind, module.factors)
+    return module.down is not None and module.up is not None
 
 
 def _diffusers_alphas(metadata: dict[str, str]):

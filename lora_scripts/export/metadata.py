@@ -59,6 +59,8 @@ class RunMetadata:
     unet_lr: float | None = None  # None: learning_rate
     optimizer: str = "torch.optim.AdamW"  # sd-scripts writes the optimizer's qualified class name
     network_args: dict[str, object] = field(default_factory=dict)  # e.g. conv_dim, conv_alpha, dropout
+    # sd-scripts' module: networks.lora, or lycoris.kohya for LoHa / LoKr / DoRA (network_args["algo"] says)
+    network_module: str = "networks.lora"
     extra: dict[str, str] = field(default_factory=dict)  # further ss_* run facts (datasets, buckets, loss)
     training_started_at: float = field(default_factory=time.time)
 
@@ -67,7 +69,7 @@ class RunMetadata:
         if self.text_encoder_target_modules is not None:
             network_args["text_encoder_target_modules"] = self.text_encoder_target_modules
         return {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": self.network_module,
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": _num(self.alpha),
             "ss_network_args": json.dumps(network_args),

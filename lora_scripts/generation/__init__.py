@@ -5,6 +5,7 @@ The modules (nothing is imported here, so `lora-scripts --help` does not load di
     prompt_tags   parse_prompt(text) -> ParsedPrompt(text without tags, loras=(LoraTag, …))
     lora_library  LoraLibrary.scan(folders).resolve(name) -> LoraFile (path, metadata, short_hash())
     lora_apply    load_lora(pipe, path, adapter) -> LoadedLora; set_lora_weights(pipe, loras, [(te, unet)])
+    weight_patch  LoHa / LoKr / DoRA files patched into the layers' weights (W + w·ΔW), originals kept
     samplers      resolve_sampler("Euler a") -> SamplerSpec; make_scheduler(spec, config, prediction_type)
     pipeline      load_pipeline(...) -> LoadedPipeline (SD or SDXL); render_image(pipe, text, settings, seed)
     infotext      build_infotext(...), parse_infotext(text)

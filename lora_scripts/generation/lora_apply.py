@@ -15,6 +15,9 @@ The conversion folds each module's `alpha / rank` into `lora_up`, so peft's own 
 applied update is `w * (alpha / rank) * up @ down`. The UNet part goes to diffusers; the text-encoder part
 (SDXL: both encoders) is attached through peft itself (`models.lora.attach_lora_weights`), not transformers'
 `load_adapter`, which prints a load report per LoRA and, like its `add_adapter`, may refuse a peft release.
+LyCORIS LoHa / LoKr and DoRA files (kohya layout) are resolved the same way but patched into the layers'
+weights instead, as A1111 and ComfyUI apply them (generation/weight_patch.py); `set_lora_weights` and
+`unload_loras` handle both kinds alike.
 SDXL files name the UNet by sgm paths (sd-scripts', ours) or diffusers paths, the encoders `lora_te1_` /
 `lora_te2_`; a file made for the other family (SD 1.x/2.x vs SDXL) is refused with one sentence.
 """
@@ -23,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,17 +35,24 @@ from diffusers import DiffusionPipeline
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import LoraNetwork
-from lora_scripts.export.lora_model import Resolution, resolve_modules
+from lora_scripts.export.lora_model import LoraModule, Resolution, resolve_modules
 from lora_scripts.export.lora_reader import (
     FLUX_FAMILY,
     SD_FAMILY,
     SDXL_FAMILY,
-    UNSUPPORTED_SUFFIXES,
     file_modules,
     lora_family,
     module_index,
     read_lora_tensors,
     split_key,
+)
+from lora_scripts.export.lycoris import TYPE_NAMES, UNSUPPORTED_SUFFIXES
+from lora_scripts.generation.weight_patch import (
+    LayerPatch,
+    module_on,
+    patch_weights,
+    patchable,
+    restore_layers,
 )
 from lora_scripts.models.lora import attach_lora_weights, detach_lora
 from lora_scripts.models.registry import FAMILIES
@@ -52,23 +62,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedLora:
-    """A LoRA loaded into a pipeline under `adapter` (a peft adapter name), touching `components`."""
+    """A LoRA loaded into a pipeline under `adapter` (a peft adapter name), touching `components`; a LoHa,
+    LoKr or DoRA file has no peft adapter but `patches`, the layers whose weights it changes."""
 
     adapter: str
     path: Path
     components: frozenset[str]  # "unet", "text_encoder" and (SDXL) "text_encoder_2", those it touches
+    patches: tuple[LayerPatch, ...] = field(default=(), compare=False)
 
 
 def load_lora(pipe: DiffusionPipeline, path: Path, adapter: str, label: str | None = None) -> LoadedLora:
     """Load the LoRA file at `path` into `pipe` as adapter `adapter` (scale 1 until `set_lora_weights`).
 
     label: how messages name the LoRA (the tag's name); default the file name.
+    A LyCORIS LoHa / LoKr or DoRA file is not loaded into peft: its layers are patched by `set_lora_weights`.
     Raises UserError when the file is a format or model family that cannot be applied to this pipeline.
     """
     label = label or path.name
     tensors, metadata = read_lora_tensors(path, f"LoRA '{label}'")
     check_family(label, path, tensors, metadata, pipeline_family(pipe))
-    peft_dict = _folded_peft_dict(tensors, metadata, path, pipe, label)
+    modules = _resolved_modules(tensors, metadata, path, pipe, label)
+    if modules is not None and not all(module.plain for module in modules):
+        return _patched_lora(pipe, modules, path, adapter, label)
+    peft_dict = None if modules is None else _folded_peft_dict(modules, pipe)
     # text encoder component → module path → (lora_A, lora_B)
     text_encoder_weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     if peft_dict is None:  # a layout only diffusers knows: it reads it (and its metadata) itself
@@ -127,14 +143,18 @@ def set_lora_weights(
     """Activate `loras` at `(te_weight, unet_weight)` each; other adapters of the pipeline are deactivated.
 
     A weight of 0 multiplies the LoRA's output by exactly 0, so the image is the base model's, bit for bit.
+    LoHa / LoKr / DoRA files patch their layers again from the original weights (weight 0: the original).
     """
-    if not loras:
+    pairs = list(zip(loras, weights, strict=True))
+    patch_weights(pipe, [(lora.patches, te, unet) for lora, (te, unet) in pairs if lora.patches])
+    pairs = [(lora, weight) for lora, weight in pairs if not lora.patches]
+    if not pairs:
         if pipe.get_list_adapters():
             pipe.disable_lora()
         return
     pipe.enable_lora()
     per_adapter = []
-    for lora, (te_weight, unet_weight) in zip(loras, weights, strict=True):
+    for lora, (te_weight, unet_weight) in pairs:
         # Name only the components the adapter has: diffusers warns about the others.
         values = {
             "text_encoder": te_weight,
@@ -143,14 +163,18 @@ def set_lora_weights(
             "transformer": unet_weight,
         }
         per_adapter.append({part: values[part] for part in lora.components})
-    pipe.set_adapters([lora.adapter for lora in loras], adapter_weights=per_adapter)
+    pipe.set_adapters([lora.adapter for lora, _ in pairs], adapter_weights=per_adapter)
 
 
 def unload_loras(pipe: DiffusionPipeline, loras: list[LoadedLora]) -> None:
-    """Remove these adapters (and only these) from the pipeline's models."""
-    if loras:
-        pipe.delete_adapters([lora.adapter for lora in loras])
-        for lora in loras:  # attached through peft, so detached through it (see `load_lora`)
+    """Remove these adapters (and only these) from the pipeline's models; the layers a LoHa / LoKr / DoRA
+    file patched get their original weights back, bit for bit (another such file still loaded on one of
+    them applies again at the next `set_lora_weights`)."""
+    restore_layers(pipe, [patch.layer for lora in loras for patch in lora.patches])
+    adapters = [lora for lora in loras if not lora.patches]
+    if adapters:
+        pipe.delete_adapters([lora.adapter for lora in adapters])
+        for lora in adapters:  # attached through peft, so detached through it (see `load_lora`)
             for component in lora.components - set(DENOISERS):
                 detach_lora(getattr(pipe, component), lora.adapter)
 
@@ -180,49 +204,106 @@ def pipeline_networks(pipe: DiffusionPipeline) -> list[LoraNetwork]:
     return family.file_networks(getattr(pipe, family.denoiser_part), encoders)
 
 
-def _folded_peft_dict(
+def _resolved_modules(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
     path: Path,
     pipe: DiffusionPipeline,
     label: str,
-) -> dict[str, torch.Tensor] | None:
-    """The file as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`, `text_encoder.…`,
-    `text_encoder_2.…`) for this pipeline's modules, fp32, each module's `alpha / rank` folded into lora_B;
-    None for a layout only diffusers reads (attention-processor files, DoRA, any key `lora_reader` does not
-    know). Layers that do not fit raise UserError: the family sentence when the names tell another family.
+) -> list[LoraModule] | None:
+    """The file's modules on this pipeline's live modules; None for a layout only diffusers reads
+    (attention-processor files, peft DoRA, any key `lora_reader` does not know). Layers that do not fit raise
+    UserError: the family sentence when the names tell another family.
 
     The file's modules are resolved on the pipeline's live modules (export/lora_model.py), so kohya's
-    ambiguous underscores (`to_out_0` vs `to.out.0`) match the names the models really have. LoCon conv
-    layers keep their shapes: down [rank, in, kh, kw] is lora_A, up [out, rank, 1, 1] is lora_B.
+    ambiguous underscores (`to_out_0` vs `to.out.0`) match the names the models really have.
     """
     if any(key.startswith("lora_") for key in tensors):  # kohya / sd-scripts / LyCORIS layout
         for suffix, kind in UNSUPPORTED_SUFFIXES.items():
             if any(key.endswith(suffix) for key in tensors):
                 raise UserError(
-                    f"LoRA '{label}': {kind} files are not supported (diffusers cannot apply them)."
+                    f"LoRA '{label}': {kind} files are not supported (generate applies LoRA, LoCon, "
+                    "LoHa, LoKr and DoRA files)."
                 )
     elif not all(
         key.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) and split_key(key)
         for key in tensors
     ):
         return None
-    networks = pipeline_networks(pipe)
-    found = resolve_modules(file_modules(tensors, metadata, path, f"LoRA '{label}'"), module_index(networks))
+    base = pipeline_family(pipe)
+    in_file = file_modules(tensors, metadata, path, f"LoRA '{label}'")
+    lycoris = next((m for m in in_file if m.factors or m.dora_scale is not None), None)
+    if lycoris is not None and base == FLUX_FAMILY:  # its fused layers take only a plain LoRA's split
+        kind = "dora" if lycoris.dora_scale is not None else lycoris.kind
+        raise UserError(
+            f"LoRA '{label}': {_type_name(kind)} files are not supported on a FLUX.1 base model "
+            "(only LoRA files are)."
+        )
+    found = resolve_modules(in_file, module_index(pipeline_networks(pipe)))
     if not found.complete:
-        base = pipeline_family(pipe)
         made_for = lora_family(tensors, metadata, guess=True)
         if made_for is not None and made_for != base:
             raise UserError(_family_message(label, path, made_for, base))
         raise UserError(_mismatch_message(label, found, base))
-    prefixes = {net.module: net.name_prefix for net in networks}
+    return found.modules
+
+
+def _folded_peft_dict(modules: list[LoraModule], pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """Plain LoRA modules as diffusers' PEFT keys (`unet.<path>.lora_A.weight`, `.lora_B.weight`,
+    `text_encoder.…`, `text_encoder_2.…`) for this pipeline's modules, fp32, each module's `alpha / rank`
+    folded into lora_B. LoCon conv layers keep their shapes: down [rank, in, kh, kw] is lora_A, up
+    [out, rank, 1, 1] is lora_B.
+    """
     peft: dict[str, torch.Tensor] = {}
-    for module in found.modules:
-        live = module.path.removeprefix(prefixes[getattr(pipe, module.component)])  # the model's own path
+    live_path = _live_paths(pipe)
+    for module in modules:
+        live = live_path(module)
         down, up = module.down.to(torch.float32), module.up.to(torch.float32)
         peft[f"{module.component}.{live}.lora_A.weight"] = down
         peft[f"{module.component}.{live}.lora_B.weight"] = up * module.scale
     return peft
+
+
+def _patched_lora(
+    pipe: DiffusionPipeline, modules: list[LoraModule], path: Path, adapter: str, label: str
+) -> LoadedLora:
+    """A LoHa / LoKr / DoRA file's modules on the live layers they patch (weight_patch.py); nothing changes
+    until `set_lora_weights`."""
+    patches = []
+    live_path = _live_paths(pipe)
+    network_type = next(module.network_type for module in modules if not module.plain)
+    for module in modules:
+        layer = getattr(pipe, module.component).get_submodule(live_path(module))
+        layer = getattr(layer, "base_layer", layer)  # under a plain LoRA's peft wrapper
+        if not patchable(layer):
+            raise UserError(
+                f"LoRA '{label}': {_type_name(network_type)} files are applied to the base "
+                f"model's weights, and '{module.name}' is quantized or offloaded in this pipeline; load the "
+                "base model in fp32, fp16 or bf16 without offloading."
+            )
+        patches.append(LayerPatch(layer, module_on(module, layer.weight.device)))
+    if not patches:
+        raise UserError(
+            f"LoRA '{label}': '{path}' holds no layer of this base model's UNet or text encoders."
+        )
+    components = frozenset(module.component for module in modules)
+    return LoadedLora(adapter=adapter, path=path, components=components, patches=tuple(patches))
+
+
+def _live_paths(pipe: DiffusionPipeline) -> Callable[[LoraModule], str]:
+    """A module's path inside its pipeline component (a CLIP path without the `text_model.` that
+    transformers 5's models lack, see `clip_name_prefix`)."""
+    prefixes = {net.module: net.name_prefix for net in pipeline_networks(pipe)}
+
+    def live_path(module: LoraModule) -> str:
+        return module.path.removeprefix(prefixes[getattr(pipe, module.component)])
+
+    return live_path
+
+
+def _type_name(network_type: str) -> str:
+    name = TYPE_NAMES.get(network_type, network_type)
+    return f"LyCORIS {name}" if network_type in ("loha", "lokr") else name
 
 
 def _family_message(label: str, path: Path, made_for: str, base: str) -> str:

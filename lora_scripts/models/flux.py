@@ -125,6 +125,14 @@ class FluxFamily(KLVaeLatents, ModelFamily):
                 f"loss_type: {values['loss_type']} needs a DDPM noise schedule, which FLUX.1 does not have; "
                 "use l2 or l1."
             )
+        network_type = values.get("network_type")
+        if network_type not in (None, "lora"):
+            # BFL files fuse q/k/v (and linear1's parts) into one layer: a LoRA of the parts is an exact LoRA
+            # of the fused layer (export/fused.py), a LoHa, LoKr or DoRA of them is not.
+            problems.append(
+                f"network_type: {network_type} is not written for FLUX.1 yet (its files fuse q/k/v into one "
+                "layer, which only a plain LoRA of the parts matches exactly); use lora."
+            )
         return problems
 
     @classmethod

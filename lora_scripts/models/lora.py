@@ -1,5 +1,7 @@
-"""Attach peft LoRA adapters to a component: what to train (`LoraSpec`), target checks with clear errors, and
-one peft `LoraConfig` per component that gives 3x3 convs (LoCon) their own rank and alpha."""
+"""Attach peft adapters to a component: what to train (`LoraSpec`), target checks with clear errors, and one
+peft config per component that gives 3x3 convs (LoCon) their own rank and alpha: a `LoraConfig` for LoRA,
+LoCon and DoRA (the magnitude added by models/dora.py), peft's `LoHaConfig` / `LoKrConfig` for LyCORIS' LoHa
+and LoKr (peft's layers are LyCORIS' ported, with its tensor names and formulas: export/lycoris.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import ADAPTER_NAME
+from lora_scripts.models.dora import add_dora
 
 # Layer types peft's LoRA can wrap and that sd-scripts' LoRA targets.
 _ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
+# peft builds a LoKr factor as a product of two rank-r matrices only when r is under half its size; a rank
+# above every layer's size keeps both factors full (LyCORIS' full_matrix), at scale alpha / r = 1.
+_FULL_MATRIX_RANK = 1 << 20
+
+
+@dataclass(frozen=True)
+class NetworkKind:
+    """The adapter type (config `network_type`) and LoKr's options (LyCORIS' `factor`, `full_matrix`)."""
+
+    type: str = "lora"
+    lokr_factor: int = -1
+    lokr_full_matrix: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in NETWORK_TYPES:
+            raise ValueError(f"NetworkKind.type must be one of {NETWORK_TYPES}, got {self.type!r}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class LoraSpec:
     # the conv layers follow the same rule so that a bare `conv_rank` gives scale 1 everywhere.
     conv_alpha: float | None = None
     dropout: float = 0.0  # network_dropout, as a probability in [0, 1)
+    kind: NetworkKind = NetworkKind()
 
     def __post_init__(self) -> None:
         # The config schema validates user values; these guard the API itself.
@@ -100,6 +123,7 @@ def add_lora_adapter(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dropout: float = 0.0,
+    kind: NetworkKind = NetworkKind(),
 ) -> int:
     """Wrap the target layers of `module` with LoRA (peft's default init: A Kaiming-uniform, B zero, as
     sd-scripts), freeze everything else, and return the number of trainable parameters.
@@ -110,24 +134,41 @@ def add_lora_adapter(
         (the base conv's kernel, stride and padding) and lora_B [out, r, 1, 1]: sd-scripts' LoCon layout.
     dropout: peft's `lora_dropout`, applied to the LoRA branch's input. sd-scripts' `network_dropout` drops
         lora_down's output instead; both are standard dropout regularisation of the LoRA path.
+    kind: the adapter type: LoRA / LoCon, DoRA (a LoRA with models/dora.py's magnitude), LoHa or LoKr (peft's
+        layers, without Tucker factors, so their tensors are LyCORIS' 2-D ones: export/lycoris.py).
     """
     if conv_targets and conv_rank is None:
         raise ValueError("conv_targets need a conv_rank")
     conv_alpha = float(conv_rank if conv_alpha is None else conv_alpha) if conv_rank is not None else None
     module.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(dict.fromkeys([*targets, *conv_targets])),
-        rank_pattern={exact_pattern(name): conv_rank for name in conv_targets},
-        alpha_pattern={exact_pattern(name): conv_alpha for name in conv_targets},
-        lora_dropout=dropout,
-        init_lora_weights=True,
-    )
+    shape = {
+        "target_modules": list(dict.fromkeys([*targets, *conv_targets])),
+        "rank_pattern": {exact_pattern(name): conv_rank for name in conv_targets},
+        "alpha_pattern": {exact_pattern(name): conv_alpha for name in conv_targets},
+    }
+    if kind.type == "loha":
+        config = LoHaConfig(r=rank, alpha=alpha, init_weights=True, use_effective_conv2d=False, **shape)
+    elif kind.type == "lokr":
+        if kind.lokr_full_matrix:
+            rank = alpha = _FULL_MATRIX_RANK
+            shape["rank_pattern"] = shape["alpha_pattern"] = {}
+        config = LoKrConfig(
+            r=rank,
+            alpha=alpha,
+            decompose_factor=kind.lokr_factor,
+            decompose_both=False,
+            use_effective_conv2d=False,
+            init_weights=True,
+            **shape,
+        )
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, **shape)
     # peft injects the layers itself, for a diffusers model, a transformers model or any nn.Module alike:
     # `add_adapter` of transformers (>= 5.24) refuses peft releases older than one it names, even where
     # that peft injects LoRA correctly, and diffusers' is this same call behind its own version gate.
     inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    if kind.type == "dora":
+        add_dora(module, ADAPTER_NAME)
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

@@ -122,11 +122,12 @@ class SDXLFamily(KLVaeLatents, ModelFamily):
             conv_rank=spec.conv_rank,
             conv_alpha=spec.conv_alpha,
             dropout=spec.dropout,
+            kind=spec.kind,
         )
         trained: list[nn.Module | None] = []
         for encoder, layers in zip(self.text_encoders, targets.text_encoder_layers(te_targets), strict=False):
             if layers is not None:
-                add_lora_adapter(encoder, layers, spec.rank, spec.alpha, dropout=spec.dropout)
+                add_lora_adapter(encoder, layers, spec.rank, spec.alpha, dropout=spec.dropout, kind=spec.kind)
             trained.append(encoder if layers is not None else None)
         self.trains_text_encoder = any(trained)
         return sdxl_networks(self.unet, trained)

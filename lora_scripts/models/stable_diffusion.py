@@ -120,10 +120,13 @@ class StableDiffusionFamily(KLVaeLatents, ModelFamily):
             conv_rank=spec.conv_rank,
             conv_alpha=spec.conv_alpha,
             dropout=spec.dropout,
+            kind=spec.kind,
         )
         networks = [LoraNetwork("lora_unet", self.unet)]
         if te_targets is not None:
-            add_lora_adapter(self.text_encoder, te_targets, spec.rank, spec.alpha, dropout=spec.dropout)
+            add_lora_adapter(
+                self.text_encoder, te_targets, spec.rank, spec.alpha, dropout=spec.dropout, kind=spec.kind
+            )
             networks.append(LoraNetwork("lora_te", self.text_encoder, clip_name_prefix(self.text_encoder)))
             self.trains_text_encoder = True
         return networks

@@ -22,12 +22,7 @@ def run_metadata(
     config: TrainConfig, family: ModelFamily, training_set: TrainingSet, plan: TrainingPlan, optimizer: str
 ) -> RunMetadata:
     """sd-scripts' keys, spelt and valued as sd-scripts writes them (strings of Python values)."""
-    network_args: dict[str, object] = {}
-    if config.conv_rank is not None:
-        # sd-scripts writes network args as strings ("conv_dim": "4").
-        network_args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.conv_alpha))
-    if config.network_dropout:
-        network_args["dropout"] = str(config.network_dropout)
+    network_module, network_args = _network_args(config)
     return RunMetadata(
         family=family.info,
         rank=config.lora_rank,
@@ -56,8 +51,28 @@ def run_metadata(
         tag_frequency=_tag_frequency(training_set),
         optimizer=optimizer,
         network_args=network_args,
+        network_module=network_module,
         extra=_extra(config, training_set, zero_terminal_snr=_zero_terminal_snr(config, family)),
     )
+
+
+def _network_args(config: TrainConfig) -> tuple[str, dict[str, object]]:
+    """sd-scripts' network module and args: networks.lora's (conv_dim, conv_alpha, dropout), or LyCORIS'
+    (lycoris.kohya with algo lora / loha / lokr, factor, full_matrix, dora_wd; LyCORIS names, as its files
+    carry them), all values strings as sd-scripts writes them ("conv_dim": "4")."""
+    args: dict[str, object] = {}
+    lycoris = config.network_type in ("loha", "lokr", "dora")
+    if lycoris:
+        args["algo"] = {"dora": "lora"}.get(config.network_type, config.network_type)
+    if config.conv_rank is not None:
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=str(config.conv_alpha))
+    if config.network_dropout:
+        args["dropout"] = str(config.network_dropout)
+    if config.network_type == "lokr":
+        args.update(factor=str(config.lokr_factor), full_matrix=str(config.lokr_full_matrix))
+    if config.network_type == "dora":
+        args.update(dora_wd="True", wd_on_output="False")  # a magnitude per input channel (models/dora.py)
+    return ("lycoris.kohya" if lycoris else "networks.lora"), args
 
 
 def _zero_terminal_snr(config: TrainConfig, family: ModelFamily) -> bool:

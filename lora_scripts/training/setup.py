@@ -28,7 +28,7 @@ from lora_scripts.models.block_swap import BlockSwap
 from lora_scripts.models.family import LoraTargets, ModelFamily
 from lora_scripts.models.flow_matching import FlowSettings
 from lora_scripts.models.flux import FluxLoad, FluxOptions
-from lora_scripts.models.lora import LoraSpec
+from lora_scripts.models.lora import LoraSpec, NetworkKind
 from lora_scripts.models.quantize import quantize_frozen, stored_bytes
 from lora_scripts.training.losses import LossSettings
 from lora_scripts.training.optim import build_lr_scheduler, build_optimizer, trainable_parameters
@@ -170,6 +170,7 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
         dropout=config.network_dropout,
+        kind=NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix),
     )
     networks = family.add_lora(targets, spec)
     # LoRA weights train in fp32 even when the frozen weights are fp16/bf16 (autocast does the rest).

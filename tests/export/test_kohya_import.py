@@ -206,14 +206,19 @@ def test_unreadable_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("suffix", "kind"),
-    [(".hada_w1_a", "LyCORIS LoHa"), (".dora_scale", "DoRA"), (".lora_magnitude_vector", "DoRA")],
+    [
+        (".hada_t1", "LyCORIS LoHa with Tucker decomposition (use_tucker)"),
+        (".oft_blocks", "LyCORIS OFT"),
+        (".lora_magnitude_vector", "diffusers/peft DoRA (a magnitude per output channel)"),
+    ],
 )
-def test_lycoris_and_dora_files_are_refused(tmp_path, suffix, kind):
+def test_lycoris_files_we_cannot_apply_are_refused(tmp_path, suffix, kind):
+    # LoHa, LoKr and (LyCORIS') DoRA files load: tests/training/test_network_types_e2e.py
     path = _kohya(tmp_path / "x.safetensors", {**_q_pair(4), f"lora_unet_x{suffix}": torch.zeros(2)})
     networks = tiny_family().add_lora(LoraTargets("attn", None), LoraSpec(4, 4.0))
     assert _error(networks, path) == [
-        f"network_weights: '{path}' is a {kind} file; "
-        "training continues only from a plain LoRA or LoCon file."
+        f"network_weights: '{path}' is a {kind} file, which lora-scripts cannot apply; give a LoRA, "
+        "LoCon, LoHa, LoKr or DoRA file."
     ]
 
 
@@ -285,7 +290,7 @@ def test_damaged_and_foreign_key_files(tmp_path):
     stem = "lora_unet_" + Q.replace(".", "_")
     path = _kohya(tmp_path / "half.safetensors", {f"{stem}.lora_down.weight": torch.zeros(4, 32)})
     assert _error(networks, path) == [
-        f"network_weights: '{path}' is not a complete LoRA file ('{stem}' lacks its down or up weight); "
+        f"network_weights: '{path}' is not a complete LoRA file ('{stem}' lacks some of its weights); "
         "give another file."
     ]
     path = _kohya(tmp_path / "model.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(2)})

@@ -138,10 +138,19 @@ def test_files_for_another_model_or_format_are_refused(tiny_dir, tmp_path):
     )
     with pytest.raises(UserError, match="1 have another size"):
         load_lora(pipe, wide, adapter="y", label="sd2")
-    loha = tmp_path / "loha.safetensors"
-    safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, loha)
-    with pytest.raises(UserError, match="LyCORIS LoHa files are not supported"):
-        load_lora(pipe, loha, adapter="z", label="loha")
+    tucker = tmp_path / "tucker.safetensors"
+    safetensors.torch.save_file(
+        {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_t1": torch.zeros(2, 2, 3, 3)}, tucker
+    )
+    with pytest.raises(
+        UserError,
+        match=r"LoRA 'tucker': LyCORIS LoHa with Tucker decomposition \(use_tucker\) files are not supported",
+    ):
+        load_lora(pipe, tucker, adapter="z", label="tucker")
+    oft = tmp_path / "oft.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, oft)
+    with pytest.raises(UserError, match="LoRA 'oft': LyCORIS OFT files are not supported"):
+        load_lora(pipe, oft, adapter="w", label="oft")
     assert not pipe.get_list_adapters()
 
 
