@@ -1,7 +1,8 @@
 """`lora-scripts convert`: a LoRA between the kohya layout (A1111, Forge, ComfyUI) and the diffusers / peft
 layouts (`load_lora_weights`, `PeftModel.from_pretrained`). The tensors are copied as they are (no dtype
 change unless asked) and every module keeps its own alpha, so kohya → diffusers → kohya gives the same
-tensors bit for bit.
+tensors bit for bit. LoHa, LoKr and DoRA files (LyCORIS' keys) exist in the kohya layout only: they convert
+kohya → kohya (renaming their modules to sd-scripts' spelling), and are refused for diffusers and peft.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lora_scripts.lora_tools.files import (
     lora_facts,
     open_lora,
     output_metadata,
+    refuse_unless_plain,
     save_lora,
 )
 
@@ -52,6 +54,13 @@ def convert(
     check_output(output, overwrite=overwrite, inputs=[source])
     opened = open_lora(source, key="convert", config_dir=config_dir, allow_pickle=allow_pickle)
     model = opened.model
+    if to != "kohya":
+        refuse_unless_plain(
+            opened,
+            "convert",
+            "the diffusers and peft layouts hold plain LoRA only; keep the kohya layout, which A1111, Forge "
+            "and ComfyUI load.",
+        )
     facts = lora_facts(model, opened.version)
     # A file from diffusers or peft lacks sd-scripts' keys; A1111/Forge sort LoRAs by ss_base_model_version.
     missing = {k: v for k, v in facts.items() if k not in model.metadata}

@@ -30,12 +30,14 @@ from lora_scripts.export.lora_layouts import (
     file_layout,
     kohya_tensors,
     lora_model,
+    module_tensors,
     peft_folders,
     read_lora_file,
     save_safetensors,
 )
-from lora_scripts.export.lora_model import LoraModel
+from lora_scripts.export.lora_model import LoraModel, LoraModule
 from lora_scripts.export.lora_reader import FLUX_FAMILY, SD_FAMILY, SDXL_FAMILY, lora_family, version_family
+from lora_scripts.export.lycoris import TYPE_NAMES
 from lora_scripts.models.detect import ModelVersion, read_checkpoint
 from lora_scripts.models.meta_modules import MetaModel, meta_model
 from lora_scripts.models.registry import base_model_version
@@ -187,7 +189,9 @@ def output_metadata(source: dict[str, str], entry: dict, **updates: str) -> dict
 
 
 def lora_facts(model: LoraModel, version: ModelVersion) -> dict[str, str]:
-    """sd-scripts' keys that say what a LoRA file is, from its modules (for files that lack them)."""
+    """sd-scripts' keys that say what a LoRA file is, from its modules (for files that lack them). A LoHa,
+    LoKr or DoRA file is LyCORIS': `ss_network_module` lycoris.kohya, its `algo` (and DoRA's `dora_wd`, LoKr's
+    `factor`) in `ss_network_args`, as LyCORIS' kohya wrapper reads them."""
     rank, alpha = model.common_rank_and_alpha()
     facts = {
         "ss_base_model_version": BASE_MODEL_VERSIONS[version],
@@ -196,11 +200,56 @@ def lora_facts(model: LoraModel, version: ModelVersion) -> dict[str, str]:
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
     }
-    conv = [m for m in model.modules if m.is_conv and m.down.shape[-1] > 1]
+    args: dict[str, str] = {} if model.plain else lycoris_args(model)
+    if args:
+        facts["ss_network_module"] = "lycoris.kohya"
+    conv = [m for m in model.modules if is_spatial(m)]
     if conv:
         (conv_rank, conv_alpha), _ = Counter((m.rank, m.alpha) for m in conv).most_common(1)[0]
-        facts["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+        args |= {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
+    if args:
+        facts["ss_network_args"] = json.dumps(args)
     return facts
+
+
+def lycoris_args(model: LoraModel) -> dict[str, str]:
+    """LyCORIS' network_args for a LoHa / LoKr / DoRA model: `algo`; DoRA's `dora_wd` with its magnitude
+    per input channel (`wd_on_output` False: the key LyCORIS' kohya wrapper reads); LoKr's `factor` (the
+    first factor's output size when every module has the same one, else -1: the split nearest the square
+    root) and `full_matrix` when no module's second factor is decomposed."""
+    kind = model.network_type
+    if kind == "dora":
+        return {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}
+    args = {"algo": kind}
+    if kind == "lokr":
+        lokr = [m for m in model.modules if m.kind == "lokr"]
+        sizes = {(m.factors.get("lokr_w1", m.factors.get("lokr_w1_a"))).shape[0] for m in lokr}
+        args["factor"] = str(sizes.pop()) if len(sizes) == 1 else "-1"
+        if not any("lokr_w2_a" in m.factors for m in lokr):
+            args["full_matrix"] = "True"
+    return args
+
+
+def is_spatial(module: LoraModule) -> bool:
+    """A 3x3 (or larger) conv: what sd-scripts' conv_dim adapts; 1x1 convs count as linear."""
+    return module.is_conv and tuple(module.weight_shape[2:]) != (1, 1)
+
+
+def module_dtype(module: LoraModule) -> torch.dtype:
+    """The dtype a module's weights are stored in (LoHa / LoKr: their first factor's)."""
+    return next(iter(module_tensors(module).values())).dtype
+
+
+def refuse_unless_plain(opened: OpenedLora, command: str, why: str) -> None:
+    """UserError, naming the file and its type, when `opened` is a LoHa, LoKr or DoRA file: `why` says what
+    the command cannot do with it and what to use instead."""
+    if not opened.model.plain:
+        raise UserError(f"{command}: '{opened.path}' is {type_article(opened.model)} file; {why}")
+
+
+def type_article(model: LoraModel) -> str:
+    """ "a LoHa", "a LoKr", "a DoRA": the file's network type with its article."""
+    return f"a {TYPE_NAMES[model.network_type]}"
 
 
 def save_lora(
@@ -248,5 +297,18 @@ def _save_peft(folder: Path, model: LoraModel, base: MetaModel, metadata: dict[s
 
 def cast(model: LoraModel, dtype: torch.dtype) -> LoraModel:
     """A copy of `model` with its weights in `dtype`."""
-    modules = [replace(m, down=m.down.to(dtype), up=m.up.to(dtype)) for m in model.modules]
+
+    def to(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(dtype)
+
+    modules = [
+        replace(
+            m,
+            down=to(m.down),
+            up=to(m.up),
+            factors={suffix: to(t) for suffix, t in m.factors.items()},
+            dora_scale=to(m.dora_scale),
+        )
+        for m in model.modules
+    ]
     return replace(model, modules=modules)

@@ -20,8 +20,9 @@ from pathlib import Path
 from lora_scripts.export.hashes import file_model_hash
 from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.export.lora_layouts import component_networks
-from lora_scripts.export.lora_model import LoraModel
-from lora_scripts.lora_tools.files import FAMILY_VERSIONS, HISTORY_KEY, OpenedLora, open_lora
+from lora_scripts.export.lora_model import LoraModel, LoraModule
+from lora_scripts.export.lycoris import TYPE_NAMES
+from lora_scripts.lora_tools.files import FAMILY_VERSIONS, HISTORY_KEY, OpenedLora, is_spatial, open_lora
 from lora_scripts.models.detect import VERSION_NAMES
 from lora_scripts.models.flux import FLUX_MODELSPEC_ARCHITECTURE
 
@@ -67,8 +68,9 @@ class ComponentSummary:
     component: str
     modules: int  # adapted layers (a FLUX fused qkv / linear1 module counts once per part it adapts)
     conv_modules: int  # 3x3 LoCon convs
-    ranks: dict[int, int]  # rank → modules
+    ranks: dict[int | str, int]  # rank → modules (a LoKr whose factors are both full: "full")
     alphas: dict[float, int]  # alpha → modules
+    parameters: int = 0  # the numbers its modules store (alphas aside)
     model: str = ""  # the component's class (UNet2DConditionModel, FluxTransformer2DModel, T5EncoderModel)
     kohya_prefix: str = ""  # how kohya files name it (lora_unet, lora_te1, lora_te3 ...)
     blocks: dict[str, int] = field(default_factory=dict)  # top-level part of its kohya path → modules
@@ -88,8 +90,10 @@ class Inspection:
     layout: str
     family: str
     version: str
-    network_type: str  # "LoRA" or "LoCon"
+    network_type: str  # "LoRA", "LoCon", "LoHa", "LoKr" or "DoRA" (export/lycoris.py TYPE_NAMES)
     components: list[ComponentSummary]
+    parameters: int  # the numbers the file's modules store (alphas aside)
+    notes: list[str]  # what the report cannot show without the base model, and what works with the type
     training: dict[str, str]  # label → value, as TRAINING_KEYS orders them
     datasets: list[Dataset]
     top_tags: list[tuple[str, int]]
@@ -109,8 +113,10 @@ def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bo
         layout=model.layout,
         family=model.family,
         version=_version_text(opened),
-        network_type="LoCon" if any(s.conv_modules for s in summaries) else "LoRA",
+        network_type=network_type_name(model),
         components=summaries,
+        parameters=sum(s.parameters for s in summaries),
+        notes=type_notes(model),
         training=training_facts(metadata),
         datasets=dataset_folders(metadata),
         top_tags=top_tags(metadata),
@@ -118,6 +124,34 @@ def inspect_lora(path: Path, *, config_dir: Path | None = None, allow_pickle: bo
         loads_in=loads_in(model, list(opened.base.networks)),
         history=_json(metadata.get(HISTORY_KEY), []),
     )
+
+
+def network_type_name(model: LoraModel) -> str:
+    """The file's network type as LyCORIS names it: LoRA (LoCon with 3x3 convs), LoHa, LoKr or DoRA."""
+    kind = model.network_type
+    if kind == "lora" and any(is_spatial(m) for m in model.modules):
+        kind = "locon"
+    return TYPE_NAMES[kind]
+
+
+def type_notes(model: LoraModel) -> list[str]:
+    """What inspect and the tools say of a LoHa, LoKr or DoRA file (none for a plain LoRA)."""
+    kind = model.network_type
+    if kind == "dora":
+        return [
+            "DoRA: each module also rescales its layer's weight per input channel (dora_scale), so its "
+            "update depends on the base model's weights, which inspect does not read; `merge --base` "
+            "applies it exactly.",
+            "resize, merge into one LoRA and convert to diffusers / peft take plain LoRA only.",
+        ]
+    if kind in ("loha", "lokr"):
+        what = "Hadamard product of two" if kind == "loha" else "Kronecker product of two"
+        return [
+            f"{TYPE_NAMES[kind]}: each update is the {what} factors (LyCORIS), not up @ down.",
+            "merge --base applies it exactly; `merge --rank N` makes a plain LoRA of it by SVD; resize and "
+            "convert to diffusers / peft take plain LoRA only.",
+        ]
+    return []
 
 
 def _version_text(opened: OpenedLora) -> str:
@@ -145,14 +179,24 @@ def _components(model: LoraModel, networks: list[LoraNetwork]) -> list[Component
             ComponentSummary(
                 component=component,
                 modules=len(modules),
-                conv_modules=sum(m.is_conv and m.down.shape[-1] > 1 for m in modules),
-                ranks=dict(sorted(Counter(m.rank for m in modules).items())),
+                conv_modules=sum(is_spatial(m) for m in modules),
+                ranks=_ranks(modules),
                 alphas=dict(sorted(Counter(m.alpha for m in modules).items())),
+                parameters=sum(m.parameter_count() for m in modules),
                 model=type(net.module).__name__,
                 kohya_prefix=net.kohya_prefix,
                 blocks=dict(blocks),
             )
         )
+    return out
+
+
+def _ranks(modules: list[LoraModule]) -> dict[int | str, int]:
+    """rank → modules, ascending; a LoKr module whose two factors are both full (rank 0) as "full", last."""
+    counts = Counter(m.rank for m in modules)
+    out: dict[int | str, int] = {rank: n for rank, n in sorted(counts.items()) if rank}
+    if counts.get(0):
+        out["full"] = counts[0]
     return out
 
 
@@ -238,7 +282,7 @@ def _hashes(path: Path, metadata: dict[str, str]) -> dict[str, str]:
 def loads_in(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, str]:
     """Where the file loads as it is, per tool, with what to do where it does not."""
     convert_hint = "convert it with `lora-scripts convert FILE -o OUT --to kohya`"
-    diffusers = "yes (load_lora_weights)"
+    diffusers = _diffusers_loads(model)
     if model.layout == "peft":
         note = f"no (a peft adapter folder); {convert_hint}"
         return {
@@ -265,6 +309,20 @@ def loads_in(model: LoraModel, networks: list[LoraNetwork]) -> dict[str, str]:
     return {"A1111/Forge": everything, "ComfyUI": everything, "diffusers": diffusers}
 
 
+def _diffusers_loads(model: LoraModel) -> str:
+    """Whether diffusers' `load_lora_weights` applies the file as it means: LyCORIS' LoHa / LoKr keys are not
+    read for SD / SDXL, and it reads a kohya `dora_scale` as peft's magnitude per output channel, where
+    this one is per input channel (export/lycoris.py)."""
+    if model.plain:
+        return "yes (load_lora_weights)"
+    why = {
+        "dora": "its dora_scale is per input channel, diffusers' DoRA per output channel",
+        "loha": "its LoHa keys are not read for this family",
+        "lokr": "its LoKr keys are not read for this family",
+    }[model.network_type]
+    return f"no ({why}); fuse it into a checkpoint with `lora-scripts merge --base`"
+
+
 # --- output -------------------------------------------------------------------------------------------------
 
 
@@ -282,8 +340,10 @@ def format_inspection(ins: Inspection) -> str:
                 "model": f"{ins.version}  ({ins.family} family)",
                 "layout": ins.layout,
                 "network": ins.network_type,
+                "parameters": f"{ins.parameters:,}",
             }
         ),
+        *(f"  {note}" for note in ins.notes),
         "",
         "modules",
     ]
@@ -295,7 +355,7 @@ def format_inspection(ins: Inspection) -> str:
         conv = f" ({s.conv_modules} 3x3 conv)" if s.conv_modules else ""
         lines.append(
             f"  {s.component:<15} {s.modules:>4} modules{conv}   rank {ranks}   alpha {alphas}   "
-            f"({s.kohya_prefix}: {s.model})"
+            f"{s.parameters:,} parameters   ({s.kohya_prefix}: {s.model})"
         )
         if len(s.blocks) > 1:
             lines.append("  " + " " * 16 + ", ".join(f"{block} {n}" for block, n in s.blocks.items()))

@@ -4,11 +4,14 @@ them:
 
     W' = W + Σᵢ mᵢ · (alphaᵢ / rankᵢ) · upᵢ @ downᵢ
 
-for every layer a LoRA adapts, mᵢ being that LoRA's text-encoder or UNet (FLUX: transformer) weight (A1111's
-`<lora:name:te:unet>`). FLUX.1's q/k/v (and a single block's MLP input) are rows of one fused tensor (`qkv`,
-`linear1`): each part's update goes to its own rows, exactly. A FLUX transformer file holds no text
-encoders: a LoRA's CLIP-L / T5 modules need a text-encoder weight of 0 there. The sum is formed in float32
-(on `device`) and cast once to the output dtype. Every other tensor and key of the base (VAE, EMA weights,
+for every layer a LoRA adapts, mᵢ being that LoRA's text-encoder or UNet (FLUX: transformer) weight
+(A1111's `<lora:name:te:unet>`). A LoHa or LoKr module adds its `LoraModule.update()` (LyCORIS' formulas,
+export/lycoris.py) in place of `(alpha / rank) · up @ down`; a DoRA module adds mᵢ · (its DoRA weight of the
+layer's weight, as the LoRAs before it left it, minus that weight), as A1111 applies it. FLUX.1's q/k/v (and
+a single block's MLP input) are rows of one fused tensor (`qkv`, `linear1`): each part's update goes to its
+own rows, exactly. A FLUX transformer file holds no text encoders: a LoRA's CLIP-L / T5 modules need a
+text-encoder weight of 0 there. The sum is formed in float32 (on `device`) and cast once to the output
+dtype. Every other tensor and key of the base (VAE, EMA weights,
 `v_pred` / `ztsnr` markers, anything unknown) is written through unchanged, bit for bit unless another
 precision is asked for; its metadata is kept, with a `lora_scripts.history` entry naming the base and each
 LoRA with its weights and hash.
@@ -24,7 +27,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -260,20 +263,32 @@ def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
 
 
 def _merged(stored: torch.Tensor, parts: list[_Part], device: torch.device) -> torch.Tensor:
-    """`stored` plus every part's update, summed in float32 on `device`; `stored` itself when no part."""
+    """`stored` plus every part's update, summed in float32 on `device`; `stored` itself when no part. The
+    parts apply in order, each to the weight as the ones before left it (what a DoRA module's update
+    depends on)."""
     if not parts:
         return stored
     work = stored.to(device=device, dtype=torch.float32, copy=True)
     for location, module, multiplier in parts:
-        location.add(work, lora_update(module, multiplier, device))
+        weight = location.weight(work) if module.dora_scale is not None else None
+        location.add(work, lora_update(module, multiplier, device, weight=weight))
     return work.cpu()
 
 
-def lora_update(module: LoraModule, multiplier: float, device: torch.device) -> torch.Tensor:
-    """`multiplier · (alpha / rank) · up @ down` in float32 on `device`, in the layer weight's shape."""
-    up = module.up.to(device=device, dtype=torch.float32).flatten(1)
-    down = module.down.to(device=device, dtype=torch.float32).flatten(1)
-    return ((up @ down) * (multiplier * module.scale)).reshape(module.weight_shape)
+def lora_update(
+    module: LoraModule, multiplier: float, device: torch.device, *, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`multiplier · module.update()` in float32 on `device`, in the layer weight's shape: `(alpha / rank) ·
+    up @ down` for a LoRA, LyCORIS' formulas for LoHa / LoKr, and for DoRA the DoRA weight of `weight` (the
+    layer's current weight, required then) minus `weight`, as A1111 applies a multiplier to it."""
+    on_device = replace(
+        module,
+        down=None if module.down is None else module.down.to(device),
+        up=None if module.up is None else module.up.to(device),
+        factors={suffix: t.to(device) for suffix, t in module.factors.items()},
+        dora_scale=None if module.dora_scale is None else module.dora_scale.to(device),
+    )
+    return on_device.update(torch.float32, weight=weight) * multiplier
 
 
 def _metadata(

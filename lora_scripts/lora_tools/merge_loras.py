@@ -18,6 +18,10 @@ Two ways, those of sd-scripts' networks/merge_lora.py --concat and networks/svd_
   values). Each module reports the fraction of its update's Frobenius norm it keeps. Unlike sd-scripts, the
   factors are not clamped to a quantile, which would make the result no longer the best approximation.
 
+LoHa and LoKr inputs (LyCORIS) have no LoRA factors to concatenate: they merge by SVD only (`--rank`), of the
+summed update Σ wᵢ · updateᵢ formed in full (svd.svd, float32), and are refused otherwise. DoRA inputs are
+refused: a DoRA module's update depends on the base weights (`merge --base` applies it exactly).
+
 Every input must be for one base model version; the output's metadata keeps what all inputs agree on, gets
 sd-scripts' dim / alpha keys from the merged modules and a history entry naming each input, weight and hash.
 """
@@ -35,19 +39,22 @@ from tqdm.auto import tqdm
 from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.export.hashes import file_model_hash
-from lora_scripts.export.lora_layouts import LAYOUTS
+from lora_scripts.export.lora_layouts import LAYOUTS, module_tensors
 from lora_scripts.export.lora_model import LoraModel, LoraModule
 from lora_scripts.lora_tools.files import (
     OpenedLora,
     a_or_an,
     check_output,
     history_entry,
+    is_spatial,
     lora_facts,
+    module_dtype,
     open_lora,
     output_metadata,
+    refuse_unless_plain,
     save_lora,
 )
-from lora_scripts.lora_tools.svd import retained_fro, svd_of_product
+from lora_scripts.lora_tools.svd import Svd, retained_fro, svd, svd_of_product
 from lora_scripts.models.detect import VERSION_NAMES
 
 log = logging.getLogger(__name__)
@@ -127,12 +134,14 @@ def merge_loras(
     ]
     _check_one_version(opened)
     conv_rank = rank if conv_rank is None else conv_rank
+    for lora in opened:
+        _check_mergeable(lora, rank, conv_rank)
 
     merged: list[LoraModule] = []
     report: list[MergedModule] = []
     groups = _group_modules(opened, weights)
     for name, parts in tqdm(groups.items(), desc="merging", unit="module", leave=False):
-        target = conv_rank if _is_spatial(parts[0][0]) else rank
+        target = conv_rank if is_spatial(parts[0][0]) else rank
         if target is None:
             module, retained = _concatenate(parts), None
         else:
@@ -145,7 +154,10 @@ def merge_loras(
     method = "svd" if any(m.retained is not None for m in report) else "concat"
     params = {"method": method, "rank": rank, "conv_rank": conv_rank, "layout": layout}
     entry = history_entry("merge", _history_inputs(opened, weights), **params)
-    metadata = output_metadata(_shared_metadata(opened), entry, **lora_facts(model, first.version))
+    shared = _shared_metadata(opened)
+    if not all(lora.model.plain for lora in opened):  # LyCORIS' algo etc. no longer describe the output
+        shared.pop("ss_network_args", None)
+    metadata = output_metadata(shared, entry, **lora_facts(model, first.version))
     save_lora(output, model, first.base, metadata, layout=layout, dtype=dtype or _stored_dtype(opened))
     log.info("Merged %d LoRAs into %d modules (%s) at %s", len(opened), len(merged), method, output)
     return MergeReport(Path(output), first.version, layout, method, report)
@@ -168,6 +180,27 @@ def _check_one_version(opened: list[OpenedLora]) -> None:
             )
 
 
+def _check_mergeable(lora: OpenedLora, rank: int | None, conv_rank: int | None) -> None:
+    """UserError for an input this merge cannot apply exactly: a DoRA file (its update depends on the base
+    weights), or a LoHa / LoKr one with a module that would be concatenated (concatenation joins LoRA factors:
+    the SVD of their summed update makes a LoRA of them)."""
+    if lora.model.network_type == "dora" or any(m.dora_scale is not None for m in lora.model.modules):
+        why = (
+            "its update depends on the base weights, so it cannot be merged into a LoRA; fuse it into a "
+            "checkpoint with `merge --base` instead."
+        )
+        refuse_unless_plain(lora, f"--lora {lora.path}", why)
+    concatenated = [
+        m for m in lora.model.modules if not m.plain and (conv_rank if is_spatial(m) else rank) is None
+    ]
+    if concatenated:
+        why = (
+            "merging by concatenation is exact for plain LoRA only; give --rank N (and --conv-rank N) to "
+            "merge it by SVD of the summed update, or fuse it into a checkpoint with `merge --base`."
+        )
+        refuse_unless_plain(lora, f"--lora {lora.path}", why)
+
+
 def _group_modules(opened: list[OpenedLora], weights: list[float]) -> dict[str, list[Part]]:
     """Each module name (in order of first appearance) with the inputs' modules on that layer."""
     groups: dict[str, list[Part]] = {}
@@ -175,11 +208,6 @@ def _group_modules(opened: list[OpenedLora], weights: list[float]) -> dict[str, 
         for module in lora.model.modules:
             groups.setdefault(module.name, []).append((module, weight))
     return groups
-
-
-def _is_spatial(module: LoraModule) -> bool:
-    """A 3x3 (or larger) conv: what sd-scripts' conv_dim adapts; 1x1 convs count as linear."""
-    return module.is_conv and tuple(module.down.shape[2:]) != (1, 1)
 
 
 def _concatenate(parts: list[Part]) -> LoraModule:
@@ -194,8 +222,11 @@ def _concatenate(parts: list[Part]) -> LoraModule:
 
 def _svd_merge(parts: list[Part], target: int, device: torch.device) -> tuple[LoraModule, float]:
     """The best approximation of rank `target` (capped) of the layer's summed update, alpha = its rank, and
-    the fraction of the update's Frobenius norm it keeps. The summed update is the concatenated module's
-    product, so its SVD comes from the factors (svd_of_product: exact, no out × in matrix)."""
+    the fraction of the update's Frobenius norm it keeps. For LoRAs the summed update is the concatenated
+    module's product, so its SVD comes from the factors (svd_of_product: exact, no out × in matrix); with a
+    LoHa or LoKr among the parts it is the SVD of the summed updates (`LoraModule.update()`)."""
+    if not all(m.plain for m, _ in parts):
+        return _svd_merge_updates(parts, target, device)
     module = _concatenate(parts)
     up, down = module.up.flatten(1) * module.scale, module.down.flatten(1)
     decomposition = svd_of_product(up, down, device=device)
@@ -205,18 +236,40 @@ def _svd_merge(parts: list[Part], target: int, device: torch.device) -> tuple[Lo
     # the update is zero to within the factors' precision, and any rank keeps all of it.
     if float(decomposition.s.norm()) <= CANCELLED * float(up.norm() * down.norm()):  # ≥ ‖up @ down‖_F
         retained = 1.0
-    new_up, new_down = decomposition.factors(new_rank)
-    new_up = new_up.to("cpu", torch.float32).reshape(module.up.shape[0], new_rank, *module.up.shape[2:])
-    new_down = new_down.to("cpu", torch.float32).reshape(new_rank, *module.down.shape[1:])
-    return replace(module, down=new_down, up=new_up, alpha=float(new_rank)), retained
+    return _low_rank_module(module, decomposition, new_rank), retained
+
+
+def _svd_merge_updates(parts: list[Part], target: int, device: torch.device) -> tuple[LoraModule, float]:
+    """`_svd_merge` of parts among which a LoHa or LoKr: the SVD (float32, svd.svd) of Σ wᵢ · updateᵢ
+    flattened to [out, in·kh·kw]. Those updates are of full rank in general, so the result approximates."""
+    weighted = [m.update(torch.float32).to(device) * w for m, w in parts]
+    summed = torch.stack(weighted).sum(0)
+    decomposition = svd(summed.flatten(1), device=device)
+    new_rank = min(target, len(decomposition.s))
+    retained = retained_fro(decomposition.s, new_rank)
+    if float(decomposition.s.norm()) <= CANCELLED * sum(float(u.norm()) for u in weighted):
+        retained = 1.0
+    plain = replace(parts[0][0], factors={}, dora_scale=None)
+    return _low_rank_module(plain, decomposition, new_rank), retained
+
+
+def _low_rank_module(module: LoraModule, decomposition: Svd, rank: int) -> LoraModule:
+    """`module` as a LoRA of the best rank-`rank` factors of `decomposition` (float32, on the CPU) with
+    alpha = rank: down [rank, in(, kh, kw)], up [out, rank(, 1, 1)]."""
+    out, *rest = module.weight_shape
+    new_up, new_down = decomposition.factors(rank)
+    new_up = new_up.to("cpu", torch.float32).reshape(out, rank, *([1] * len(rest[1:])))
+    new_down = new_down.to("cpu", torch.float32).reshape(rank, *rest)
+    return replace(module, down=new_down, up=new_up, alpha=float(rank))
 
 
 def _stored_dtype(opened: list[OpenedLora]) -> torch.dtype:
     """The dtype that holds every input's weights as stored (fp16 and bf16 together: fp32)."""
-    dtype = opened[0].model.modules[0].down.dtype
+    dtype = module_dtype(opened[0].model.modules[0])
     for lora in opened:
         for module in lora.model.modules:
-            dtype = torch.promote_types(dtype, torch.promote_types(module.down.dtype, module.up.dtype))
+            for tensor in module_tensors(module).values():
+                dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
 
 

@@ -13,6 +13,8 @@ one (sd-scripts' default: one down shared by the parts) is resized as one matrix
 in their rows: the best approximation of the fused layer's update, written dense at the new rank, so a
 resize never makes a file larger than it was. The output is written in the layout the
 input came in (kohya, diffusers, or a peft folder), with sd-scripts' metadata updated as its script does.
+LoHa, LoKr and DoRA files are refused: `merge --lora FILE --rank N` makes a plain LoRA of a LoHa / LoKr one
+(the SVD of its update), and a DoRA file's update depends on the base weights.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from lora_scripts.devices import pick_device
 from lora_scripts.errors import UserError
 from lora_scripts.export.lora_model import LoraModel, LoraModule
 from lora_scripts.lora_tools.files import (
+    OpenedLora,
     check_output,
     history_entry,
     lora_facts,
     open_lora,
     output_metadata,
+    refuse_unless_plain,
     save_lora,
 )
 from lora_scripts.lora_tools.svd import DYNAMIC_RULES, choose_rank, retained_fro, svd_of_product
@@ -130,6 +134,7 @@ def resize(
     where = pick_device(device)
     check_output(output, overwrite=overwrite, inputs=[source])
     opened = open_lora(source, key="resize", config_dir=config_dir, allow_pickle=allow_pickle)
+    refuse_unless_plain(opened, "resize", resize_instead(opened))
     model = opened.model
     if dynamic:
         log.info("Ranks by %s %s, at most %d (conv %d)", dynamic, dynamic_param, rank, choice.conv_rank)
@@ -168,6 +173,19 @@ def resize(
         100 * report.mean_fro_retained,
     )
     return report
+
+
+def resize_instead(opened: OpenedLora) -> str:
+    """What to do with a LoHa / LoKr / DoRA file instead of resizing it (resize works on up @ down)."""
+    if opened.model.network_type == "dora":
+        return (
+            "resize works on a plain LoRA's up @ down, and a DoRA file's update depends on the base weights; "
+            "fuse it into a checkpoint with `merge --base` instead."
+        )
+    return (
+        "resize works on a plain LoRA's up @ down; to make a plain LoRA of rank N from it, use "
+        f"`lora-scripts merge --lora {opened.path} --rank N -o OUT.safetensors` (the SVD of its update)."
+    )
 
 
 def resize_module(
