@@ -1,8 +1,10 @@
 """What a run will do, worked out without loading weights: its steps, its LoRA's size, the files it writes.
 
 The trainable-parameter count builds the UNet (and the text encoder) from its config on the meta device
-(shapes only, no memory), adds the same peft adapter training adds, and counts; this also checks
-`target_modules` against the real layer names, with the message training would give.
+(shapes only, no memory), adds the same peft adapter training adds (the config's network_type: LoRA, LoCon,
+LoHa, LoKr or DoRA), and counts; this also checks `target_modules` against the real layer names, with the
+message training would give. The LoRA file's size comes from training's saver run on that same meta network
+(checks/lora_file.py).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from pathlib import Path
 
 from accelerate import init_empty_weights
 
+from lora_scripts.checks.lora_file import LoraFileFacts, lora_file_facts
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.training_set import TrainingSet
 from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraNetwork
 from lora_scripts.models.detect import ModelVersion
 from lora_scripts.models.family import LoraTargets
 from lora_scripts.models.locate import locate_base_model
-from lora_scripts.models.lora import add_lora_adapter
+from lora_scripts.models.lora import NetworkKind, add_lora_adapter
 from lora_scripts.models.lora_presets import resolve_lora_layers
 from lora_scripts.models.registry import FAMILIES, base_model_version, single_file_config_dir
 
@@ -29,7 +33,7 @@ from lora_scripts.models.sd_loading import (
 from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
-from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, step_file_name
+from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, SAVE_DTYPES, step_file_name
 from lora_scripts.training.setup import text_encoder_mask
 
 CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
@@ -151,7 +155,8 @@ def plan_facts(training_set: TrainingSet, config: TrainConfig, *, num_processes:
 
 @dataclass(frozen=True)
 class NetworkFacts:
-    """The base model as far as the LoRA is concerned, and the LoRA's trainable parameter counts."""
+    """The base model as far as the LoRA is concerned, the network training adds (its type, trainable
+    parameter counts) and the file it saves."""
 
     base_model_kind: str  # "single_file", "diffusers_folder" or "hub_cache"
     sd_version: ModelVersion
@@ -162,6 +167,10 @@ class NetworkFacts:
     text_encoder_parameters: int  # 0 when train_text_encoder is false
     swapped_blocks: int = 0  # the denoiser blocks blocks_to_swap keeps on the CPU
     swapped_parameters: int = 0  # their frozen weights
+    kind: NetworkKind = NetworkKind()  # network_type (as the config says it: "locon" stays "locon")
+    conv_rank: int | None = None  # the 3x3 convs' rank; None: no 3x3 conv is adapted
+    conv_alpha: float | None = None
+    file: LoraFileFacts | None = None  # the LoRA file training saves (save_precision), metadata aside
 
     @property
     def total_parameters(self) -> int:
@@ -193,6 +202,9 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
 
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
+    # The network training builds (training/setup.py's LoraSpec): type, LoKr's options and dropout.
+    kind = NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix)
+    dropout = config.network_dropout
     problems = family.key_problems(config.changed_values())
     if problems:
         raise UserError(problems)
@@ -222,12 +234,15 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
             conv_targets=conv_targets,
             conv_rank=config.conv_rank,
             conv_alpha=conv_alpha,
+            dropout=dropout,
+            kind=kind,
         )
         te_count = sum(
-            add_lora_adapter(encoder, layers, config.lora_rank, alpha)
+            add_lora_adapter(encoder, layers, config.lora_rank, alpha, dropout=dropout, kind=kind)
             for encoder, layers in zip(encoders, targets.text_encoder_layers(te_targets), strict=False)
             if layers is not None
         )
+    networks = _saved_networks(family.file_networks(unet, encoders))
     return NetworkFacts(
         location.kind,
         version,
@@ -238,7 +253,23 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
         te_count,
         len(swapped),
         swapped_parameters,
+        kind=kind,
+        conv_rank=config.conv_rank if conv_targets else None,
+        conv_alpha=float(conv_alpha) if conv_targets and conv_alpha is not None else None,
+        file=lora_file_facts(networks, SAVE_DTYPES[config.save_precision]),
     )
+
+
+def _saved_networks(networks: list[LoraNetwork]) -> list[LoraNetwork]:
+    """The networks training's saver writes, of a family's `file_networks`: the first name of each module
+    (SD 1.x also lists its text encoder as lora_te1, a spelling files may use but training does not write)."""
+    seen: set[int] = set()
+    saved = []
+    for network in networks:
+        if id(network.module) not in seen:
+            seen.add(id(network.module))
+            saved.append(network)
+    return saved
 
 
 def folder_parts(version: str) -> tuple[str, ...]:

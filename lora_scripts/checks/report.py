@@ -13,14 +13,21 @@ from typing import Any
 from lora_scripts.checks.captions import CaptionReport
 from lora_scripts.checks.findings import named
 from lora_scripts.checks.images import ImageFacts, ImageReport, aspect_ratio
+from lora_scripts.checks.lora_file import LoraFileFacts
 from lora_scripts.checks.plan import NetworkFacts, OutputFacts, PlanFacts, SpeedFacts
+from lora_scripts.export.lycoris import TYPE_NAMES
 from lora_scripts.models.detect import VERSION_NAMES
 from lora_scripts.training.run_lock import LockStatus
+from lora_scripts.training.saving import SAVE_DTYPES
 
 JSON_FORMAT_VERSION = 1  # bumped when a key is renamed or removed (new keys may appear at any time)
 LOCK_HOLDER_KEYS = ("pid", "host", "started", "command")  # null when the lock file is unreadable
 _SHOWN = 4  # items listed per line of the text view (the JSON lists all)
 _TOP_SHOWN = 8  # most frequent tags and words shown
+# The label column of the text view: its longest fixed label ("transformer weights", FLUX.1's denoiser row)
+# and a space; a longer label (none today) still gets one space.
+_LABEL_WIDTH = len("transformer weights")
+_PRECISIONS = {dtype: name for name, dtype in SAVE_DTYPES.items()}  # torch.float16 -> "fp16"
 
 
 @dataclass(frozen=True)
@@ -161,11 +168,28 @@ def _network_json(network: NetworkFacts | None) -> dict[str, Any] | None:
         "architecture_from": str(network.architecture_from),
         "rank": network.rank,
         "alpha": network.alpha,
+        "network_type": network.kind.type,
+        "lokr_factor": network.kind.lokr_factor if network.kind.type == "lokr" else None,
+        "lokr_full_matrix": network.kind.lokr_full_matrix if network.kind.type == "lokr" else None,
+        "conv_rank": network.conv_rank,
+        "conv_alpha": network.conv_alpha,
         "trainable_parameters": {
             "unet": network.unet_parameters,
             "text_encoder": network.text_encoder_parameters,
             "total": network.total_parameters,
         },
+        "file": None if network.file is None else _file_json(network.file),
+    }
+
+
+def _file_json(file: LoraFileFacts) -> dict[str, Any]:
+    return {
+        "bytes": file.bytes,  # the whole .safetensors file but training's metadata
+        "tensor_bytes": file.tensor_bytes,
+        "tensors": file.tensors,
+        "modules": file.modules,
+        "save_precision": _PRECISIONS[file.dtype],
+        "metadata_included": False,
     }
 
 
@@ -272,7 +296,7 @@ def _count(n: int, word: str, plural: str | None = None) -> str:
 
 
 def _row(label: str, text: str) -> str:
-    return f"  {label:<16} {text}"
+    return f"  {label:<{_LABEL_WIDTH}} {text}"
 
 
 def _listed(summary: str, items: list[str]) -> str:
@@ -386,6 +410,7 @@ def _network_lines(network: NetworkFacts) -> list[str]:
         "",
         f"LoRA: rank {network.rank}, alpha {network.alpha:g}, "
         f"{VERSION_NAMES.get(network.sd_version, network.sd_version)} ({kind})",
+        _row("network_type", _network_type(network)),
         _row(
             _DENOISER_NAMES.get(network.sd_version, "UNet"),
             f"{network.unet_parameters:,} trainable parameters",
@@ -399,7 +424,30 @@ def _network_lines(network: NetworkFacts) -> list[str]:
             )
         )
     lines.append(_row("total", f"{network.total_parameters:,}"))
+    if network.file is not None:
+        lines.append(_row("file size", _file_size(network.file)))
     return lines
+
+
+def _network_type(network: NetworkFacts) -> str:
+    """ "LoKr (lokr_factor -1, lokr_full_matrix false), 3x3 convs at conv_rank 4 (conv_alpha 4)"."""
+    kind = network.kind
+    text = TYPE_NAMES.get(kind.type, kind.type)
+    if kind.type == "lokr":
+        text += f" (lokr_factor {kind.lokr_factor}, lokr_full_matrix {str(kind.lokr_full_matrix).lower()})"
+    if network.conv_rank is not None:
+        alpha = f"{network.conv_alpha:g}" if network.conv_alpha is not None else str(network.conv_rank)
+        text += f", 3x3 convs at conv_rank {network.conv_rank} (conv_alpha {alpha})"
+    return text
+
+
+def _file_size(file: LoraFileFacts) -> str:
+    """ "171,036 bytes (167.0 KiB) in fp16, 58 modules, plus training's metadata"."""
+    size = f"{file.bytes / 2**20:.1f} MiB" if file.bytes >= 2**20 else f"{file.bytes / 2**10:.1f} KiB"
+    return (
+        f"{file.bytes:,} bytes ({size}) in {_PRECISIONS[file.dtype]}, {_count(file.modules, 'module')}, "
+        "plus training's metadata (a few KiB)"
+    )
 
 
 def _output_lines(outputs: OutputFacts) -> list[str]:

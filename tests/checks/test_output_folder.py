@@ -16,7 +16,7 @@ import yaml
 from lora_scripts.cli import main
 from lora_scripts.training.run_lock import LOCK_FILE_NAME, output_dir_lock
 
-FOLDER_ROW = "  folder           "
+FOLDER_ROW = "  folder              "
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -75,6 +75,6 @@ def test_check_shows_what_waits_on_the_cpu(tmp_path, flux_dir, dataset_dir, caps
     assert speed["blocks_to_swap"] == 2 and speed["swapped_blocks"] == 3
     assert speed["swapped_parameters"] == sum(p.numel() for block in blocks for p in block.parameters())
     assert main(["check", "--config", str(config)]) == 0
-    assert "blocks_to_swap   2: 3 blocks' frozen weights (0.0 GiB in bf16) wait on the CPU" in (
+    assert "blocks_to_swap      2: 3 blocks' frozen weights (0.0 GiB in bf16) wait on the CPU" in (
         capsys.readouterr().out
     )
