@@ -274,22 +274,103 @@ def test_lr_warmup_steps_of_newer_kohya_ss_wins(tmp_path: Path) -> None:
     assert _line(imported.report, "lr_warmup").status == "dropped"
 
 
-@pytest.mark.parametrize("lora_type", ["LoCon", "Kohya LoCon", "LyCORIS/LoCon"])
-def test_locon_types_train_conv_layers(tmp_path: Path, lora_type: str) -> None:
+@pytest.mark.parametrize(("lora_type", "network_type"), [("Kohya LoCon", "lora"), ("LyCORIS/LoCon", "locon")])
+def test_locon_types_train_conv_layers(tmp_path: Path, lora_type: str, network_type: str) -> None:
     out = tmp_path / "config.yaml"
     import_to_file(_write_json(tmp_path, {**KOHYA_SD15, "LoRA_type": lora_type, "conv_dim": 8}), out)
     config = load_config(out, check_paths=False)
     assert (config.conv_rank, config.conv_alpha) == (8, 1)
+    assert config.target_modules == "kohya" and config.network_type == network_type
+
+
+# The LyCORIS fields of kohya_ss' presets/lora/sd15 - LoKr v2.0.json (its LyCORIS/LoKr, full dimension).
+KOHYA_LOKR = {
+    "LoRA_type": "LyCORIS/LoKr",
+    "LyCORIS_preset": "full",
+    "constrain": 0.0,
+    "conv_alpha": 1,
+    "conv_dim": 100000,
+    "decompose_both": False,
+    "factor": 6,
+    "module_dropout": 0,
+    "network_alpha": 1,
+    "network_dim": 100000,
+    "network_dropout": 0,
+    "rank_dropout": 0,
+    "rank_dropout_scale": False,
+    "rescaled": False,
+    "train_norm": False,
+    "train_on_input": False,
+    "unit": 1,
+    "use_cp": False,
+    "use_scalar": False,
+    "use_tucker": False,
+    "dora_wd": False,
+    "bypass_mode": False,
+}
+
+
+def test_lycoris_lokr_preset(tmp_path: Path) -> None:
+    out = tmp_path / "config.yaml"
+    report = import_to_file(_write_json(tmp_path, {**KOHYA_SD15, **KOHYA_LOKR}), out)
+    config = load_config(out, check_paths=False)
+    assert (config.network_type, config.lokr_factor, config.lora_rank, config.conv_rank) == (
+        "lokr",
+        6,
+        100000,
+        100000,
+    )
     assert config.target_modules == "kohya"
+    text = render_report(report, str(out))
+    assert "LoRA_type 'LyCORIS/LoKr': network_args.algo = 'lokr' -> network_type: 'lokr'" in text
+    assert "factor = 6 -> lokr_factor: 6" in text
+    assert "use_cp = False: false: the same as leaving it out" in text
+    assert report.of("unknown") == [] and report.problems == []
 
 
-@pytest.mark.parametrize("lora_type", ["LyCORIS/LoHa", "LyCORIS/LoKr", "LyCORIS/iA3", "Kohya DyLoRA"])
-def test_other_lycoris_types_are_dropped(tmp_path: Path, lora_type: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "network_type", "reason"),
+    [
+        ({"LoRA_type": "LyCORIS/LoHa"}, "loha", None),
+        ({"LoRA_type": "LyCORIS/LoCon", "dora_wd": True}, "dora", None),
+        ({"LoRA_type": "LyCORIS/LoHa", "dora_wd": True}, "loha", "DoRA on LoHa/LoKr is not trained here"),
+        ({"LoRA_type": "LyCORIS/LoKr", "use_cp": True}, "lokr", "Tucker"),
+        ({"LoRA_type": "LyCORIS/LoHa", "use_scalar": True}, "loha", "scalar"),
+        ({"LoRA_type": "LyCORIS/LoKr", "decompose_both": True}, "lokr", "small factor"),
+        ({"LoRA_type": "LyCORIS/LoCon", "train_norm": True}, "locon", "norm layers"),
+        ({"LoRA_type": "LyCORIS/LoCon", "rank_dropout": 0.1}, "locon", "rank and module dropout"),
+        ({"LoRA_type": "LyCORIS/LoCon", "module_dropout": 0.1}, "locon", "rank and module dropout"),
+        ({"LoRA_type": "Kohya LoHa", "conv_dim": 0, "sdxl": True}, "loha", "no 3x3 convs"),
+        ({"LoRA_type": "Standard", "factor": 4}, "lora", "only for LyCORIS types"),
+    ],
+)
+def test_lycoris_types_and_fields(
+    tmp_path: Path, fields: dict[str, Any], network_type: str, reason: str | None
+) -> None:
+    imported = import_sd_scripts(_write_json(tmp_path, {**KOHYA_SD15, **fields}))
+    assert imported.config.get("network_type", "lora") == network_type
+    dropped = [line.note for line in imported.report.of("dropped")]
+    assert reason is None or any(reason in note for note in dropped), dropped
+
+
+@pytest.mark.parametrize(
+    ("lora_type", "reason"),
+    [
+        ("LyCORIS/iA3", "(IA)^3 is not trained here"),
+        ("LyCORIS/DyLoRA", "DyLoRA is not trained here"),
+        ("LyCORIS/Diag-OFT", "Diag-OFT is not trained here"),
+        ("LyCORIS/BOFT", "BOFT is not trained here"),
+        ("LyCORIS/GLoRA", "GLoRA is not trained here"),
+        ("LyCORIS/Native Fine-Tuning", "native fine-tuning is not trained here"),
+        ("Kohya DyLoRA", "DyLoRA is not trained here"),
+        ("Flux1 OFT", "OFT is not trained here"),
+    ],
+)
+def test_types_not_trained_are_dropped(tmp_path: Path, lora_type: str, reason: str) -> None:
     imported = import_sd_scripts(_write_json(tmp_path, {**KOHYA_SD15, "LoRA_type": lora_type}))
     line = _line(imported.report, "LoRA_type")
-    assert line.status == "dropped"
-    assert line.note == f"{lora_type}: not yet: LoHa/LoKr arrive with the network types"
-    assert "target_modules" not in imported.config
+    assert line.status == "dropped" and reason in line.note
+    assert "target_modules" not in imported.config and "network_type" not in imported.config
 
 
 def test_multires_noise_type(tmp_path: Path) -> None:
@@ -327,6 +408,31 @@ def test_akegarasu_toml(tmp_path: Path) -> None:
     assert "enable_preview = false" in _line(report, "sample_sampler").note
     assert _line(report, "max_token_length").status == "dropped"  # 255 is not 75/150/225
     assert report.of("unknown") == []
+
+
+def test_akegarasu_lycoris_fields(tmp_path: Path) -> None:
+    """SD-Trainer's own LyCORIS fields (lycoris_algo, lokr_factor, ...) are the network_args its UI passes."""
+    source = tmp_path / "train.toml"
+    text = AKEGARASU_TOML.replace('network_module = "networks.lora"', 'network_module = "lycoris.kohya"')
+    text = text.replace('network_args_custom = ["conv_dim=8", "conv_alpha=4"]\n', "")
+    text += 'lycoris_algo = "lokr"\nlokr_factor = 8\nconv_dim = 4\nconv_alpha = 1\n'
+    text += "dropout = 0\ntrain_norm = false\n"
+    source.write_text(text, encoding="utf-8")
+    out = tmp_path / "config.yaml"
+    report = import_to_file(source, out)
+    config = load_config(out, check_paths=False)
+    assert (config.network_type, config.lokr_factor, config.conv_rank, config.conv_alpha) == ("lokr", 8, 4, 1)
+    assert _line(report, "lycoris_algo").key == "network_type"
+    assert "no dropout" in _line(report, "dropout").note
+    assert report.of("unknown") == []
+
+
+def test_akegarasu_lycoris_fields_without_lycoris_are_dropped(tmp_path: Path) -> None:
+    source = tmp_path / "train.toml"
+    source.write_text(AKEGARASU_TOML + 'lycoris_algo = "loha"\n', encoding="utf-8")
+    imported = import_sd_scripts(source)
+    assert "network_type" not in imported.config
+    assert "only with network_module lycoris.kohya" in _line(imported.report, "lycoris_algo").note
 
 
 def test_akegarasu_older_default_toml_sections(tmp_path: Path) -> None:

@@ -269,6 +269,13 @@ MAPPING_CASES: dict[str, tuple[Any, Any]] = {
     "network_weights": ("w.safetensors", "w.safetensors"),
     "network_args.conv_dim": ("8", 8),
     "network_args.conv_alpha": ("4", 4.0),
+    "network_args.algo": ("loha", "loha"),
+    "network_args.dora_wd": ("True", "dora"),
+    "network_args.wd_on_output": ("False", "dora"),
+    "network_args.factor": ("8", 8),
+    "network_args.full_matrix": ("True", True),
+    "network_args.dropout": ("0.1", 0.1),
+    "network_args.preset": ("attn-mlp", "kohya"),
     "network_train_unet_only": (True, False),
     "learning_rate": ("2e-4", 2e-4),
     "unet_lr": (1e-4, 1e-4),
@@ -371,7 +378,7 @@ def test_option_mapping(option: str) -> None:
         ("lr_scheduler", "adafactor", "lr_scheduler 'adafactor' has no equivalent"),
         ("timestep_sampling", "sigma", "sampling 'sigma' has no equivalent"),
         ("sample_sampler", "k_dpm_2", "sample_sampler 'k_dpm_2' has no equivalent"),
-        ("network_module", "lycoris.kohya", "only LoRA and LoCon"),
+        ("network_module", "networks.oft", "networks.oft trains another kind of network"),
         ("max_token_length", "300", "max_token_length 300 has no equivalent"),
     ],
 )
@@ -380,6 +387,111 @@ def test_value_without_equivalent_is_dropped_with_reason(
 ) -> None:
     source = _write(tmp_path, "t.sh", f"python train_network.py --{option}={value}\n")
     assert reason in _lines(import_sd_scripts(source).report, "dropped")[option]
+
+
+def _lycoris(tmp_path: Path, *args: str, extra: str = "") -> tuple[Any, Any]:
+    """An SDXL run of LyCORIS' kohya module with these network_args, imported and loaded."""
+    items = ", ".join(f'"{arg}"' for arg in args)
+    text = (
+        'pretrained_model_name_or_path = "/m/sdxl.safetensors"\noutput_dir = "/o"\ntrain_data_dir = "/d"\n'
+        f'network_module = "lycoris.kohya"\nnetwork_dim = 16\nnetwork_alpha = 8\nnetwork_args = [{items}]\n'
+        + extra
+    )
+    folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # one folder per import of a test
+    folder.mkdir()
+    return _import(folder, "lycoris.toml", text)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("algo=loha",), ("loha", 16, 8.0)),  # LyCORIS trains the 3x3 convs at network_dim / network_alpha
+        (("algo=lokr", "factor=8", "conv_dim=4"), ("lokr", 4, 4.0)),
+        (("algo=lora",), ("locon", 16, 8.0)),  # lora and locon are one algo: the convs too
+        (("algo=locon", "conv_dim=8", "conv_alpha=2"), ("locon", 8, 2.0)),
+        (("algo=lora", "preset=attn-mlp"), ("lora", None, None)),
+        (("algo=locon", "dora_wd=True"), ("dora", 16, 8.0)),
+        ((), ("locon", 16, 8.0)),  # LyCORIS' default algo is lora
+    ],
+)
+def test_lycoris_network_args(tmp_path: Path, args: tuple[str, ...], expected: tuple[Any, ...]) -> None:
+    config, _ = _lycoris(tmp_path, *args)
+    assert (config.network_type, config.conv_rank, config.conv_alpha) == expected
+    assert config.target_modules == "kohya"
+    assert config.lokr_factor == (8 if "factor=8" in args else -1)
+
+
+def test_lycoris_lokr_full_matrix_and_dropout(tmp_path: Path) -> None:
+    config, report = _lycoris(tmp_path, "algo=lokr", "factor=4", "full_matrix=True", "dropout=0.1")
+    assert (config.network_type, config.lokr_factor, config.lokr_full_matrix) == ("lokr", 4, True)
+    assert config.network_dropout == 0
+    assert "no dropout" in _lines(report, "dropped")["network_args.dropout"]
+    config, report = _lycoris(
+        tmp_path, "algo=locon", "dropout=0.1", "factor=4", extra="network_dropout = 0.3\n"
+    )
+    assert config.network_dropout == 0.1 and config.lokr_factor == -1
+    dropped = _lines(report, "dropped")
+    assert "LoKr only" in dropped["network_args.factor"] and "LyCORIS ignores" in dropped["network_dropout"]
+
+
+def test_lycoris_dora_axis_and_dora_on_loha(tmp_path: Path) -> None:
+    config, report = _lycoris(tmp_path, "algo=lora", "dora_wd=True")
+    assert config.network_type == "dora"
+    assert "per output channel" in _lines(report, "mapped")["network_args.dora_wd"]  # LyCORIS 3.2's default
+    config, report = _lycoris(tmp_path, "algo=lora", "dora_wd=True", "wd_on_output=True")
+    assert config.network_type == "dora"
+    assert "per output channel" in _lines(report, "dropped")["network_args.wd_on_output"]
+    config, report = _lycoris(tmp_path, "algo=lora", "dora_wd=True", "wd_on_output=False", "wd_on_out=True")
+    assert _lines(report, "mapped")["network_args.wd_on_output"] == "a magnitude per input channel, as here"
+    assert "reads wd_on_output" in _lines(report, "dropped")["network_args.wd_on_out"]
+    config, report = _lycoris(tmp_path, "algo=loha", "dora_wd=True")
+    assert config.network_type == "loha"
+    assert _lines(report, "dropped")["network_args.dora_wd"] == (
+        "DoRA on LoHa/LoKr is not trained here; the LoHa/LoKr is kept"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arg", "reason"),
+    [
+        ("algo=ia3", "(IA)^3 is not trained here"),
+        ("algo=diag-oft", "Diag-OFT is not trained here"),
+        ("algo=boft", "BOFT is not trained here"),
+        ("algo=glora", "GLoRA is not trained here"),
+        ("algo=full", "native fine-tuning"),
+        ("algo=dylora", "DyLoRA is not trained here"),
+        ("use_tucker=True", "Tucker"),
+        ("use_cp=True", "Tucker"),
+        ("use_scalar=True", "scalar"),
+        ("bypass_mode=True", "bypass"),
+        ("rank_dropout=0.1", "rank and module dropout"),
+        ("module_dropout=0.1", "rank and module dropout"),
+        ("train_norm=True", "norm layers"),
+        ("decompose_both=True", "small factor"),
+        ("preset=attn-only", "preset 'attn-only' has no equivalent"),
+        ("use_tucker=False", "false: the same as leaving it out"),
+    ],
+)
+def test_lycoris_options_not_trained_are_dropped_with_reason(tmp_path: Path, arg: str, reason: str) -> None:
+    config, report = _lycoris(tmp_path, "algo=lokr", arg)
+    assert reason in _lines(report, "dropped")[f"network_args.{arg.partition('=')[0]}"]
+
+
+def test_lycoris_args_with_networks_lora_and_sd_scripts_lokr(tmp_path: Path) -> None:
+    source = _write(
+        tmp_path, "t.sh", "python train_network.py --network_module networks.lora --network_args algo=loha\n"
+    )
+    imported = import_sd_scripts(source)
+    assert "network_type" not in imported.config
+    assert "networks.lora ignores it" in _lines(imported.report, "dropped")["network_args.algo"]
+    source = _write(
+        tmp_path,
+        "t.sh",
+        "python sdxl_train_network.py --network_module networks.lokr --network_args factor=4\n",
+    )
+    imported = import_sd_scripts(source)
+    assert imported.config["network_type"] == "lokr" and imported.config["lokr_factor"] == 4
+    assert imported.config["target_modules"] == "kohya"
 
 
 def test_report_text_lists_dropped_keys_with_reasons(tmp_path: Path) -> None:

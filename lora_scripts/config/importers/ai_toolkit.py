@@ -40,10 +40,13 @@ _SAVE_DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "f
 _SAVE_DTYPES["bfloat16"] = "bf16"
 
 
-def _network_type(value: Any) -> str:
-    if str(value).lower() != "lora":
-        raise ValueError(f"{value}: only LoRA (and LoCon through network.conv) is trained here")
-    return "kohya"
+# network.type values not trained here, with the reason (a LoRA of network.linear is trained instead).
+NOT_TRAINED_TYPES = {
+    "dora": "ai-toolkit's DoRA (toolkit/models/DoRA.py) learns a magnitude per output channel, ours one per "
+    "input channel",
+    "fullrank": "full-rank weights are not trained here",
+    "lorm": "LoRM is not trained here",
+}
 
 
 def _caption_ext(value: Any) -> str:
@@ -74,12 +77,21 @@ def _timestep_type(value: Any) -> str:
 
 
 NETWORK: dict[str, Rule] = {
-    "type": Rule("target_modules", _network_type, "lora: every linear layer, our `kohya` preset"),
+    "type": Rule(
+        "network_type",
+        note="lora, lokr; locon/lycoris: locon with conv (lora without); dora (a magnitude per output "
+        "channel), fullrank, lorm are dropped; FLUX.1: lora only; every linear layer: our `kohya` preset",
+    ),
     "linear": Rule("lora_rank", c.as_int),
     "linear_alpha": Rule("lora_alpha", c.as_float),
     "conv": Rule("conv_rank", c.as_int, "LoCon"),
     "conv_alpha": Rule("conv_alpha", c.as_float),
-    "dropout": Rule("network_dropout", c.as_float),
+    "lokr_full_rank": Rule(
+        "lokr_full_matrix", c.as_bool, "lokr only; true by default in ai-toolkit (and then the 3x3 convs too)"
+    ),
+    "lokr_factor": Rule("lokr_factor", c.as_int, "lokr only"),
+    "old_lokr_format": Rule(None, note="ai-toolkit's own LoKr file layout; ours is LyCORIS'"),
+    "dropout": Rule("network_dropout", c.as_float, "not with lokr (ai-toolkit's LoKr ignores it too)"),
     "network_kwargs": Rule(
         None, note="layer filters (only_if_contains, ignore_if_contains) have no equivalent"
     ),
@@ -224,7 +236,10 @@ def import_ai_toolkit(path: Path, data: dict[str, Any]) -> NestedImport:
     out.mapped(
         "training_folder", folder, "output_dir", out.config["output_dir"], PROCESS["training_folder"].note
     )
-    for section in ("network", "save", "model"):
+    network = process.get("network") or {}
+    out.section("network", network, NETWORK, skip=_NETWORK_KEYS)
+    _network(out, network, process.get("model") or {})
+    for section in ("save", "model"):
         out.section(section, process.get(section) or {}, SECTIONS[section])
     train = process.get("train") or {}
     out.section("train", train, TRAIN)
@@ -233,6 +248,81 @@ def import_ai_toolkit(path: Path, data: dict[str, Any]) -> NestedImport:
     _datasets(out, process.get("datasets") or [])
     _samples(out, process.get("sample") or {}, train, process.get("trigger_word"))
     return out
+
+
+_NETWORK_KEYS = ("type", "conv", "conv_alpha", "lokr_full_rank", "lokr_factor", "dropout")
+
+
+def _network(out: NestedImport, network: dict[str, Any], model: dict[str, Any]) -> None:
+    """network_type from network.type (ai-toolkit: lora and lokr in toolkit/lora_special.py, locon/lycoris
+    through LyCORIS' LoConModule, 3x3 convs only with conv) and the keys that depend on it."""
+    given = {key: network[key] for key in _NETWORK_KEYS if key in network}
+    flux = str(model.get("is_flux", "")).lower() == "true" or "flux" in str(model.get("arch", "")).lower()
+
+    def drop(key: str, note: str) -> None:
+        if key in given:
+            out.dropped(f"network.{key}", given.pop(key), note)
+
+    def convert(key: str) -> Any:
+        if key not in given:
+            return None
+        rule = NETWORK[key]
+        value = out.convert(f"network.{key}", given.pop(key), rule)
+        if value is not None:
+            out.config[str(rule.key)] = value
+        return value
+
+    kind = str(given.get("type", "lora")).strip().lower()
+    network_type = {"lora": "lora", "locon": "locon", "lycoris": "locon", "lokr": "lokr"}.get(kind)
+    if network_type is None:
+        reason = NOT_TRAINED_TYPES.get(kind, f"{kind} is not trained here")
+        drop("type", f"{reason}; a LoRA of network.linear is trained instead")
+        network_type = "lora"
+    elif flux and network_type == "lokr":
+        drop("type", "FLUX.1 trains network_type lora only here; a LoRA of network.linear is trained instead")
+        network_type = "lora"
+    elif network_type == "locon" and ("conv" not in given or flux):
+        network_type = "lora"  # LyCORIS' LoConModule; ai-toolkit passes no conv dim without network.conv
+    out.config["network_type"] = network_type
+    if "type" in given:
+        note = {
+            "lora": "every linear layer (our `kohya` preset); the 3x3 convs with network.conv",
+            "locon": "LyCORIS' LoCon: the 3x3 convs at network.conv",
+            "lokr": "every linear layer (our `kohya` preset)",
+        }[network_type]
+        if kind in ("locon", "lycoris") and network_type == "lora":
+            note = "ai-toolkit's LoCon trains the 3x3 convs only with network.conv: a LoRA"
+        out.mapped("network.type", given.pop("type"), "network_type", network_type, note)
+    if flux:
+        drop("conv", "FLUX.1 has no 3x3 convs")
+        drop("conv_alpha", "FLUX.1 has no 3x3 convs")
+    convert("conv")
+    convert("conv_alpha")
+    if network_type == "lokr":
+        full = "lokr_full_rank" not in given or convert("lokr_full_rank") is not False
+        if "lokr_full_matrix" not in out.config and full:
+            out.config["lokr_full_matrix"] = True
+            out.mapped("network.type", "lokr", "lokr_full_matrix", True, "ai-toolkit's lokr_full_rank: true")
+        if full and "conv_rank" not in out.config and not flux:
+            # ai-toolkit sets conv (and every rank and alpha) to 9999999999: full-matrix convs; the rank does
+            # not matter with lokr_full_matrix (its scale is 1).
+            try:
+                rank = c.as_int(network.get("linear", network.get("rank", 4)))
+            except ValueError:
+                rank = 4
+            out.config["conv_rank"] = rank
+            note = "ai-toolkit's full-rank LoKr trains the 3x3 convs too"
+            if "lokr_full_rank" in network:
+                out.mapped("network.lokr_full_rank", network["lokr_full_rank"], "conv_rank", rank, note)
+            else:
+                out.mapped("network.type", "lokr", "conv_rank", rank, note)
+        convert("lokr_factor")
+        drop("dropout", "ai-toolkit's LoKr ignores it; lokr takes no dropout here")
+    else:
+        ignored = f"lokr only; ai-toolkit ignores it with type {kind}"
+        drop("lokr_full_rank", ignored)
+        drop("lokr_factor", ignored)
+    convert("dropout")
 
 
 def _quantize_type(out: NestedImport, model: dict[str, Any]) -> None:

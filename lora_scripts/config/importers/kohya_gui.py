@@ -35,6 +35,16 @@ RENAMED: dict[str, str] = {
     "mid_lr_weight": "network_args.mid_lr_weight",
     "up_lr_weight": "network_args.up_lr_weight",
     "loraplus_lr_ratio": "network_args.loraplus_lr_ratio",
+    "LyCORIS_preset": "network_args.preset",
+    "factor": "network_args.factor",
+    "dora_wd": "network_args.dora_wd",
+    "use_tucker": "network_args.use_tucker",
+    "use_cp": "network_args.use_cp",
+    "use_scalar": "network_args.use_scalar",
+    "decompose_both": "network_args.decompose_both",
+    "train_norm": "network_args.train_norm",
+    "bypass_mode": "network_args.bypass_mode",
+    "rank_dropout_scale": "network_args.rank_dropout_scale",
 }
 
 # kohya_ss-only keys without an sd-scripts option of their own, grouped by the reason.
@@ -53,19 +63,10 @@ DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
         "dynamo_use_fullgraph",
         "dynamo_use_dynamic",
     ),
-    "LyCORIS network arguments; not yet: LoHa/LoKr arrive with the network types": (
-        "factor",
-        "use_cp",
-        "use_tucker",
-        "use_scalar",
-        "decompose_both",
+    "options of LyCORIS types not trained here (iA3, Diag-OFT, DyLoRA) or of block weights": (
         "train_on_input",
-        "rank_dropout_scale",
         "constrain",
         "rescaled",
-        "train_norm",
-        "dora_wd",
-        "bypass_mode",
         "unit",
         "block_lr_zero_threshold",
     ),
@@ -124,13 +125,42 @@ _OFF_VALUES: dict[str, Any] = {
     "lr_warmup_steps": 0,
 }
 
-# LoRA_type -> sd-scripts' network module (conv_dim/conv_alpha are passed only for the LoCon types).
-_LORA_TYPES = {
-    "standard": ("networks.lora", False),
-    "locon": ("networks.lora", True),
-    "kohya locon": ("networks.lora", True),
-    "lycoris/locon": ("networks.lora", True),
-    "flux1": ("networks.lora_flux", False),
+# The LyCORIS fields kohya_ss passes as network_args for its LyCORIS/LoCon, LoHa and LoKr types (lora_gui.py).
+_LYCORIS_FIELDS = (
+    "LyCORIS_preset",
+    "conv_dim",
+    "conv_alpha",
+    "use_tucker",
+    "bypass_mode",
+    "dora_wd",
+    "use_scalar",
+    "rank_dropout_scale",
+    "train_norm",
+)
+_LYCORIS_ONLY = (*_LYCORIS_FIELDS, "factor", "use_cp", "decompose_both")
+# LoRA_type -> sd-scripts' network module, LyCORIS' algo (lycoris.kohya) and the fields passed for it.
+_LORA_TYPES: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "standard": ("networks.lora", None, ()),
+    "kohya locon": ("networks.lora", None, ("conv_dim", "conv_alpha")),
+    "locon": ("lycoris.kohya", "locon", _LYCORIS_FIELDS),
+    "lycoris/locon": ("lycoris.kohya", "locon", _LYCORIS_FIELDS),
+    "lycoris/loha": ("lycoris.kohya", "loha", _LYCORIS_FIELDS),
+    "lycoris/lokr": ("lycoris.kohya", "lokr", (*_LYCORIS_FIELDS, "factor", "use_cp", "decompose_both")),
+    "kohya loha": ("networks.loha", None, ("conv_dim", "conv_alpha", "use_tucker")),
+    "kohya lokr": ("networks.lokr", None, ("conv_dim", "conv_alpha", "use_tucker", "factor")),
+    "flux1": ("networks.lora_flux", None, ()),
+}
+# LoRA_type values of networks not trained here, with the reason.
+NOT_TRAINED_TYPES = {
+    "LyCORIS/iA3": "(IA)^3 is not trained here",
+    "LyCORIS/Diag-OFT": "Diag-OFT is not trained here",
+    "LyCORIS/BOFT": "BOFT is not trained here",
+    "LyCORIS/GLoRA": "GLoRA is not trained here",
+    "LyCORIS/DyLoRA": "DyLoRA is not trained here",
+    "LyCORIS/Native Fine-Tuning": "LyCORIS' native fine-tuning is not trained here",
+    "Kohya DyLoRA": "DyLoRA is not trained here",
+    "LoRA-FA": "LoRA-FA is not trained here",
+    "Flux1 OFT": "OFT is not trained here",
 }
 
 
@@ -194,24 +224,27 @@ def _lora_type(given: dict[str, Any], preset: KohyaPreset) -> None:
     lora_type = str(given.pop("LoRA_type", "Standard"))
     known = _LORA_TYPES.get(lora_type.lower())
     if known is None:
-        preset.lines.append(
-            ReportLine(
-                "LoRA_type",
-                lora_type,
-                "dropped",
-                note=f"{lora_type}: not yet: LoHa/LoKr arrive with the network types",
-            )
-        )
-        return
-    module, conv = known
-    preset.options["network_module"] = module
-    preset.labels["network_module"] = f"LoRA_type {lora_type!r}: network_module"
-    if not conv:
-        for key in ("conv_dim", "conv_alpha"):
-            if key in given:
-                preset.lines.append(
-                    ReportLine(key, given.pop(key), "dropped", note="kohya_ss passes it only for LoCon types")
-                )
+        reasons = {name.lower(): reason for name, reason in NOT_TRAINED_TYPES.items()}
+        reason = reasons.get(lora_type.lower(), f"{lora_type} is not trained here")
+        note = f"{reason}; a LoRA of our default layers is trained instead"
+        preset.lines.append(ReportLine("LoRA_type", lora_type, "dropped", note=note))
+        passed: tuple[str, ...] = ()
+    else:
+        module, algo, passed = known
+        preset.options["network_module"] = module
+        preset.labels["network_module"] = f"LoRA_type {lora_type!r}: network_module"
+        if module in ("networks.loha", "networks.lokr") and str(given.get("conv_dim", "")) in ("0", "0.0"):
+            note = "0: kohya_ss passes no conv_dim (no 3x3 convs)"
+            preset.lines.append(ReportLine("conv_dim", given.pop("conv_dim"), "dropped", note=note))
+            given.pop("conv_alpha", None)
+        if algo is not None:
+            preset.options["network_args.algo"] = algo
+            preset.labels["network_args.algo"] = f"LoRA_type {lora_type!r}: network_args.algo"
+    for key in ("conv_dim", "conv_alpha", *_LYCORIS_ONLY):
+        if key in given and key not in passed:
+            kind = "LoCon types" if key.startswith("conv") else "LyCORIS types"
+            note = f"kohya_ss passes it only for {kind}"
+            preset.lines.append(ReportLine(key, given.pop(key), "dropped", note=note))
 
 
 def _warmup(given: dict[str, Any], preset: KohyaPreset) -> None:

@@ -1,6 +1,7 @@
 """Read a OneTrainer (Nerogar/OneTrainer) training config, the JSON its UI saves or exports
 (modules/util/config/TrainConfig.py), as our config. Only LORA runs of SD 1.x/2.x, SDXL and FLUX.1
-are read."""
+are read; its peft_type (LORA, with lora_decompose DoRA; LOHA; LOKR) picks network_type
+(modules/module/LoRAModule.py builds them)."""
 
 from __future__ import annotations
 
@@ -54,11 +55,67 @@ def _weight_dtype(value: Any) -> str:
     raise ValueError(f"{value}: kept in the training precision here")
 
 
+_OFT = "OFT only; OFT is not trained here"
+_PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
+_SAME = "false: the same as leaving it out"
+_OUTPUT_AXIS = "true (a magnitude per output channel) is not trained here: lora_decompose is dropped"
+# The network keys read together by _network (each depends on peft_type).
+_NETWORK_KEYS = (
+    "peft_type",
+    "lora_rank",
+    "lora_decompose",
+    "lora_decompose_output_axis",
+    "lora_decompose_norm_epsilon",
+    "dropout_probability",
+    "lokr_dim",
+    "lokr_decompose_factor",
+    "lokr_full_matrix",
+    "lokr_decompose_both",
+    "lokr_use_tucker",
+    "lokr_weight_decompose",
+    "lokr_dora_on_output",
+    "lokr_vec_trick",
+    "oft_block_size",
+    "oft_block_share",
+    "oft_scaled",
+)
+
 TOP: dict[str, Rule] = {
     "base_model_name": Rule("base_model", c.as_str, "a Hugging Face id is read from the local hub cache"),
-    "lora_rank": Rule("lora_rank", c.as_int),
+    "peft_type": Rule(
+        "network_type",
+        note="LORA: lora (dora with lora_decompose), LOHA: loha, LOKR: lokr; OFT_2 is dropped (OFT is not "
+        "trained here: a LoRA is); FLUX.1: lora only",
+    ),
+    "lora_rank": Rule("lora_rank", c.as_int, "LORA and LOHA; LOKR takes lokr_dim"),
     "lora_alpha": Rule("lora_alpha", c.as_float),
-    "dropout_probability": Rule("network_dropout", c.as_float),
+    "lora_decompose": Rule(
+        "network_type",
+        note="dora (peft_type LORA): a magnitude per input channel, with lora_decompose_output_axis false "
+        "(OneTrainer's default)",
+    ),
+    "lora_decompose_output_axis": Rule(
+        "network_type",
+        note="false only (OneTrainer's default, a magnitude per input channel); true (per output channel) is "
+        "not trained here: lora_decompose is then dropped",
+    ),
+    "lora_decompose_norm_epsilon": Rule(None, note="OneTrainer's guard on DoRA's norm; no setting here"),
+    "lokr_dim": Rule("lora_rank", c.as_int, "LOKR: its rank"),
+    "lokr_decompose_factor": Rule("lokr_factor", c.as_int, "LOKR only"),
+    "lokr_full_matrix": Rule("lokr_full_matrix", c.as_bool, "LOKR only"),
+    "lokr_decompose_both": Rule(None, note="decomposing LoKr's small factor too is not trained here"),
+    "lokr_use_tucker": Rule(None, note="LoKr's Tucker decomposition of the 3x3 convs is not trained here"),
+    "lokr_weight_decompose": Rule(None, note="DoRA on LoKr is not trained here; the LoKr is kept"),
+    "lokr_dora_on_output": Rule(None, note="applies to lokr_weight_decompose only"),
+    "lokr_vec_trick": Rule(
+        None, note="only changes how OneTrainer computes LoKr; the same network is trained"
+    ),
+    "oft_block_size": Rule(None, note=_OFT),
+    "oft_block_share": Rule(None, note=_OFT),
+    "oft_scaled": Rule(None, note=_OFT),
+    "dropout_probability": Rule(
+        "network_dropout", c.as_float, "not with LOHA/LOKR: they take no dropout here"
+    ),
     "lora_model_name": Rule("network_weights", c.as_str),
     "learning_rate": Rule("learning_rate", c.as_float),
     "learning_rate_scheduler": Rule("lr_scheduler", c.choice(_SCHEDULERS, "learning_rate_scheduler")),
@@ -204,7 +261,8 @@ def import_onetrainer(path: Path, data: dict[str, Any]) -> NestedImport:
     parts = ("unet", "prior", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
     nested = ("optimizer", "concepts", "samples", "concept_file_name", "save_every", "save_every_unit")
     nested += ("sample_after", "sample_after_unit", "output_model_destination", "lora_weight_dtype")
-    out.section("", data, TOP, skip=(*parts, *nested))
+    out.section("", data, TOP, skip=(*parts, *nested, *_NETWORK_KEYS))
+    _network(out, data, flux=model_type.startswith("FLUX"))
     _output(out, str(data.get("output_model_destination", "models/lora.safetensors")))
     for part in parts:
         if isinstance(data.get(part), dict):
@@ -215,6 +273,91 @@ def import_onetrainer(path: Path, data: dict[str, Any]) -> NestedImport:
     _concepts(out, path, data)
     _samples(out, data.get("samples"))
     return out
+
+
+def _network(out: NestedImport, data: dict[str, Any], flux: bool) -> None:
+    """network_type and its rank from peft_type and the keys of each type (LoRAModuleWrapper: LORA and LOHA
+    take lora_rank, LOKR lokr_dim; lora_alpha is every type's); the other types' keys are dropped."""
+    given = {key: data[key] for key in _NETWORK_KEYS if key in data}
+
+    def drop(key: str, note: str) -> None:
+        if key in given:
+            out.dropped(key, given.pop(key), note)
+
+    def convert(key: str) -> None:
+        if key in given:
+            rule = TOP[key]
+            value = out.convert(key, given.pop(key), rule)
+            if value is not None:
+                out.config[str(rule.key)] = value
+
+    peft = str(given.get("peft_type", "LORA")).upper()
+    network_type = _PEFT_TYPES.get(peft)
+    if network_type is None:
+        kind = "OFT" if peft.startswith("OFT") else peft
+        drop("peft_type", f"{kind} is not trained here; a LoRA of lora_rank is trained instead")
+        network_type = "lora"
+    elif flux and network_type != "lora":
+        drop("peft_type", "FLUX.1 trains network_type lora only here; a LoRA of lora_rank is trained instead")
+        network_type = "lora"
+    ours = network_type
+    if _flag(given.get("lora_decompose")):
+        if peft != "LORA":
+            drop("lora_decompose", f"OneTrainer applies it with peft_type LORA only, not {peft}")
+        elif _flag(given.get("lora_decompose_output_axis")):
+            note = "with lora_decompose_output_axis true: a magnitude per output channel; ours is per input "
+            drop("lora_decompose", note + "channel, so a LoRA is trained instead")
+        elif flux:
+            drop("lora_decompose", "FLUX.1 trains network_type lora only here; a LoRA is trained instead")
+        else:
+            ours = "dora"
+            note = "a magnitude per input channel (lora_decompose_output_axis false), as here"
+            out.mapped("lora_decompose", given.pop("lora_decompose"), "network_type", "dora", note)
+    drop("lora_decompose", _SAME)
+    if ours == "dora" and "lora_decompose_output_axis" in given:
+        note = "false: a magnitude per input channel, as here"
+        out.mapped(
+            "lora_decompose_output_axis", given.pop("lora_decompose_output_axis"), "network_type", ours, note
+        )
+    elif _flag(given.get("lora_decompose_output_axis")) and _flag(data.get("lora_decompose")):
+        drop("lora_decompose_output_axis", _OUTPUT_AXIS)
+    drop("lora_decompose_output_axis", "applies to lora_decompose only")
+    drop("lora_decompose_norm_epsilon", TOP["lora_decompose_norm_epsilon"].note)
+    out.config["network_type"] = ours
+    if "peft_type" in given:
+        note = {"dora": "with lora_decompose: dora", "lokr": "its rank is lokr_dim"}.get(ours, "")
+        out.mapped("peft_type", given.pop("peft_type"), "network_type", ours, note)
+    if network_type == "lokr":
+        drop("lora_rank", "peft_type LOKR takes lokr_dim as its rank")
+        convert("lokr_dim")
+        convert("lokr_decompose_factor")
+        convert("lokr_full_matrix")
+        for key in ("lokr_decompose_both", "lokr_use_tucker", "lokr_weight_decompose"):
+            drop(key, TOP[key].note if _flag(given.get(key)) else _SAME)
+    else:
+        convert("lora_rank")
+    other = f"LoKr only; OneTrainer ignores it with {peft}" if peft != "LOKR" else "LoKr only; see peft_type"
+    for key in [key for key in given if key.startswith("lokr_")]:
+        drop(key, TOP[key].note if network_type == "lokr" else other)
+    for key in ("oft_block_size", "oft_block_share", "oft_scaled"):
+        drop(key, _OFT)
+    if ours in ("loha", "lokr") and _nonzero(given.get("dropout_probability")):
+        drop("dropout_probability", f"{ours} takes no dropout here (OneTrainer drops out its factors)")
+    convert("dropout_probability")
+
+
+def _flag(value: Any) -> bool:
+    try:
+        return value is not None and c.as_bool(value)
+    except ValueError:
+        return False
+
+
+def _nonzero(value: Any) -> bool:
+    try:
+        return value is not None and c.as_float(value) != 0
+    except ValueError:
+        return True
 
 
 def _output(out: NestedImport, destination: str) -> None:

@@ -27,15 +27,78 @@ def _not_flag(flag: Any) -> bool:
     return not c.true_if_set(flag)
 
 
+# Network modules of the kohya family whose layer set is our `kohya` preset, and the network_type each trains
+# (None: network_args.algo picks it, LyCORIS' lycoris.kohya).
+NETWORK_MODULES: dict[str, str | None] = {
+    "networks.lora": "lora",
+    "networks.lora_flux": "lora",
+    "networks.loha": "loha",  # sd-scripts' own LoHa/LoKr: networks.lora's layers, LyCORIS' tensors
+    "networks.lokr": "lokr",
+    "lycoris.kohya": None,
+}
+
+
 def _network_module(value: Any) -> str:
     name = str(value).strip()
-    if name in ("networks.lora", "networks.lora_flux"):
+    if name in NETWORK_MODULES:
         # networks.lora: every linear and 1x1 conv of the UNet's transformer blocks; networks.lora_flux: every
         # linear layer of FLUX.1's double and single blocks. Our `kohya` preset is each family's same set.
+        # LyCORIS' preset full adds the ResNet blocks (its convs: see network_args.algo) and conv_in/out.
         return "kohya"
     raise ValueError(
-        f"{name} trains another kind of network; only LoRA and LoCon (conv_rank) are trained here"
+        f"{name} trains another kind of network; LoRA, LoCon, LoHa, LoKr and DoRA "
+        "(networks.lora, networks.loha, networks.lokr, lycoris.kohya) are trained here"
     )
+
+
+# LyCORIS' algo (network_args, with lycoris.kohya) -> our network_type; LyCORIS' lora and locon are one
+# algorithm, which trains the 3x3 convs too (conv_dim defaults to network_dim): our locon.
+LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+LYCORIS_NOT_TRAINED = {
+    "ia3": "(IA)^3 is not trained here",
+    "diag-oft": "Diag-OFT is not trained here",
+    "boft": "BOFT is not trained here",
+    "glora": "GLoRA is not trained here",
+    "glokr": "GLoKr is not trained here",
+    "full": "LyCORIS' native fine-tuning (a full weight difference) is not trained here",
+    "dylora": "DyLoRA is not trained here",
+}
+
+
+def _lycoris_algo(value: Any) -> str:
+    name = str(value).strip().strip("\"'").lower()
+    if name in LYCORIS_ALGOS:
+        return LYCORIS_ALGOS[name]
+    reason = LYCORIS_NOT_TRAINED.get(name, f"LyCORIS algo '{name}' is not trained here")
+    raise ValueError(f"{reason}; the import keeps a LoRA of the same layers (lora, locon, loha, lokr, dora)")
+
+
+def _dora_wd(value: Any) -> str:
+    if not c.as_bool(value):
+        raise ValueError("false: the same as leaving it out")
+    return "dora"
+
+
+def _wd_on_output(value: Any) -> str:
+    if c.as_bool(value):
+        raise ValueError(
+            "a DoRA magnitude per output channel (LyCORIS 3.2's default) is not trained here; ours is per "
+            "input channel (wd_on_output=False, the one A1111 and ComfyUI apply)"
+        )
+    return "dora"
+
+
+LYCORIS_PRESETS = {"full": True, "attn-mlp": False}  # preset -> whether it trains the 3x3 convs
+
+
+def _lycoris_preset(value: Any) -> str:
+    name = str(value).strip().strip("\"'")
+    if name not in LYCORIS_PRESETS:
+        raise ValueError(
+            f"LyCORIS preset '{name}' has no equivalent here (full or attn-mlp); the full preset's layers "
+            "are used"
+        )
+    return "kohya"
 
 
 def _token_length(value: Any) -> int:
@@ -79,6 +142,25 @@ MAPPED: dict[str, Rule] = {
     "network_weights": Rule("network_weights", c.as_str),
     "network_args.conv_dim": Rule("conv_rank", c.as_int),
     "network_args.conv_alpha": Rule("conv_alpha", c.as_float),
+    "network_args.algo": Rule(
+        "network_type",
+        _lycoris_algo,
+        "lycoris.kohya: lora and locon -> locon (lora under preset attn-mlp or on FLUX.1), loha, lokr",
+    ),
+    "network_args.dora_wd": Rule(
+        "network_type",
+        _dora_wd,
+        "dora with algo lora/locon: a magnitude per input channel (LyCORIS' wd_on_output=False)",
+    ),
+    "network_args.wd_on_output": Rule(
+        "network_type", _wd_on_output, "False only: our DoRA's magnitude is per input channel"
+    ),
+    "network_args.factor": Rule("lokr_factor", c.as_int, "LoKr only"),
+    "network_args.full_matrix": Rule("lokr_full_matrix", c.as_bool, "LoKr only"),
+    "network_args.dropout": Rule("network_dropout", c.as_float, "LyCORIS' dropout; not with LoHa/LoKr"),
+    "network_args.preset": Rule(
+        "target_modules", _lycoris_preset, "LyCORIS' full or attn-mlp (no 3x3 convs): `kohya`"
+    ),
     "network_train_unet_only": Rule("train_text_encoder", _not_flag),
     "learning_rate": Rule("learning_rate", c.as_float),
     "unet_lr": Rule("unet_lr", c.as_float),
@@ -277,8 +359,6 @@ _DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
         "dataset_class",
         "conditioning_data_dir",
         "network_args.train_t5xxl",
-        "network_args.rank_dropout",
-        "network_args.module_dropout",
         "network_args.down_lr_weight",
         "network_args.mid_lr_weight",
         "network_args.up_lr_weight",
@@ -287,6 +367,36 @@ _DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
         "network_args.conv_block_dims",
         "network_args.conv_block_alphas",
         "network_args.loraplus_lr_ratio",
+    ),
+    "rank and module dropout are not trained here": (
+        "network_args.rank_dropout",
+        "network_args.module_dropout",
+    ),
+    "LyCORIS' Tucker (CP) decomposition of the 3x3 convs is not trained here; their flat factors are": (
+        "network_args.use_tucker",
+        "network_args.use_cp",
+        "network_args.use_conv_cp",
+        "network_args.disable_conv_cp",
+    ),
+    "LyCORIS' extra scalar is not trained here": ("network_args.use_scalar",),
+    "LyCORIS' bypass mode only changes how the update is computed; the same network is trained": (
+        "network_args.bypass_mode",
+    ),
+    "training the norm layers is not done here": ("network_args.train_norm",),
+    "decomposing LoKr's small factor too is not trained here": ("network_args.decompose_both",),
+    "an option of LyCORIS algorithms not trained here (OFT, DyLoRA, (IA)^3)": (
+        "network_args.block_size",
+        "network_args.constraint",
+        "network_args.rescaled",
+        "network_args.train_on_input",
+    ),
+    "no equivalent here (LyCORIS)": (
+        "network_args.rank_dropout_scale",
+        "network_args.rs_lora",
+        "network_args.unbalanced_factorization",
+    ),
+    "LyCORIS' kohya wrapper reads wd_on_output, not wd_on_out: it is ignored there too": (
+        "network_args.wd_on_out",
     ),
     "an SD 1.x/2.x/SDXL VAE override is not supported; the base model's own VAE is used": ("vae",),
     "sd-scripts' fine-tuning metadata JSON is not read here; write a metadata.csv (file_name,text) instead": (
@@ -317,6 +427,19 @@ _DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
         "random_prompt_include_subdirs",
         "gpu_ids",
     ),
+}
+
+# Akegarasu SD-Trainer's own fields for LyCORIS' network_args (its UI passes them with lycoris.kohya only).
+SD_TRAINER_LYCORIS: dict[str, str] = {
+    "lycoris_algo": "network_args.algo",
+    "lokr_factor": "network_args.factor",
+    "conv_dim": "network_args.conv_dim",
+    "conv_alpha": "network_args.conv_alpha",
+    "dropout": "network_args.dropout",
+    "train_norm": "network_args.train_norm",
+    "dora_wd": "network_args.dora_wd",
+    "rank_dropout": "network_args.rank_dropout",
+    "module_dropout": "network_args.module_dropout",
 }
 
 DROPPED: dict[str, str] = {name: reason for reason, names in _DROPPED_GROUPS.items() for name in names}
