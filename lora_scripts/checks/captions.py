@@ -24,7 +24,7 @@ from lora_scripts.data.captions import metadata_warnings, trigger_pattern
 from lora_scripts.data.training_set import validation_spec
 from lora_scripts.errors import UserError
 from lora_scripts.models.family import CaptionReader, ModelFamily
-from lora_scripts.models.registry import FAMILIES, base_model_version
+from lora_scripts.models.registry import family_of
 from lora_scripts.models.sd_loading import load_clip_tokenizer
 
 CLIP_CAPTION_TOKENS = 75  # 77 positions minus the start and end tokens
@@ -64,8 +64,7 @@ def caption_reader_for(config: TrainConfig) -> CaptionReader:
     be read gets CLIP's; check reports why it cannot elsewhere."""
     values = config.changed_values()
     try:
-        family: type[ModelFamily] = FAMILIES[base_model_version(config.base_model)]
-        return family.caption_reader(config.base_model, values)
+        return family_of(config.base_model, fallback=True).caption_reader(config.base_model, values)
     except (UserError, OSError):
         return ModelFamily.caption_reader(config.base_model, values)
 

@@ -6,14 +6,12 @@ meta device, see `_KeepOnMeta`), so the size cannot drift from what training sav
 type.
 
 A .safetensors file is an 8-byte header length, a JSON header (padded with spaces to a multiple of 8 bytes)
-and the tensors' bytes. The header lists, per tensor, its dtype, shape and byte offsets, and the metadata
-(`__metadata__`, training's ss_* keys); `file_bytes` reproduces safetensors' serialisation, exact for a given
-metadata (tests compare it with real files).
+and the tensors' bytes; export/safetensors_stream.py writes that header byte for byte as safetensors does, so
+`file_bytes` is exact for a given metadata (tests compare it with real files).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,38 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_scripts.export.kohya import LoraNetwork, kohya_state_dict
+from lora_scripts.export.safetensors_stream import TensorSpec, header_bytes, save_order
 
-# safetensors' dtype names, in the order of its Rust `Dtype` enum (the header lists larger dtypes first).
-_DTYPE_NAMES = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-}
-_DTYPE_ORDER = {dtype: index for index, dtype in enumerate(_DTYPE_NAMES)}
-_LENGTH_BYTES = 8  # the header's length, a little-endian u64
 ALPHA_SUFFIX = ".alpha"  # every module of a kohya file has one (export/kohya.py count_modules)
-
-
-@dataclass(frozen=True)
-class TensorShape:
-    """One tensor of a file: its shape and dtype, no data."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -84,40 +53,26 @@ class _KeepOnMeta(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def state_dict_shapes(networks: list[LoraNetwork], dtype: torch.dtype) -> dict[str, TensorShape]:
-    """The keys, shapes and dtypes of `kohya_state_dict(networks, dtype)`, for networks on the meta device."""
+def state_dict_specs(networks: list[LoraNetwork], dtype: torch.dtype) -> list[TensorSpec]:
+    """The names, shapes and dtypes of `kohya_state_dict(networks, dtype)` for networks on the meta device."""
     with _KeepOnMeta():
         tensors = kohya_state_dict(networks, dtype)
-    return {key: TensorShape(tuple(tensor.shape), tensor.dtype) for key, tensor in tensors.items()}
+    return [TensorSpec(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
 
 
-def file_bytes(tensors: Mapping[str, TensorShape], metadata: Mapping[str, str] | None = None) -> int:
+def file_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None = None) -> int:
     """The size of the .safetensors file `safetensors.torch.save_file` writes for these tensors and
-    `metadata`: 8 bytes, the JSON header padded to a multiple of 8, and the data."""
-    # safetensors orders tensors by dtype (larger enum value first), then by name; offsets follow that order.
-    order = sorted(tensors.items(), key=lambda item: (-_DTYPE_ORDER[item[1].dtype], item[0]))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, tensor in order:
-        end = offset + tensor.nbytes
-        header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, end],
-        }
-        offset = end
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    padded = -(-len(text) // 8) * 8
-    return _LENGTH_BYTES + padded + offset
+    `metadata`: its header as export/safetensors_stream.py writes it (the same bytes) and the data."""
+    return len(header_bytes(save_order(specs), metadata)) + sum(spec.nbytes for spec in specs)
 
 
 def lora_file_facts(networks: list[LoraNetwork], dtype: torch.dtype) -> LoraFileFacts:
     """What training's saver writes for these (meta-device) networks in `dtype`, metadata aside."""
-    shapes = state_dict_shapes(networks, dtype)
+    specs = state_dict_specs(networks, dtype)
     return LoraFileFacts(
-        modules=sum(1 for key in shapes if key.endswith(ALPHA_SUFFIX)),  # one alpha per module
-        tensors=len(shapes),
-        tensor_bytes=sum(tensor.nbytes for tensor in shapes.values()),
-        bytes=file_bytes(shapes),
+        modules=sum(1 for spec in specs if spec.name.endswith(ALPHA_SUFFIX)),  # one alpha per module
+        tensors=len(specs),
+        tensor_bytes=sum(spec.nbytes for spec in specs),
+        bytes=file_bytes(specs),
         dtype=dtype,
     )

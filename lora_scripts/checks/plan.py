@@ -34,7 +34,7 @@ from lora_scripts.training.output_dir import run_files, writable_problem
 from lora_scripts.training.plan import TrainingPlan
 from lora_scripts.training.run_lock import LockStatus, lock_status
 from lora_scripts.training.saving import FINAL_DIFFUSERS_NAME, SAVE_DTYPES, step_file_name
-from lora_scripts.training.setup import text_encoder_mask
+from lora_scripts.training.setup import lora_spec, text_encoder_mask
 
 CONFIG_FILE_NAME = "config.yaml"  # what train() dumps the resolved config as
 FOLDER_PARTS = ("unet", "vae", "text_encoder")  # what training loads from a diffusers folder
@@ -203,8 +203,8 @@ def network_facts(config: TrainConfig) -> NetworkFacts:
     alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
     conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
     # The network training builds (training/setup.py's LoraSpec): type, LoKr's options and dropout.
-    kind = NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix)
-    dropout = config.network_dropout
+    spec = lora_spec(config)
+    kind, dropout = spec.kind, spec.dropout
     problems = family.key_problems(config.changed_values())
     if problems:
         raise UserError(problems)

@@ -24,8 +24,7 @@ from lora_scripts.config.datasets import DatasetSettings, dataset_settings
 from lora_scripts.data import CaptionedImage, find_images
 from lora_scripts.data.training_set import TrainingSet, training_set_for
 from lora_scripts.errors import UserError
-from lora_scripts.models.family import ModelFamily
-from lora_scripts.models.registry import FAMILIES, base_model_version
+from lora_scripts.models.registry import FAMILIES, family_of
 from lora_scripts.models.stable_diffusion import partial_fused_attention_warning
 
 log = logging.getLogger(__name__)
@@ -110,11 +109,9 @@ def run_check(config: TrainConfig, *, config_path: str) -> CheckReport:
 def _denoiser_name(config: TrainConfig, network: NetworkFacts | None) -> str:
     """The family's name of the base model's denoiser ("UNet", FLUX.1's "transformer"); "UNet" for a base
     model that cannot be read (`errors` says why)."""
-    try:
-        version = network.sd_version if network is not None else base_model_version(config.base_model)
-    except (UserError, OSError):
-        return ModelFamily.denoiser_name
-    return FAMILIES[version].denoiser_name
+    if network is not None:
+        return FAMILIES[network.sd_version].denoiser_name
+    return family_of(config.base_model, fallback=True).denoiser_name
 
 
 def _image_names(datasets: list[DatasetSettings], training_set: TrainingSet | None) -> tuple[Path, list[str]]:

@@ -46,7 +46,11 @@ from lora_scripts.models.flux_weights import (
     vae_prefix,
     vae_weights,
 )
-from lora_scripts.models.folder_tokenizer import fit_tokenizer_to_text_encoder, load_folder_tokenizer
+from lora_scripts.models.folder_tokenizer import (
+    fit_tokenizer_to_text_encoder,
+    load_folder_tokenizer,
+    read_tokenizer,
+)
 from lora_scripts.models.locate import BaseModelLocation, locate_base_model
 from lora_scripts.models.sd_loading import ASSETS_DIR, clip_tokenizer, read_model_index, require_configs
 
@@ -248,16 +252,8 @@ def _vae_from_file(file: PartFile, cfg_dir: Path, dtype: torch.dtype) -> Autoenc
 
 
 def _clip_from_file(file: PartFile, cfg_dir: Path, dtype: torch.dtype) -> CLIPTextModel:
-    prefix = clip_prefix(file)
-    if prefix is None or file.kind() in ("a LoRA", "a Stable Diffusion checkpoint"):
-        _refuse_other_kind(file, "clip_l", CLIP_MARKER)
     config = CLIPTextConfig.from_pretrained(cfg_dir, subfolder="text_encoder", local_files_only=True)
-    width = file.shapes[prefix + CLIP_MARKER].shape[-1]
-    if width != config.hidden_size:
-        raise UserError(
-            f"clip_l: '{file.path}' holds a {width}-wide CLIP text encoder where FLUX.1's CLIP-L is "
-            f"{config.hidden_size} wide; set clip_l: to {PART_FILES['clip_l'][1]}."
-        )
+    prefix = _encoder_prefix(file, "clip_l", clip_prefix(file), CLIP_MARKER, config.hidden_size)
     with torch.device("meta"):
         probe = CLIPTextModel(config)
     weights = clip_weights(file, prefix, probe, dtype)
@@ -265,21 +261,32 @@ def _clip_from_file(file: PartFile, cfg_dir: Path, dtype: torch.dtype) -> CLIPTe
 
 
 def _t5_from_file(file: PartFile, cfg_dir: Path, dtype: torch.dtype) -> T5EncoderModel:
-    prefix = t5_prefix(file)
-    if prefix is None or file.kind() in ("a LoRA", "a Stable Diffusion checkpoint"):
-        _refuse_other_kind(file, "t5xxl", T5_MARKER)
     config = T5Config.from_pretrained(cfg_dir, subfolder="text_encoder_2", local_files_only=True)
-    width = file.shapes[prefix + T5_MARKER].shape[-1]
-    if width != config.d_model:
-        raise UserError(
-            f"t5xxl: '{file.path}' holds a {width}-wide T5 encoder where FLUX.1's T5-XXL is {config.d_model} "
-            f"wide; set t5xxl: to {PART_FILES['t5xxl'][1]}."
-        )
+    prefix = _encoder_prefix(file, "t5xxl", t5_prefix(file), T5_MARKER, config.d_model)
     model = assign_weights(
         lambda: T5EncoderModel(config), t5_weights(file, prefix, dtype), file, "T5-XXL text encoder"
     )
     model.tie_weights()  # shared and encoder.embed_tokens: one parameter again
     return model
+
+
+# How the width message names each text encoder file: (what the file holds, FLUX.1's encoder).
+_ENCODER_NAMES = {"clip_l": ("CLIP text encoder", "CLIP-L"), "t5xxl": ("T5 encoder", "T5-XXL")}
+
+
+def _encoder_prefix(file: PartFile, key: str, prefix: str | None, marker: str, width: int) -> str:
+    """The prefix of a text encoder's weights in the file given for `key`; refuses a file of another kind
+    (no `marker` weight under a known prefix, a LoRA, an SD checkpoint) or of another width than `width`."""
+    if prefix is None or file.kind() in ("a LoRA", "a Stable Diffusion checkpoint"):
+        _refuse_other_kind(file, key, marker)
+    found = file.shapes[prefix + marker].shape[-1]
+    if found != width:
+        what, ours = _ENCODER_NAMES[key]
+        raise UserError(
+            f"{key}: '{file.path}' holds a {found}-wide {what} where FLUX.1's {ours} is {width} wide; "
+            f"set {key}: to {PART_FILES[key][1]}."
+        )
+    return prefix
 
 
 # --- diffusers folder / cached hub snapshot ---------------------------------------------------------------
@@ -390,11 +397,4 @@ def _folder_t5_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
             f"base_model: '{tokenizer_dir}' holds neither tokenizer.json nor spiece.model; copy the "
             "model's T5 tokenizer files there, or remove the folder to use the standard T5 tokenizer."
         )
-    try:
-        return T5TokenizerFast.from_pretrained(tokenizer_dir, local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"base_model: could not read the T5 tokenizer in '{tokenizer_dir}' ({first_line}); copy the "
-            "model's tokenizer files there again."
-        ) from err
+    return read_tokenizer(T5TokenizerFast, tokenizer_dir, "T5 tokenizer")

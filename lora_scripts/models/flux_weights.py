@@ -33,6 +33,7 @@ from lora_scripts.models.detect import (
     flux_prefix,
     read_checkpoint,
 )
+from lora_scripts.models.sd_loading import load_into
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # diffusers' converter splits each single block's fused linear1 (q, k, v, mlp) at FLUX.1's widths (3072 and
@@ -211,24 +212,5 @@ def assign_weights(
     naming `file.key`, the file and the first offending tensor."""
     with init_empty_weights():
         module = build()
-    expected = module.state_dict()
-    missing = [name for name in expected if name not in weights]
-    unexpected = [name for name in weights if name not in expected]
-    wrong = [name for name in expected if name in weights and weights[name].shape != expected[name].shape]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing, e.g. '{missing[0]}'")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected, e.g. '{unexpected[0]}'")
-        if wrong:
-            details.append(
-                f"'{wrong[0]}' is {tuple(weights[wrong[0]].shape)} where "
-                f"{tuple(expected[wrong[0]].shape)} is expected"
-            )
-        raise UserError(
-            f"{file.key}: the {component} weights in '{file.path}' do not match the expected architecture "
-            f"({'; '.join(details)}); the file is damaged or a variant that is not supported."
-        )
-    module.load_state_dict(weights, strict=True, assign=True)
+    load_into(module, weights, file.path, component, key=file.key)
     return module

@@ -36,12 +36,20 @@ def load_folder_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
             f"base_model: '{tokenizer_dir}' holds neither tokenizer.json nor vocab.json and merges.txt; copy "
             "the model's tokenizer files there, or remove the folder to use the standard CLIP tokenizer."
         )
+    return read_tokenizer(tokenizer_class, tokenizer_dir)
+
+
+def read_tokenizer(
+    tokenizer_class: type[PreTrainedTokenizerBase], tokenizer_dir: Path, what: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
+    """`tokenizer_class` read from `tokenizer_dir`; a file it cannot read is a UserError naming the folder
+    (`what`: how the message names the tokenizer, e.g. "T5 tokenizer")."""
     try:
         return tokenizer_class.from_pretrained(tokenizer_dir, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"base_model: could not read the tokenizer in '{tokenizer_dir}' ({first_line}); the files may be "
+            f"base_model: could not read the {what} in '{tokenizer_dir}' ({first_line}); the files may be "
             "incomplete or corrupt, so copy the model's tokenizer files there again."
         ) from err
 

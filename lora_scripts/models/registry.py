@@ -56,6 +56,18 @@ def base_model_version(base_model: str) -> ModelVersion:
     return version
 
 
+def family_of(base_model: str, *, fallback: bool = False) -> type[ModelFamily]:
+    """The family class of a base model. fallback: a base model that cannot be read gets the base class
+    (SD's defaults: CLIP captions, a UNet) instead of the loader's UserError, for reports that say why
+    elsewhere (`check`)."""
+    try:
+        return FAMILIES[base_model_version(base_model)]
+    except (UserError, OSError):
+        if fallback:
+            return ModelFamily
+        raise
+
+
 def _is_flux_folder(folder: Path) -> bool:
     """Whether a diffusers folder's model_index.json names a FLUX.1 transformer (FluxTransformer2DModel)."""
     try:

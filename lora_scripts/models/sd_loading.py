@@ -295,7 +295,7 @@ def load_text_encoder_weights(
         ):
             continue
         weights[f"text_model.{bare}" if wrapped and not bare.startswith("text_projection.") else bare] = value
-    _load_into(model, _as_fp32(weights), path, component)
+    load_into(model, _as_fp32(weights), path, component)
 
 
 def build_and_load(
@@ -304,12 +304,20 @@ def build_and_load(
     """Instantiate `build()` without allocating (meta parameters), then assign `weights` strictly."""
     with init_empty_weights():
         module = build()
-    _load_into(module, weights, path, component)
+    load_into(module, weights, path, component)
     return module
 
 
-def _load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, component: str) -> None:
-    """Strict, shape-checked load that assigns the given tensors (no copy); mismatches become a UserError."""
+def load_into(
+    module: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    path: Path,
+    component: str,
+    *,
+    key: str = "base_model",
+) -> None:
+    """Strict, shape-checked load that assigns the given tensors (no copy); mismatches become a UserError
+    naming the config `key` that gave the file at `path`, and the first offending tensor."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -326,7 +334,7 @@ def _load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: 
                 f"'{key}' is {tuple(weights[key].shape)} where {tuple(expected[key].shape)} is expected"
             )
         raise UserError(
-            f"base_model: the {component} weights in '{path}' do not match the expected architecture "
+            f"{key}: the {component} weights in '{path}' do not match the expected architecture "
             f"({'; '.join(details)}); the file is damaged or a variant that is not supported."
         )
     module.load_state_dict(weights, strict=True, assign=True)

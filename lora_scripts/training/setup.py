@@ -108,6 +108,18 @@ def _targets(value: str | tuple[str, ...]) -> list[str] | str:
     return value if isinstance(value, str) else list(value)
 
 
+def lora_spec(config: TrainConfig) -> LoraSpec:
+    """The network a (resolved) config trains: rank, alpha, LoCon's convs, dropout and the network type."""
+    return LoraSpec(
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        conv_rank=config.conv_rank,
+        conv_alpha=config.conv_alpha,
+        dropout=config.network_dropout,
+        kind=NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix),
+    )
+
+
 def text_encoder_mask(config: TrainConfig, family: type[ModelFamily]) -> tuple[bool, ...]:
     """Which of the family's text encoders get LoRA: those with a rate above 0 (text_encoder_lr), and when
     text_encoder_lr is one number only those the family trains by default (FLUX.1: CLIP-L, not T5)."""
@@ -164,15 +176,7 @@ def attach_lora(family: ModelFamily, config: TrainConfig, accelerator: Accelerat
         text_encoder=_targets(config.text_encoder_target_modules) if config.train_text_encoder else None,
         text_encoder_mask=text_encoder_mask(config, type(family)),
     )
-    spec = LoraSpec(
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        conv_rank=config.conv_rank,
-        conv_alpha=config.conv_alpha,
-        dropout=config.network_dropout,
-        kind=NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix),
-    )
-    networks = family.add_lora(targets, spec)
+    networks = family.add_lora(targets, lora_spec(config))
     # LoRA weights train in fp32 even when the frozen weights are fp16/bf16 (autocast does the rest).
     for net in networks:
         for param in net.module.parameters():

@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from lora_scripts.checks.lora_file import TensorShape, file_bytes
+from lora_scripts.checks.lora_file import file_bytes
 from lora_scripts.checks.plan import SpeedFacts, network_facts
 from lora_scripts.checks.report import CheckReport, _speed_lines, render_text, report_to_json
 from lora_scripts.config import TrainConfig, validate_config_dict
 from lora_scripts.export.kohya import kohya_state_dict
 from lora_scripts.export.lora_file import read_lora_metadata, save_lora_file
 from lora_scripts.export.metadata import RunMetadata
+from lora_scripts.export.safetensors_stream import TensorSpec
 from lora_scripts.models.family import LoraTargets
-from lora_scripts.models.lora import LoraSpec, NetworkKind
 from lora_scripts.models.registry import load_family
 from lora_scripts.models.tiny import build_tiny_sdxl
 from lora_scripts.training.saving import SAVE_DTYPES
+from lora_scripts.training.setup import lora_spec
 
 # (network_type and its keys, as a config gives them); locon turns the 3x3 convs on by itself.
 NETWORKS = [
@@ -60,15 +61,7 @@ def _training_networks(model: Path, config: TrainConfig):
     """The networks training builds for `config` (training/setup.py's LoraSpec), on the CPU, with weights."""
     family = load_family(str(model))
     targets = LoraTargets(_listed(config.target_modules), _listed(config.text_encoder_target_modules))
-    spec = LoraSpec(
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        conv_rank=config.conv_rank,
-        conv_alpha=config.conv_alpha,
-        dropout=config.network_dropout,
-        kind=NetworkKind(config.network_type, config.lokr_factor, config.lokr_full_matrix),
-    )
-    return family, family.add_lora(targets, spec)
+    return family, family.add_lora(targets, lora_spec(config))
 
 
 def _run_metadata(family, config: TrainConfig) -> RunMetadata:  # noqa: ANN001 - a ModelFamily
@@ -120,8 +113,8 @@ def test_parameters_and_file_size_equal_trainings(
     assert facts.file.tensor_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
     # Exact for the same metadata: check's shapes, with the metadata the file holds, give its size.
     metadata = read_lora_metadata(path)
-    shapes = {key: TensorShape(tuple(t.shape), t.dtype) for key, t in tensors.items()}
-    assert file_bytes(shapes, metadata) == real
+    specs = [TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()]
+    assert file_bytes(specs, metadata) == real
     # check reports the file without training's metadata: smaller by the metadata's JSON entry, +-7 bytes of
     # the header's padding to a multiple of 8.
     entry = len(b'"__metadata__":,') + len(json.dumps(metadata, separators=(",", ":")).encode("utf-8"))

@@ -52,8 +52,13 @@ def test_config_form_and_check_in_the_browser(root: Path, tmp_path: Path, tiny_m
         page.fill("#check-path", "work/run.yaml")
         page.click("#check-file")
         page.wait_for_selector("#check-buckets svg rect")
-        buckets = report_to_json(check_config_file(root / "run.yaml"))["plan"]["buckets"]
+        facts = report_to_json(check_config_file(root / "run.yaml"))
+        buckets = facts["plan"]["buckets"]
         assert page.locator("#check-buckets svg rect").count() == len(buckets) >= 1
-        assert page.locator("#check-plan tr").count() == 7
+        assert page.locator("#check-plan tr").count() == 9
+        rows = {row.split("\t")[0].strip(): row for row in page.locator("#check-plan tr").all_inner_texts()}
+        assert rows["Network type"].split("\t")[-1].strip() == facts["network"]["network_type"]
+        size = facts["network"]["file"]["bytes"]
+        assert rows["LoRA file size (without metadata)"].endswith(f"{size / 2**10:.1f} KiB") and size < 2**20
         page.screenshot(path=screenshot_dir(tmp_path) / "check.png", full_page=True)
         browser.close()

@@ -36,6 +36,8 @@ function showFacts(facts) {
     [t("check.epochs"), plan?.epochs],
     [t("check.total_steps"), plan && `${plan.total_steps} (${plan.limited_by})`],
     [t("check.parameters"), facts.network?.trainable_parameters.total.toLocaleString()],
+    [t("check.network_type"), facts.network?.network_type],
+    [t("check.file_size"), facts.network?.file && fileSize(facts.network.file.bytes)],
   ]);
   $("check-buckets").replaceChildren(plan ? histogram(plan.buckets) : "–");
   rows($("check-memory"), Object.entries(facts.speed || {}).filter(([key]) => !key.endsWith("_why")).map(([key, value]) => {
@@ -51,6 +53,11 @@ function showFacts(facts) {
     ["logging_dir", out.logging_dir],
     [t("check.existing"), out.existing_files.join(", ") || "–"],
   ] : []);
+}
+
+// The LoRA file's size as check --json gives it (bytes, training's metadata aside), in KiB or MiB.
+function fileSize(bytes) {
+  return bytes < 2 ** 20 ? `${(bytes / 2 ** 10).toFixed(1)} KiB` : `${(bytes / 2 ** 20).toFixed(2)} MiB`;
 }
 
 function list(node, messages) {
