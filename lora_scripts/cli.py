@@ -186,6 +186,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             torch_compile=args.torch_compile,
             memory_profile=args.memory_profile,
             quantize_base=args.quantize_base,
+            network_type=args.network_type,
             device=args.device,
         )
     )
@@ -228,6 +229,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         choices=["no", "int8", "float8"],
         default="no",
         help="the UNet's frozen weights in 8 bits (config key quantize_base), in both loops",
+    )
+    p.add_argument(
+        "--network-type",
+        choices=["lora", "locon", "loha", "lokr", "dora"],
+        default="lora",
+        help="our loop's network (config key network_type); the reference loop trains a LoRA",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: the best")

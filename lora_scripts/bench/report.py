@@ -87,6 +87,8 @@ def _header(s: dict) -> str:
         header += ", torch.compile (ours)"
     if s.get("quantize_base", "no") != "no":
         header += f", UNet weights {s['quantize_base']}"
+    if s.get("network_type", "lora") != "lora":
+        header += f", network {s['network_type']} (ours; the reference trains a LoRA)"
     if s.get("memory_profile") == "low":
         header += f", memory_profile low ({s.get('effective_optimizer')})"
     return header

@@ -74,6 +74,9 @@ class BenchSettings:
     # unless asked for here, and splits the batch into steps of 1 image with as many accumulated.
     memory_profile: str = "default"
     quantize_base: str = "no"  # both loops: the same model, as 8-bit weights (config key quantize_base)
+    # Our loop only (config key network_type): diffusers' script, the reference, trains a LoRA; comparing our
+    # LoHa / LoKr / DoRA step with its LoRA step shows what the type costs.
+    network_type: str = "lora"
     device: str = "auto"
     num_images: int | None = None  # None: 4 batches' worth, so a timed run sees several distinct batches
 
@@ -126,6 +129,7 @@ def write_config(
         "memory_profile": settings.memory_profile,
         "torch_compile": settings.torch_compile and not reference,
         "quantize_base": settings.quantize_base,
+        "network_type": "lora" if reference else settings.network_type,
         "cache_latents": cache,
         "cache_text_encoder_outputs": cache,
         "output_dir": str(_new_output_dir(root, kind)),

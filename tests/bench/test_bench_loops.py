@@ -187,3 +187,25 @@ def test_quantize_base_applies_to_both_loops(workspace):
         assert loop.config.quantize_base == "int8"
         assert isinstance(loop.family.denoiser.conv_in.weight, QTensor)
     assert losses_of(ours, 2) == pytest.approx(losses_of(reference, 2), rel=1e-6, abs=1e-6)
+
+
+def test_network_type_is_our_loops_only(workspace, capsys):
+    """--network-type: our loop trains that network (peft's LoHa layers here); the reference stays diffusers'
+    LoRA script, and the table says so."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lora import LoraLayer
+
+    root, base_model = workspace
+    settings = BenchSettings(**{**SETTINGS.__dict__, "network_type": "loha"})
+    ours = OurLoop(write_config(root, settings, base_model, cache=True), base_model)
+    reference = write_config(root, settings, base_model, cache=False, reference=True)
+    assert ours.config.network_type == "loha" and reference.network_type == "lora"
+    layers = [m for m in ours.family.denoiser.modules() if isinstance(m, (LoHaLayer, LoraLayer))]
+    assert layers and all(isinstance(m, LoHaLayer) for m in layers)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses_of(ours, 2))
+    from lora_scripts.bench.report import _header
+
+    header = _header(
+        {**SETTINGS.__dict__, "network_type": "loha", "resolution": 64, "effective_precision": "no"}
+    )
+    assert header.endswith("network loha (ours; the reference trains a LoRA)")
