@@ -55,7 +55,15 @@ def load_network_weights(
     from it. Raises UserError (one sentence per problem, naming `key`) for an unreadable or unsupported file,
     a file for another base model, and ranks or targets that differ from this run's."""
     tensors, metadata = read_lora_tensors(path, key)
-    found = _match(file_modules(tensors, metadata, path, key), networks)
+    modules = file_modules(tensors, metadata, path, key)
+    weighted = next((m for m in modules if m.factors and m.dora_scale is not None), None)
+    if weighted is not None:  # LyCORIS' dora_wd on a LoHa / LoKr: applied by generate, not trained here
+        raise UserError(
+            f"{key}: '{path}' is a {TYPE_NAMES[weighted.kind]} file with DoRA magnitudes (e.g. "
+            f"{weighted.stem}), which lora-scripts does not train; continue from a LoRA, LoCon, LoHa, LoKr "
+            "or DoRA file."
+        )
+    found = _match(modules, networks)
     problems = _structure_messages(path, key, found.foreign, found.shapes, found.duplicates)
     problems += _coverage_messages(path, key, found.uncovered)
     problems += _rank_messages(path, key, found.ranks)

@@ -16,7 +16,7 @@ from lora_scripts.errors import UserError
 from lora_scripts.export.kohya import kohya_state_dict
 from lora_scripts.export.kohya_import import ImportReport, load_network_weights
 from lora_scripts.models.family import LoraTargets
-from lora_scripts.models.lora import LoraSpec
+from lora_scripts.models.lora import LoraSpec, NetworkKind
 from tests.generation.kohya_files import (
     TEXT_ENCODER,
     UNET_ATTENTION,
@@ -219,6 +219,19 @@ def test_lycoris_files_we_cannot_apply_are_refused(tmp_path, suffix, kind):
     assert _error(networks, path) == [
         f"network_weights: '{path}' is a {kind} file, which lora-scripts cannot apply; give a LoRA, "
         "LoCon, LoHa, LoKr or DoRA file."
+    ]
+
+
+def test_a_loha_with_dora_magnitudes_is_refused(tmp_path):
+    # LyCORIS' dora_wd on a LoHa: generate and merge --base apply it, training has no such network
+    stem = "lora_unet_" + Q.replace(".", "_")
+    loha = {f"{stem}.{name}": torch.zeros(32, 4) for name in ("hada_w1_a", "hada_w2_a")}
+    loha |= {f"{stem}.{name}": torch.zeros(4, 32) for name in ("hada_w1_b", "hada_w2_b")}
+    path = _kohya(tmp_path / "x.safetensors", {**loha, f"{stem}.dora_scale": torch.ones(1, 32)})
+    networks = tiny_family().add_lora(LoraTargets("attn", None), LoraSpec(4, 4.0, kind=NetworkKind("loha")))
+    assert _error(networks, path) == [
+        f"network_weights: '{path}' is a LoHa file with DoRA magnitudes (e.g. {stem}), which lora-scripts "
+        "does not train; continue from a LoRA, LoCon, LoHa, LoKr or DoRA file."
     ]
 
 
