@@ -170,6 +170,27 @@ CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         {"train_data_dir": None, "datasets": [{"train_data_dir": "a"}, {"resolution": 768}]},
         ["datasets[1].train_data_dir: missing required key (the folder of this dataset's images)"],
     ),
+    (
+        "lokr keys with another network type",
+        {"network_type": "loha", "lokr_factor": 8, "lokr_full_matrix": True},
+        [
+            "lokr_factor: applies to network_type: lokr only (this config has loha)",
+            "lokr_full_matrix: applies to network_type: lokr only (this config has loha)",
+        ],
+    ),
+    (
+        "lokr_factor 0",
+        {"network_type": "lokr", "lokr_factor": 0},
+        ["lokr_factor: 0 is neither -1 (automatic) nor a size of 1 or more"],
+    ),
+    (
+        "network_dropout with lokr",
+        {"network_type": "lokr", "network_dropout": 0.1},
+        [
+            "network_dropout: applies to lora, locon and dora networks; lokr has no dropout on its input "
+            "(leave network_dropout out)"
+        ],
+    ),
 ]
 
 
@@ -266,3 +287,23 @@ def test_zero_terminal_snr_left_out_or_false_allows_epsilon(zero_snr: bool | Non
         values["zero_terminal_snr"] = zero_snr
     config = validate_config_dict(values, "<t>", check_paths=False)
     assert config.zero_terminal_snr is zero_snr  # None: from the checkpoint's `ztsnr` marker
+
+
+def test_locon_trains_the_convs_at_the_network_rank() -> None:
+    config = validate_config_dict(
+        {**BASE, "network_type": "locon", "lora_rank": 8, "lora_alpha": 4}, "<t>", check_paths=False
+    ).resolved()
+    assert (config.conv_rank, config.conv_alpha) == (8, 4.0)
+    explicit = {**BASE, "network_type": "locon", "lora_rank": 8, "conv_rank": 2}
+    config = validate_config_dict(explicit, "<t>", check_paths=False).resolved()
+    assert (config.conv_rank, config.conv_alpha) == (2, 2.0)
+
+
+def test_flux_trains_plain_lora_only() -> None:
+    from lora_scripts.models.flux import FluxFamily
+
+    assert FluxFamily.key_problems({"network_type": "lora"}) == []
+    assert FluxFamily.key_problems({"network_type": "dora"}) == [
+        "network_type: dora is not written for FLUX.1 yet (its files fuse q/k/v into one layer, which only a "
+        "plain LoRA of the parts matches exactly); use lora."
+    ]
